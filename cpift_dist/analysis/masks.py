@@ -1,0 +1,180 @@
+"""Core masks on disk: one safetensors file per task, one packed-bit uint8 tensor per parameter.
+
+Format (DESIGN.md §3): for every parameter, its flattened boolean core mask packed 8 per byte,
+``numpy.packbits(mask, bitorder="little")``, stored as a 1-d uint8 tensor of ceil(numel/8)
+bytes under the parameter's name. File metadata (all strings, as safetensors requires):
+``format`` = ``cpift-core-mask/1``, ``task``, ``p``, ``k``, ``threshold``, ``selection``,
+``tensors`` (JSON: name -> {numel, shape}), ``base_digest``, ``tuned_digest``.
+
+The writer is hand-written on purpose: ``safetensors.save_file`` needs every tensor in memory at
+once, and a mask of a 70B model is 8.75 GB. The header is written first and the packed bytes are
+placed at their offsets as chunks finish, in any order. Files are read back with safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from cpift_dist.errors import MaskError
+
+MASK_FORMAT = "cpift-core-mask/1"
+
+
+def pack_mask(mask: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Packs a boolean mask (flattened) into uint8, 8 elements per byte, little bit order."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.numpy()
+    return np.packbits(mask.reshape(-1), bitorder="little")
+
+
+def unpack_mask(packed: np.ndarray | torch.Tensor, numel: int) -> np.ndarray:
+    """The inverse of :func:`pack_mask`: a flat boolean array of ``numel`` elements."""
+    if isinstance(packed, torch.Tensor):
+        packed = packed.numpy()
+    return np.unpackbits(packed, count=numel, bitorder="little").astype(bool)
+
+
+def packed_len(numel: int) -> int:
+    return (numel + 7) // 8
+
+
+class MaskWriter:
+    """Writes one mask file: packed bytes at their offsets as chunks finish, header at close.
+
+    The packed bytes go to a scratch file first (the threshold and counts that the header's
+    metadata records are known only at the end); :meth:`close` writes the header and copies the
+    bytes after it.
+
+    Args:
+        path: output file.
+        shapes: parameter name -> shape, for every parameter of the model.
+    """
+
+    def __init__(self, path: str | Path, shapes: dict[str, tuple[int, ...]]):
+        self.path = Path(path)
+        self.shapes = dict(sorted(shapes.items()))
+        self.offsets: dict[str, int] = {}
+        off = 0
+        for name, shape in self.shapes.items():
+            self.offsets[name] = off
+            off += packed_len(math.prod(shape))
+        self._size = off
+        self._scratch = self.path.with_name(self.path.name + ".data")
+        self._fd = os.open(self._scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self._fd, off)  # zero bits: nothing selected
+
+    def write(self, name: str, byte_offset: int, packed: np.ndarray) -> None:
+        """Writes packed bytes of parameter ``name`` starting at its byte ``byte_offset``."""
+        os.pwrite(self._fd, np.ascontiguousarray(packed, dtype=np.uint8).tobytes(),
+                  self.offsets[name] + byte_offset)
+
+    def set_bits(self, name: str, positions: np.ndarray) -> None:
+        """Sets the bits of flat element ``positions`` (any order) of parameter ``name``."""
+        if len(positions) == 0:
+            return
+        byte = positions >> 3
+        lo, hi = int(byte.min()), int(byte.max()) + 1
+        where = self.offsets[name] + lo
+        buf = np.frombuffer(os.pread(self._fd, hi - lo, where), dtype=np.uint8).copy()
+        np.bitwise_or.at(buf, byte - lo, (1 << (positions & 7)).astype(np.uint8))
+        os.pwrite(self._fd, buf.tobytes(), where)
+
+    def close(self, metadata: dict[str, str]) -> None:
+        """Writes the final file (header with ``metadata``, then the bytes) and the scratch away."""
+        meta = {k: str(v) for k, v in metadata.items()}
+        meta["format"] = MASK_FORMAT
+        meta["tensors"] = json.dumps(
+            {n: {"numel": math.prod(s), "shape": list(s)} for n, s in self.shapes.items()},
+            separators=(",", ":"))
+        header: dict = {"__metadata__": meta}
+        for name, shape in self.shapes.items():
+            o = self.offsets[name]
+            header[name] = {"dtype": "U8", "shape": [packed_len(math.prod(shape))],
+                            "data_offsets": [o, o + packed_len(math.prod(shape))]}
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        with open(self.path, "wb") as out:
+            out.write(struct.pack("<Q", len(hb)) + hb)
+            pos = 0
+            while pos < self._size:
+                block = os.pread(self._fd, min(1 << 24, self._size - pos), pos)
+                out.write(block)
+                pos += len(block)
+        os.close(self._fd)
+        self._scratch.unlink()
+
+
+class MaskFile:
+    """A core-mask file opened for reading (validated on open).
+
+    Raises:
+        MaskError: the file is missing, not a safetensors file, not a cpift mask, or its
+            tensors disagree with its own metadata.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MaskError(f"{self.path}: mask file does not exist")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                self.metadata = f.metadata() or {}
+                names = list(f.keys())
+                lens = {n: f.get_slice(n).get_shape() for n in names}
+                dtypes = {n: f.get_slice(n).get_dtype() for n in names}
+        except Exception as e:
+            raise MaskError(f"{self.path}: corrupt or truncated mask file ({e})") from None
+        if self.metadata.get("format") != MASK_FORMAT:
+            raise MaskError(f"{self.path}: not a cpift core-mask file (format "
+                            f"{self.metadata.get('format')!r}, expected {MASK_FORMAT!r})")
+        try:
+            tensors = json.loads(self.metadata["tensors"])
+            self.numel = {n: int(v["numel"]) for n, v in tensors.items()}
+            self.shapes = {n: tuple(int(d) for d in v["shape"]) for n, v in tensors.items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise MaskError(f"{self.path}: malformed 'tensors' metadata ({e})") from None
+        if set(names) != set(self.numel):
+            raise MaskError(f"{self.path}: tensors in the file disagree with its metadata")
+        for n in names:
+            if dtypes[n] != "U8" or list(lens[n]) != [packed_len(self.numel[n])]:
+                raise MaskError(f"{self.path}: tensor {n!r} is not {packed_len(self.numel[n])} "
+                                f"packed bytes")
+        self.task = self.metadata.get("task", self.path.stem)
+
+    def names(self) -> list[str]:
+        return sorted(self.numel)
+
+    def read_packed(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Packed bytes ``start:stop`` of parameter ``name``."""
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_slice(name)[start:stop].numpy()
+
+    def read(self, name: str) -> torch.Tensor:
+        """The boolean core mask of parameter ``name``, in its shape."""
+        flat = unpack_mask(self.read_packed(name), self.numel[name])
+        return torch.from_numpy(flat).reshape(self.shapes[name])
+
+    def check_model(self, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+        """Checks that this mask was made for a model with exactly these tensors and shapes.
+
+        Raises:
+            MaskError: naming the first tensor that differs.
+        """
+        missing = sorted(set(shapes) - set(self.shapes))
+        extra = sorted(set(self.shapes) - set(shapes))
+        if missing or extra:
+            what = (f"has no mask for tensor {missing[0]!r}" if missing
+                    else f"has a mask for tensor {extra[0]!r} not in the model")
+            raise MaskError(f"{self.path}: made for another model: {what} ({where})")
+        for n, s in shapes.items():
+            if tuple(s) != self.shapes[n]:
+                raise MaskError(f"{self.path}: made for another model: tensor {n!r} has shape "
+                                f"{list(self.shapes[n])} in the mask, {list(s)} in {where}")

@@ -1,0 +1,143 @@
+"""Exact top-k by radix select over the float32 bit patterns of update magnitudes.
+
+For a non-negative, finite float32 ``u`` the IEEE bit pattern read as an integer is monotone in
+the value, and its sign bit is 0. Pass 1 histograms the high 16 bits (32,768 bins, the sign bit
+being 0); the bin holding the k-th largest value is found from the summed histogram. Pass 2
+resolves the low 16 bits inside that bin: the exact threshold and how many elements equal to it
+are taken (ties go to the elements that come first). Every function here is pure: it sees one
+tensor (or one histogram), never a whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+HIGH_BINS = 1 << 15  # high 16 bits of a non-negative float32: the sign bit is 0
+LOW_BINS = 1 << 16
+
+
+def update_magnitude(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+    """|tuned - base| computed in float32, whatever the input dtype."""
+    return torch.sub(tuned.to(torch.float32), base.to(torch.float32)).abs_()
+
+
+def magnitude_bits(u: torch.Tensor) -> torch.Tensor:
+    """The int32 bit patterns of a non-negative float32 tensor (monotone in the value)."""
+    return u.view(torch.int32)
+
+
+def high_histogram(bits: torch.Tensor) -> torch.Tensor:
+    """int64 histogram of the high 16 bits, ``HIGH_BINS`` long."""
+    return torch.bincount(bits >> 16, minlength=HIGH_BINS)
+
+
+def low_histogram(bits: torch.Tensor, high: int) -> torch.Tensor:
+    """int64 histogram of the low 16 bits of the elements whose high 16 bits equal ``high``."""
+    sel = bits[(bits >> 16) == high]
+    return torch.bincount(sel & 0xFFFF, minlength=LOW_BINS)
+
+
+def to_sparse(hist: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(bins, counts) of the non-empty bins: what a worker sends back to the driver."""
+    idx = torch.nonzero(hist).reshape(-1)
+    return idx.numpy().astype(np.int32), hist[idx].numpy().astype(np.int64)
+
+
+def add_sparse(dense: np.ndarray, sparse: tuple[np.ndarray, np.ndarray]) -> None:
+    """Adds a sparse histogram into a dense int64 accumulator in place."""
+    np.add.at(dense, sparse[0], sparse[1])
+
+
+@dataclass
+class Selection:
+    """The state of one top-k selection (one task, one selection group).
+
+    Attributes:
+        k: number of elements to select.
+        numel: number of candidate elements.
+        high: high 16 bits of the threshold (-1 when k == 0).
+        above: elements whose high bits exceed ``high`` (all selected).
+        in_bin: elements whose high bits equal ``high``.
+        threshold_bits: full threshold bit pattern once resolved (-1 before, or when k == 0).
+        greater: elements strictly above the threshold (all selected), once resolved.
+        ties: elements equal to the threshold that are selected (the first ones in order).
+    """
+
+    k: int
+    numel: int
+    high: int = -1
+    above: int = 0
+    in_bin: int = 0
+    threshold_bits: int = -1
+    greater: int = 0
+    ties: int = 0
+
+    @property
+    def need_in_bin(self) -> int:
+        """How many elements of the threshold's bin are selected."""
+        return self.k - self.above
+
+    @property
+    def threshold(self) -> float:
+        """The k-th largest magnitude (0.0 when k == 0)."""
+        if self.threshold_bits < 0:
+            return 0.0
+        return float(np.array([self.threshold_bits], dtype=np.int32).view(np.float32)[0])
+
+
+def find_bin(hist: np.ndarray, k: int) -> tuple[int, int, int]:
+    """The bin holding the k-th largest element of a histogram (k >= 1).
+
+    Returns:
+        (bin, count strictly above the bin, count in the bin).
+    """
+    total = int(hist.sum())
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} outside [1, {total}]")
+    from_top = np.cumsum(hist[::-1])  # from_top[j] = count in bins >= len-1-j
+    j = int(np.searchsorted(from_top, k))  # first j with from_top[j] >= k
+    b = len(hist) - 1 - j
+    above = int(from_top[j - 1]) if j > 0 else 0
+    return b, above, int(hist[b])
+
+
+def resolve_high(sel: Selection, high_hist: np.ndarray) -> None:
+    """Pass 1 result: the threshold's bin and the count above it."""
+    if sel.k == 0:
+        return
+    sel.high, sel.above, sel.in_bin = find_bin(high_hist, sel.k)
+
+
+def resolve_low(sel: Selection, low_hist: np.ndarray) -> None:
+    """Pass 2 result: the exact threshold and how many ties at it are taken."""
+    if sel.k == 0:
+        return
+    low, above_low, _ = find_bin(low_hist, sel.need_in_bin)
+    sel.threshold_bits = (sel.high << 16) | low
+    sel.greater = sel.above + above_low
+    sel.ties = sel.k - sel.greater
+
+
+def select_in_bin(sel: Selection, low: np.ndarray) -> np.ndarray:
+    """Which in-bin elements are selected, given all their low bits in global order.
+
+    The ``need_in_bin`` largest win; among equal values the first in order wins (a stable
+    descending sort). Also resolves the exact threshold in ``sel``.
+
+    Returns:
+        A boolean array aligned with ``low``.
+    """
+    need = sel.need_in_bin
+    out = np.zeros(len(low), dtype=bool)
+    if sel.k == 0 or need == 0:
+        return out
+    order = np.argsort(-low.astype(np.int32), kind="stable")[:need]
+    out[order] = True
+    t_low = int(low[order[-1]])
+    sel.threshold_bits = (sel.high << 16) | t_low
+    sel.greater = sel.above + int((low > t_low).sum())
+    sel.ties = sel.k - sel.greater
+    return out

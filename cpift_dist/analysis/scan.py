@@ -1,0 +1,143 @@
+"""The work of one unit, for each pass of the analysis: read chunks, return small results.
+
+These functions run wherever the executor puts them (this process or a Ray worker). Each reads
+the unit's chunks of the base and of every tuned checkpoint once, and returns histograms,
+packed mask bytes or in-bin candidates: never more than the unit's size.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cpift_dist.analysis.masks import pack_mask
+from cpift_dist.analysis.plan import Unit
+from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, magnitude_bits, to_sparse,
+                                              update_magnitude)
+from cpift_dist.errors import CheckpointError
+from cpift_dist.io.checkpoint import Checkpoint
+
+Key = tuple[str, str]  # (task, selection group)
+
+
+@dataclass(frozen=True)
+class ScanContext:
+    """What every unit needs to find its inputs."""
+
+    base: str
+    tuned: dict[str, str]  # task -> checkpoint directory
+    check_finite: bool = True
+
+
+@functools.lru_cache(maxsize=32)
+def _checkpoint(path: str) -> Checkpoint:
+    return Checkpoint(path)  # headers only; cached per worker process
+
+
+def _chunks_with_bits(ctx: ScanContext, unit: Unit):
+    """Yields (chunk index, chunk, {task: int32 magnitude bits}) for every chunk of the unit."""
+    base = _checkpoint(ctx.base)
+    tuned = {t: _checkpoint(p) for t, p in ctx.tuned.items()}
+    with ExitStack() as stack:
+        rb = stack.enter_context(base.reader())
+        readers = {t: stack.enter_context(c.reader()) for t, c in tuned.items()}
+        for ci, c in enumerate(unit.chunks):
+            b = rb.read_rows(c.name, c.row_start, c.row_stop)
+            out = {}
+            for t, r in readers.items():
+                u = update_magnitude(b, r.read_rows(c.name, c.row_start, c.row_stop))
+                if ctx.check_finite and not bool(torch.isfinite(u).all()):
+                    bad = base if not bool(torch.isfinite(b).all()) else tuned[t]
+                    raise CheckpointError(f"{bad.info(c.name).file}: tensor {c.name!r} has "
+                                          f"non-finite values (NaN or Inf)")
+                out[t] = magnitude_bits(u)
+            yield ci, c, out
+
+
+def scan_high(ctx: ScanContext, unit: Unit) -> dict[Key, tuple[np.ndarray, np.ndarray]]:
+    """Pass 1: sparse histograms of the high 16 bits per (task, selection group)."""
+    acc: dict[Key, torch.Tensor] = {}
+    for _, c, bits in _chunks_with_bits(ctx, unit):
+        for t, x in bits.items():
+            h = torch.bincount(x >> 16, minlength=HIGH_BINS)
+            key = (t, c.group)
+            acc[key] = acc[key] + h if key in acc else h
+    return {k: to_sparse(h) for k, h in acc.items()}
+
+
+@dataclass
+class BinResult:
+    """Pass 2 output of one unit.
+
+    Attributes:
+        packed: (task, chunk index) -> packed mask of the elements above the threshold's bin,
+            for collected selections (absent when no bit is set).
+        items: (task, group) -> list of (chunk index, flat offsets in chunk, low 16 bits) of
+            in-bin elements, for collected selections.
+        low_hist: (task, group) -> sparse low-bits histogram of in-bin elements, for
+            selections resolved by a third pass.
+    """
+
+    packed: dict[tuple[str, int], np.ndarray]
+    items: dict[Key, list[tuple[int, np.ndarray, np.ndarray]]]
+    low_hist: dict[Key, tuple[np.ndarray, np.ndarray]]
+
+
+def scan_bin(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple[str, int]]) -> BinResult:
+    """Pass 2. ``plan[(task, group)] = (mode, high)``; mode ``collect`` or ``histogram``."""
+    res = BinResult({}, {}, {})
+    low_acc: dict[Key, torch.Tensor] = {}
+    for ci, c, bits in _chunks_with_bits(ctx, unit):
+        for t, x in bits.items():
+            key = (t, c.group)
+            if key not in plan:
+                continue  # k == 0: nothing selected
+            mode, high = plan[key]
+            hi = x >> 16
+            in_bin = hi == high
+            if mode == "collect":
+                above = hi > high
+                if bool(above.any()):
+                    res.packed[(t, ci)] = pack_mask(above)
+                idx = torch.nonzero(in_bin).reshape(-1)
+                if len(idx):
+                    low = (x[idx] & 0xFFFF).numpy().astype(np.uint16)
+                    res.items.setdefault(key, []).append((ci, idx.numpy().astype(np.int64), low))
+            else:
+                h = torch.bincount(x[in_bin] & 0xFFFF, minlength=LOW_BINS)
+                low_acc[key] = low_acc[key] + h if key in low_acc else h
+    res.low_hist = {k: to_sparse(h) for k, h in low_acc.items()}
+    return res
+
+
+def scan_mask(ctx: ScanContext, unit: Unit,
+              plan: dict[Key, tuple[int, int]]) -> dict[tuple[str, int], np.ndarray]:
+    """Pass 3 for selections resolved by histogram.
+
+    ``plan[(task, group)] = (threshold bits, ties this unit takes)``: an element is selected
+    when above the threshold, or equal to it and among the first ``ties`` equal ones of the
+    unit (canonical order).
+    """
+    out: dict[tuple[str, int], np.ndarray] = {}
+    taken: dict[Key, int] = {}
+    for ci, c, bits in _chunks_with_bits(ctx, unit):
+        for t, x in bits.items():
+            key = (t, c.group)
+            if key not in plan:
+                continue
+            thr, quota = plan[key]
+            sel = x > thr
+            eq = x == thr
+            left = quota - taken.get(key, 0)
+            if left > 0 and bool(eq.any()):
+                rank = torch.cumsum(eq, 0, dtype=torch.int64)
+                take = eq & (rank <= left)
+                sel |= take
+                taken[key] = taken.get(key, 0) + min(left, int(rank[-1]))
+            if bool(sel.any()):
+                out[(t, ci)] = pack_mask(sel)
+    return out

@@ -1,0 +1,153 @@
+"""The one typed configuration schema (pydantic). YAML is its serialised form.
+
+Every model rejects unknown keys; every field documents itself. :func:`load_config` reads a
+YAML file, applies ``key.sub=value`` overrides and validates once, turning every problem into a
+one-line :class:`~cpift_dist.errors.ConfigError` that names the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cpift_dist.errors import ConfigError
+
+TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True,
+                              validate_assignment=True)
+
+
+class AnalysisConfig(_Model):
+    """Delta analysis: which elements form each task's core region."""
+
+    p: float = Field(0.01, gt=0, le=1)
+    """Share of parameters in each task's core region, in (0, 1] (paper default 0.01)."""
+    selection: Literal["global", "per-tensor", "per-layer"] = "global"
+    """Top-k over the whole model (the paper's), within each tensor, or within each layer."""
+    chunk_elements: int = Field(1 << 22, ge=1024)
+    """Largest row chunk read at once per tensor (elements); bounds a worker's memory."""
+    unit_elements: int = Field(1 << 25, ge=1024)
+    """Elements per unit of work (one Ray task holds one chunk per model at a time)."""
+    collect_limit: int = Field(1 << 22, ge=0)
+    """Threshold-bin size up to which pass 2 collects candidates (two passes, not three)."""
+    check_finite: bool = True
+    """Reject NaN or Inf weights (naming the tensor and file)."""
+
+
+class TaskConfig(_Model):
+    """One task of the run."""
+
+    name: str = Field(pattern=TASK_NAME)
+    """Task name: letters, digits, '_', '-', '.'; used in file names."""
+    tuned: Path | None = None
+    """This task's fine-tuned HF checkpoint directory (given, or made by the finetune stage)."""
+
+
+class RayConfig(_Model):
+    """Where the work runs."""
+
+    address: str | None = None
+    """Ray cluster address; unset starts a private local Ray on 127.0.0.1 (RAY_ADDRESS works)."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a local Ray (default: all of this machine's)."""
+    enabled: bool = True
+    """False runs every unit in this process, without Ray (small models, debugging)."""
+
+
+class RunConfig(_Model):
+    """A cpift-dist run: a base model, its tasks, and each stage's settings."""
+
+    name: str = Field("default", pattern=TASK_NAME)
+    """Run name: outputs go to ``<runs_dir>/<name>/``."""
+    runs_dir: Path = Path("runs")
+    """Directory that holds runs (shared storage on a cluster)."""
+    base: Path
+    """Base checkpoint (theta0): an HF directory with safetensors weights."""
+    tasks: list[TaskConfig] = Field(min_length=1)
+    """The tasks, in task order (order breaks overlap ties and folds SLERP)."""
+    analysis: AnalysisConfig = AnalysisConfig()
+    """Delta analysis settings."""
+    ray: RayConfig = RayConfig()
+    """Ray settings."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        seen = set()
+        for t in tasks:
+            if t.name in seen:
+                raise ValueError(f"duplicate task name {t.name!r}")
+            seen.add(t.name)
+        return tasks
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.name
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{source}: field '{loc}': {msg}{more}"
+
+
+def validate(model: type[BaseModel], data: Any, source: str) -> Any:
+    """Validates ``data`` against ``model``; errors name ``source`` and the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "override") -> dict:
+    """Applies ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source}: {item!r} is not key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {key!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Reads a YAML mapping; errors name the file (and line for syntax errors)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of fields")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Loads, overrides and validates a run config."""
+    data = apply_overrides(read_yaml(path), list(overrides), source=str(path))
+    return validate(RunConfig, data, str(path))

@@ -1,0 +1,72 @@
+"""Where units of work run: in this process, or as Ray tasks on a local or remote cluster.
+
+Stage code calls ``executor.map(fn, shared, items)`` with a pure function ``fn(shared, *item)``
+and consumes ``(item index, result)`` pairs as they finish, reducing them on the fly so the
+driver never holds all results at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+from cpift_dist.errors import CpiftError
+
+
+class InProcessExecutor:
+    """Runs every item in this process, in order (small models, tests, debugging)."""
+
+    name = "in-process"
+
+    def map(self, fn: Callable, shared: Any, items: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
+        for i, args in enumerate(items):
+            yield i, fn(shared, *args)
+
+
+class RayExecutor:
+    """Runs items as Ray tasks, at most ``max_in_flight`` at a time, results as they finish.
+
+    A task whose worker process dies is retried by Ray (``max_retries``); an error raised by the
+    function itself is not retried and is re-raised here as the original project error.
+    """
+
+    name = "ray"
+
+    def __init__(self, max_in_flight: int | None = None, max_retries: int = 3,
+                 num_cpus: float = 1):
+        self.max_in_flight = max_in_flight
+        self.max_retries = max_retries
+        self.num_cpus = num_cpus
+
+    def map(self, fn: Callable, shared: Any, items: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
+        import ray
+
+        remote = ray.remote(num_cpus=self.num_cpus, max_retries=self.max_retries,
+                            retry_exceptions=False)(fn)
+        limit = self.max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+        shared_ref = ray.put(shared)
+        todo = iter(enumerate(items))
+        pending: dict = {}
+
+        def submit() -> None:
+            for i, args in todo:
+                pending[remote.remote(shared_ref, *args)] = i
+                if len(pending) >= limit:
+                    return
+
+        submit()
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                i = pending.pop(done[0])
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as e:
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, CpiftError):
+                        raise cause from None
+                    raise
+                submit()
+                yield i, result
+        finally:
+            for ref in pending:
+                ray.cancel(ref)

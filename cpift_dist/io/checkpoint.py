@@ -1,0 +1,241 @@
+"""Lazy, validated access to an HF safetensors checkpoint directory.
+
+A checkpoint is either a single ``model.safetensors`` or several shards listed by
+``model.safetensors.index.json``. Only headers are read when it is opened; tensors are read on
+demand, whole or in row chunks, so memory is bounded by what the caller asks for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from cpift_dist.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, read from a safetensors header."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def row_numel(self) -> int:
+        """Elements per row of dim 0 (a 0-d or 1-d tensor has rows of one element)."""
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+
+class Checkpoint:
+    """An opened checkpoint directory: its tensors' names, shapes, dtypes and files.
+
+    Raises:
+        CheckpointError: the directory is missing, has no safetensors weights, its index is
+            malformed or points outside the directory, or a file is corrupt or truncated.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: checkpoint directory does not exist")
+        root = self.path.resolve()
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            weight_map = _read_index(index)
+            files = {}
+            for name, rel in weight_map.items():
+                file = (self.path / rel)
+                if Path(rel).is_absolute() or not _inside(file.resolve(), root):
+                    raise CheckpointError(
+                        f"{index}: entry {name!r} points outside the checkpoint directory: {rel!r}")
+                if not file.is_file():
+                    raise CheckpointError(f"{index}: shard {rel!r} of tensor {name!r} is missing")
+                files.setdefault(rel, []).append(name)
+        elif (self.path / SINGLE_NAME).is_file():
+            weight_map = None
+            files = {SINGLE_NAME: None}
+        else:
+            bins = sorted(p.name for p in self.path.glob("*.bin"))
+            hint = f" (found {bins[0]}: pickle checkpoints are not read)" if bins else ""
+            raise CheckpointError(
+                f"{self.path}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+
+        self.tensors: dict[str, TensorInfo] = {}
+        for rel, listed in sorted(files.items()):
+            file = self.path / rel
+            header = read_header(file)
+            if listed is not None:
+                missing = sorted(set(listed) - set(header))
+                if missing:
+                    raise CheckpointError(
+                        f"{file}: tensor {missing[0]!r} listed in {INDEX_NAME} is not in this shard")
+                extra = sorted(set(header) - set(listed))
+                if extra:
+                    raise CheckpointError(
+                        f"{file}: tensor {extra[0]!r} is in this shard but not in {INDEX_NAME}")
+            for name, (dtype, shape) in header.items():
+                if name in self.tensors:
+                    raise CheckpointError(f"{file}: tensor {name!r} appears in two shards")
+                self.tensors[name] = TensorInfo(name, file, dtype, shape)
+        self.files = sorted({t.file for t in self.tensors.values()})
+
+    def names(self) -> list[str]:
+        """Tensor names in the canonical (sorted) order used for ties and plans."""
+        return sorted(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    def reader(self) -> "CheckpointReader":
+        """A context manager that keeps files open for a batch of reads, then releases them."""
+        return CheckpointReader(self)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Reads one whole tensor."""
+        with self.reader() as r:
+            return r.read(name)
+
+
+class CheckpointReader:
+    """Open file handles of one checkpoint for a batch of reads (closed on exit).
+
+    Handles are memory maps: keeping them only for the duration of one unit of work keeps the
+    resident set bounded by the unit, not by the file.
+    """
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self._stack = ExitStack()
+        self._handles: dict[Path, object] = {}
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handles.clear()
+        self._stack.close()
+
+    def _handle(self, file: Path):
+        h = self._handles.get(file)
+        if h is None:
+            try:
+                h = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{file}: cannot open safetensors file ({e})") from None
+            self._handles[file] = h
+        return h
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.checkpoint.info(name)
+        return self._handle(info.file).get_tensor(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of dim 0 (elements for a 1-d tensor), flattened to 1-d."""
+        info = self.checkpoint.info(name)
+        if not info.shape:
+            return self.read(name).reshape(1)
+        sl = self._handle(info.file).get_slice(name)
+        return sl[start:stop].reshape(-1)
+
+
+def read_header(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Names, dtypes and shapes of one safetensors file, validating it opens in full.
+
+    Raises:
+        CheckpointError: the file is truncated, has a malformed header or an unsupported dtype.
+    """
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            out = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                code = sl.get_dtype()
+                if code not in _DTYPES:
+                    raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {code}")
+                out[name] = (_DTYPES[code], tuple(int(d) for d in sl.get_shape()))
+            return out
+    except CheckpointError:
+        raise
+    except Exception as e:  # SafetensorError, OSError, ...
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: malformed index ({e})") from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
+    return wm
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def compare_checkpoints(base: Checkpoint, tuned: Checkpoint) -> None:
+    """Checks that ``tuned`` has exactly ``base``'s tensors with the same shapes and dtypes.
+
+    Raises:
+        CheckpointError: naming the first missing or extra tensor, or the tensor whose shape or
+            dtype differs, with both files.
+    """
+    missing = sorted(set(base.tensors) - set(tuned.tensors))
+    if missing:
+        raise CheckpointError(
+            f"{tuned.path}: missing tensor {missing[0]!r} present in base {base.path}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(tuned.tensors) - set(base.tensors))
+    if extra:
+        raise CheckpointError(
+            f"{tuned.path}: extra tensor {extra[0]!r} not present in base {base.path}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for name in base.names():
+        b, t = base.tensors[name], tuned.tensors[name]
+        if b.shape != t.shape:
+            raise CheckpointError(
+                f"tensor {name!r}: shape {list(t.shape)} in {t.file} != {list(b.shape)} in {b.file}")
+        if b.dtype != t.dtype:
+            raise CheckpointError(
+                f"tensor {name!r}: dtype {t.dtype} in {t.file} != {b.dtype} in {b.file}")

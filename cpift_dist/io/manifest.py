@@ -1,0 +1,93 @@
+"""Stage manifests: what a stage read (digests), what it wrote (sha256) and whether it finished."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+_BLOCK = 1 << 22
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """A digest that changes whenever a checkpoint directory's weights change.
+
+    A checkpoint written by this project carries a manifest with each file's sha256: the digest
+    is taken over those (free). Otherwise it is taken over each safetensors file's name, size,
+    mtime and header, so that a multi-GB model is not re-hashed on every run.
+    """
+    path = Path(path)
+    man = read_manifest(path)
+    if man and man.get("status") == "complete" and man.get("outputs"):
+        outs = man["outputs"]
+        if all((path / f).is_file() and (path / f).stat().st_size == o["bytes"]
+               for f, o in outs.items()):
+            return sha256_json({f: o["sha256"] for f, o in outs.items()})
+    parts = []
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json")):
+        if f.name == MANIFEST_NAME:
+            continue
+        st = f.stat()
+        with open(f, "rb") as fh:
+            head = fh.read(1 << 16)
+        parts.append([f.name, st.st_size, st.st_mtime_ns, hashlib.sha256(head).hexdigest()])
+    return sha256_json(parts)
+
+
+def write_manifest(directory: str | Path, stage: str, config: Any, inputs: dict[str, str],
+                   outputs: dict[str, str] | None = None, extra: dict | None = None) -> dict:
+    """Writes ``directory/manifest.json`` marking the stage complete.
+
+    Args:
+        directory: the stage's (temporary) output directory.
+        stage: the stage name (``analyze``, ``fuse``...).
+        config: the stage's effective configuration (its digest is recorded).
+        inputs: input name -> digest.
+        outputs: relative file path -> sha256; by default every file in ``directory``.
+        extra: stage-specific facts to record.
+    """
+    directory = Path(directory)
+    if outputs is None:
+        outputs = {str(p.relative_to(directory)): sha256_file(p)
+                   for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+    man = {
+        "stage": stage,
+        "status": "complete",
+        "config_digest": sha256_json(config),
+        "config": config,
+        "inputs": inputs,
+        "outputs": {f: {"sha256": d, "bytes": (directory / f).stat().st_size}
+                    for f, d in outputs.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        **(extra or {}),
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(man, indent=2, default=str) + "\n")
+    return man
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """The manifest of a stage directory, or None when there is none or it is unreadable."""
+    p = Path(directory) / MANIFEST_NAME
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None

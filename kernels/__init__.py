@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``cpift_dist.kernels`` (a PyPI package named ``kernels`` exists)."""

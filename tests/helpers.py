@@ -1,0 +1,73 @@
+"""Tiny real checkpoints for tests: a 2-layer Llama saved sharded, and tuned variants of it."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from cpift_dist.io import Checkpoint, ShardWriter
+
+
+def make_llama(path: Path, dtype=torch.float32, seed: int = 0, shard_bytes: int = 40_000,
+               hidden: int = 32) -> Path:
+    """Saves a tiny random Llama (HF layout, several safetensors shards) to ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(path, max_shard_size=shard_bytes)
+    return path
+
+
+def perturb(base: Path, out: Path, seed: int, density: float = 0.2, scale: float = 1e-2,
+            quantum: float | None = 2.0 ** -10, shard_bytes: int = 30_000,
+            edit=None) -> Path:
+    """Writes a 'tuned' copy of ``base``: sparse random deltas rounded to ``quantum`` (ties).
+
+    ``edit(name, tensor) -> tensor`` may change tensors further. Tensors are written with the
+    project's ShardWriter (a different shard layout from the base's).
+    """
+    ck = Checkpoint(base)
+    g = torch.Generator().manual_seed(seed)
+    out.mkdir(parents=True)
+    w = ShardWriter(out, max_shard_bytes=shard_bytes)
+    for name in ck.names():
+        t = ck.read(name)
+        d = torch.randn(t.shape, generator=g) * scale
+        d *= torch.rand(t.shape, generator=g) < density
+        if quantum:
+            d = torch.round(d / quantum) * quantum
+        new = (t.float() + d).to(t.dtype)
+        if edit is not None:
+            new = edit(name, new)
+        w.add(name, new)
+    w.close()
+    shutil.copy(base / "config.json", out / "config.json")
+    return out
+
+
+def oracle_masks(base: Path, tuned: Path, p: float) -> dict[str, torch.Tensor]:
+    """Exact global top-k masks by a stable descending sort of the concatenated magnitudes."""
+    b, t = Checkpoint(base), Checkpoint(tuned)
+    names = [n for n in b.names() if b.tensors[n].dtype.is_floating_point]
+    u = torch.cat([(t.read(n).float() - b.read(n).float()).abs().reshape(-1) for n in names])
+    k = math.floor(p * u.numel())
+    order = torch.sort(u, descending=True, stable=True).indices[:k]
+    flat = torch.zeros(u.numel(), dtype=torch.bool)
+    flat[order] = True
+    if k:  # the k-th value agrees with torch.topk
+        assert u[order[-1]] == torch.topk(u, k).values[-1]
+    out, pos = {}, 0
+    for n in names:
+        shape = b.tensors[n].shape
+        numel = math.prod(shape)
+        out[n] = flat[pos:pos + numel].reshape(shape)
+        pos += numel
+    return out
