@@ -1,0 +1,44 @@
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="cpift-t-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+from helpers import make_llama, perturb  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny fp32 Llama (3 shards) and two tuned variants with many exact ties."""
+    d = tmp_path_factory.mktemp("models")
+    base = make_llama(d / "base")
+    return {"base": base,
+            "a": perturb(base, d / "a", seed=1),
+            "b": perturb(base, d / "b", seed=2, density=0.3)}
+
+
+@pytest.fixture(scope="session")
+def bf16_models(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bf16")
+    base = make_llama(d / "base", dtype=torch.bfloat16, seed=3)
+    return {"base": base, "a": perturb(base, d / "a", seed=4, quantum=2.0 ** -8),
+            "b": perturb(base, d / "b", seed=5, quantum=None)}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private local Ray for the whole session (bound to 127.0.0.1, 2 CPUs)."""
+    import ray
+
+    from cpift_dist.ray_utils import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()

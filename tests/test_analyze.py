@@ -1,0 +1,160 @@
+"""Core masks equal the stable-sort / torch.topk oracle, on every path and edge case."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cpift_dist.analysis import MaskFile, analyze
+from cpift_dist.analysis.plan import layer_of, selection_group
+from cpift_dist.config import AnalysisConfig
+from cpift_dist.executor import InProcessExecutor, RayExecutor
+from cpift_dist.io import Checkpoint, sha256_file
+from helpers import oracle_masks
+
+pytestmark = pytest.mark.timeout(180)
+
+SMALL = dict(chunk_elements=1024, unit_elements=3000)  # many units; tensors span chunks
+
+
+def assert_masks_equal(out, base, tuned, p):
+    for task, path in tuned.items():
+        oracle = oracle_masks(base, path, p)
+        mf = MaskFile(out / "masks" / f"{task}.safetensors")
+        assert mf.names() == sorted(oracle)
+        for name, want in oracle.items():
+            got = mf.read(name)
+            assert torch.equal(got, want), f"{task}/{name}"
+        stats = json.loads((out / "stats.json").read_text())[task]
+        D = sum(m.numel() for m in oracle.values())
+        assert stats["D"] == D and stats["k"] == math.floor(p * D) == stats["selected"]
+        for name, want in oracle.items():
+            assert stats["per_tensor"][name]["selected"] == int(want.sum())
+
+
+@pytest.mark.parametrize("p", [0.01, 0.1, 0.5])
+@pytest.mark.parametrize("collect_limit", [1 << 22, 0], ids=["two-pass", "three-pass"])
+def test_fp32_matches_oracle(models, tmp_path, p, collect_limit):
+    tuned = {"a": models["a"], "b": models["b"]}
+    cfg = AnalysisConfig(p=p, collect_limit=collect_limit, **SMALL)
+    res = analyze(models["base"], tuned, tmp_path / "out", cfg, progress=False)
+    assert_masks_equal(tmp_path / "out", models["base"], tuned, p)
+    # p=0.5 puts the threshold inside the mass of exact zeros: a huge tie
+    if p == 0.5:
+        assert res.stats["a"]["threshold"] == 0.0 and res.stats["a"]["groups"]["all"]["ties"] > 0
+
+
+@pytest.mark.parametrize("collect_limit", [1 << 22, 0], ids=["two-pass", "three-pass"])
+def test_bf16_matches_oracle(bf16_models, tmp_path, collect_limit):
+    tuned = {"a": bf16_models["a"], "b": bf16_models["b"]}
+    cfg = AnalysisConfig(p=0.05, collect_limit=collect_limit, **SMALL)
+    analyze(bf16_models["base"], tuned, tmp_path / "out", cfg, progress=False)
+    assert Checkpoint(bf16_models["base"]).info("lm_head.weight").dtype == torch.bfloat16
+    assert_masks_equal(tmp_path / "out", bf16_models["base"], tuned, 0.05)
+
+
+def test_many_exact_ties_at_threshold(models, tmp_path):
+    # deltas quantised to 2**-10 make thousands of equal magnitudes; pick p so that the
+    # threshold lands inside a run of equal values and check the tie count
+    cfg = AnalysisConfig(p=0.03, **SMALL)
+    res = analyze(models["base"], {"a": models["a"]}, tmp_path / "out", cfg, progress=False)
+    g = res.stats["a"]["groups"]["all"]
+    u = torch.cat([(Checkpoint(models["a"]).read(n) - Checkpoint(models["base"]).read(n))
+                   .abs().reshape(-1) for n in Checkpoint(models["base"]).names()])
+    at_threshold = int((u == g["threshold"]).sum())
+    assert at_threshold > g["ties"] > 0  # only the first ties are taken
+    assert_masks_equal(tmp_path / "out", models["base"], {"a": models["a"]}, 0.03)
+
+
+def test_k_zero_and_k_all(models, tmp_path):
+    tuned = {"a": models["a"]}
+    analyze(models["base"], tuned, tmp_path / "zero", AnalysisConfig(p=1e-9), progress=False)
+    mf = MaskFile(tmp_path / "zero" / "masks" / "a.safetensors")
+    assert all(not mf.read(n).any() for n in mf.names())
+    assert_masks_equal(tmp_path / "zero", models["base"], tuned, 1e-9)
+    analyze(models["base"], tuned, tmp_path / "all", AnalysisConfig(p=1.0, **SMALL),
+            progress=False)
+    mf = MaskFile(tmp_path / "all" / "masks" / "a.safetensors")
+    assert all(mf.read(n).all() for n in mf.names())
+
+
+def test_several_shards_and_tensor_larger_than_chunk(models):
+    ck = Checkpoint(models["base"])
+    assert len(ck.files) >= 3
+    assert max(t.numel for t in ck.tensors.values()) > SMALL["chunk_elements"] * 3
+
+
+@pytest.mark.parametrize("selection", ["per-tensor", "per-layer"])
+def test_per_tensor_and_per_layer_selection(models, tmp_path, selection):
+    p = 0.05
+    analyze(models["base"], {"a": models["a"]}, tmp_path / "out",
+            AnalysisConfig(p=p, selection=selection, **SMALL), progress=False)
+    b, t = Checkpoint(models["base"]), Checkpoint(models["a"])
+    groups: dict[str, list[str]] = {}
+    for n in b.names():
+        groups.setdefault(selection_group(n, selection), []).append(n)
+    mf = MaskFile(tmp_path / "out" / "masks" / "a.safetensors")
+    for g, names in groups.items():
+        u = torch.cat([(t.read(n) - b.read(n)).abs().reshape(-1) for n in names])
+        k = math.floor(p * u.numel())
+        want = torch.zeros(u.numel(), dtype=torch.bool)
+        want[torch.sort(u, descending=True, stable=True).indices[:k]] = True
+        got = torch.cat([mf.read(n).reshape(-1) for n in names])
+        assert torch.equal(got, want), g
+    if selection == "per-layer":
+        assert {"layer.0", "layer.1", "other"} == set(groups)
+        assert layer_of("model.layers.1.mlp.up_proj.weight") == 1
+
+
+def test_jaccard_matches_dense_recomputation(models, tmp_path):
+    tuned = {"a": models["a"], "b": models["b"], "c": models["a"]}
+    res = analyze(models["base"], tuned, tmp_path / "out", AnalysisConfig(p=0.08, **SMALL),
+                  progress=False)
+    dense = {t: torch.cat([m.reshape(-1) for _, m in sorted(oracle_masks(models["base"], p, 0.08)
+                                                            .items())])
+             for t, p in tuned.items()}
+    tasks = list(tuned)
+    for i, ti in enumerate(tasks):
+        for j, tj in enumerate(tasks):
+            inter = int((dense[ti] & dense[tj]).sum())
+            union = int((dense[ti] | dense[tj]).sum())
+            assert res.overlap["intersection"][i][j] == inter
+            assert res.overlap["union"][i][j] == union
+            assert res.overlap["jaccard"][i][j] == pytest.approx(inter / union, abs=1e-8)
+    assert res.overlap["jaccard"][0][2] == 1.0  # the same model twice
+    on_disk = json.loads((tmp_path / "out" / "overlap.json").read_text())
+    assert on_disk == json.loads(json.dumps(res.overlap))
+
+
+def test_ray_and_in_process_give_identical_masks(models, tmp_path, ray_local):
+    tuned = {"a": models["a"], "b": models["b"]}
+    cfg = AnalysisConfig(p=0.02, **SMALL)
+    analyze(models["base"], tuned, tmp_path / "local", cfg, InProcessExecutor(), progress=False)
+    analyze(models["base"], tuned, tmp_path / "ray", cfg, RayExecutor(), progress=False)
+    for t in tuned:
+        f = f"masks/{t}.safetensors"
+        assert sha256_file(tmp_path / "local" / f) == sha256_file(tmp_path / "ray" / f)
+    man = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert man["executor"] == "ray" and man["units"] > 4 and man["status"] == "complete"
+
+
+def test_mask_file_format(models, tmp_path):
+    analyze(models["base"], {"a": models["a"]}, tmp_path / "out", AnalysisConfig(p=0.02),
+            progress=False)
+    from safetensors.numpy import load_file
+    from safetensors import safe_open
+    path = tmp_path / "out" / "masks" / "a.safetensors"
+    raw = load_file(path)  # plain safetensors, readable without this project
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+    shapes = json.loads(meta["tensors"])
+    oracle = oracle_masks(models["base"], models["a"], 0.02)
+    for n, m in oracle.items():
+        assert raw[n].dtype == np.uint8 and raw[n].shape == ((m.numel() + 7) // 8,)
+        assert np.array_equal(raw[n], np.packbits(m.numpy().reshape(-1), bitorder="little"))
+        assert shapes[n]["shape"] == list(m.shape)
+    assert meta["task"] == "a" and float(meta["p"]) == 0.02
+    assert int(meta["k"]) == sum(int(m.sum()) for m in oracle.values())
+    assert len(meta["base_digest"]) == 64 and len(meta["tuned_digest"]) == 64

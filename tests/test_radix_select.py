@@ -1,0 +1,57 @@
+"""The pure radix-select pieces against brute force."""
+
+import numpy as np
+import pytest
+import torch
+
+from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, Selection, find_bin,
+                                              high_histogram, low_histogram, magnitude_bits,
+                                              resolve_high, resolve_low, select_in_bin,
+                                              update_magnitude)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_bits_are_monotone_in_value():
+    u = torch.tensor([0.0, 1e-45, 1e-38, 1e-3, 0.5, 1.0, 3e38])
+    b = magnitude_bits(u)
+    assert torch.all(b[1:] > b[:-1])
+
+
+def test_update_magnitude_in_float32_from_bf16():
+    a = torch.tensor([1.0, -2.0], dtype=torch.bfloat16)
+    b = torch.tensor([1.0078125, 2.0], dtype=torch.bfloat16)
+    u = update_magnitude(a, b)
+    assert u.dtype == torch.float32 and u.tolist() == [0.0078125, 4.0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_exact_threshold_matches_sort(seed):
+    g = torch.Generator().manual_seed(seed)
+    u = (torch.randn(5000, generator=g).abs() * 1e-3).round(decimals=5)  # many ties
+    u[:300] = 0.0
+    bits = magnitude_bits(u)
+    for k in (1, 17, 2500, 4999, 5000):
+        sel = Selection(k, u.numel())
+        resolve_high(sel, high_histogram(bits).numpy())
+        resolve_low(sel, low_histogram(bits, sel.high).numpy())
+        kth = torch.sort(u, descending=True, stable=True).values[k - 1]
+        assert sel.threshold == float(kth)
+        assert sel.greater == int((u > kth).sum()) and sel.greater + sel.ties == k
+        # the collect path reaches the same threshold
+        sel2 = Selection(k, u.numel())
+        resolve_high(sel2, high_histogram(bits).numpy())
+        in_bin = (bits >> 16) == sel2.high
+        chosen = select_in_bin(sel2, (bits[in_bin] & 0xFFFF).numpy().astype(np.uint16))
+        assert sel2.threshold_bits == sel.threshold_bits and chosen.sum() == sel2.need_in_bin
+
+
+def test_find_bin_edges():
+    h = np.zeros(8, np.int64)
+    h[[1, 5]] = [3, 2]
+    assert find_bin(h, 1) == (5, 0, 2)
+    assert find_bin(h, 2) == (5, 0, 2)
+    assert find_bin(h, 3) == (1, 2, 3)
+    with pytest.raises(ValueError):
+        find_bin(h, 6)
+    assert HIGH_BINS * 2 == LOW_BINS
