@@ -94,7 +94,7 @@ def make_executor(ray_cfg):
     from cpift_dist.ray_utils import init_ray
 
     if not ray_cfg.enabled:
-        return InProcessExecutor()
+        return InProcessExecutor(threads=ray_cfg.num_cpus or os.cpu_count() or 1)
     init_ray(ray_cfg.address or os.environ.get("RAY_ADDRESS"), ray_cfg.num_cpus)
     return RayExecutor()
 

@@ -7,19 +7,45 @@ driver never holds all results at once.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Iterator, Sequence
 
 from cpift_dist.errors import CpiftError
 
 
 class InProcessExecutor:
-    """Runs every item in this process, in order (small models, tests, debugging)."""
+    """Runs items in this process: in order, or on ``threads`` threads (torch releases the GIL
+    in its kernels), results as they finish. For small models, single machines and tests."""
 
     name = "in-process"
 
+    def __init__(self, threads: int = 1):
+        self.threads = max(1, int(threads))
+
     def map(self, fn: Callable, shared: Any, items: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
-        for i, args in enumerate(items):
-            yield i, fn(shared, *args)
+        if self.threads == 1:
+            for i, args in enumerate(items):
+                yield i, fn(shared, *args)
+            return
+        with ThreadPoolExecutor(self.threads) as pool:
+            todo = iter(enumerate(items))
+            pending = {}
+            for i, args in todo:
+                pending[pool.submit(fn, shared, *args)] = i
+                if len(pending) >= 2 * self.threads:
+                    break
+            try:
+                while pending:
+                    done = next(as_completed(pending))
+                    i = pending.pop(done)
+                    result = done.result()
+                    for j, args in todo:
+                        pending[pool.submit(fn, shared, *args)] = j
+                        break
+                    yield i, result
+            finally:
+                for f in pending:
+                    f.cancel()
 
 
 class RayExecutor:

@@ -158,3 +158,13 @@ def test_mask_file_format(models, tmp_path):
     assert meta["task"] == "a" and float(meta["p"]) == 0.02
     assert int(meta["k"]) == sum(int(m.sum()) for m in oracle.values())
     assert len(meta["base_digest"]) == 64 and len(meta["tuned_digest"]) == 64
+
+
+def test_threaded_in_process_is_identical(models, tmp_path):
+    tuned = {"a": models["a"], "b": models["b"]}
+    cfg = AnalysisConfig(p=0.04, **SMALL)
+    analyze(models["base"], tuned, tmp_path / "one", cfg, InProcessExecutor(1), progress=False)
+    analyze(models["base"], tuned, tmp_path / "two", cfg, InProcessExecutor(3), progress=False)
+    for t in tuned:
+        f = f"masks/{t}.safetensors"
+        assert sha256_file(tmp_path / "one" / f) == sha256_file(tmp_path / "two" / f)

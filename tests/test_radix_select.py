@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, Selection, find_bin,
+from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, Selection, find_bin, finite,
                                               high_histogram, low_histogram, magnitude_bits,
                                               resolve_high, resolve_low, select_in_bin,
                                               update_magnitude)
@@ -33,17 +33,24 @@ def test_exact_threshold_matches_sort(seed):
     bits = magnitude_bits(u)
     for k in (1, 17, 2500, 4999, 5000):
         sel = Selection(k, u.numel())
-        resolve_high(sel, high_histogram(bits).numpy())
-        resolve_low(sel, low_histogram(bits, sel.high).numpy())
+        resolve_high(sel, high_histogram(u).numpy())
+        resolve_low(sel, low_histogram(u, sel.high).numpy())
         kth = torch.sort(u, descending=True, stable=True).values[k - 1]
         assert sel.threshold == float(kth)
         assert sel.greater == int((u > kth).sum()) and sel.greater + sel.ties == k
         # the collect path reaches the same threshold
         sel2 = Selection(k, u.numel())
-        resolve_high(sel2, high_histogram(bits).numpy())
+        resolve_high(sel2, high_histogram(u).numpy())
         in_bin = (bits >> 16) == sel2.high
         chosen = select_in_bin(sel2, (bits[in_bin] & 0xFFFF).numpy().astype(np.uint16))
         assert sel2.threshold_bits == sel.threshold_bits and chosen.sum() == sel2.need_in_bin
+
+
+def test_non_finite_values_are_seen_by_the_histogram():
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = update_magnitude(torch.zeros(4), torch.tensor([0.0, 1.0, bad, 2.0]))
+        assert not finite(high_histogram(u))
+    assert finite(high_histogram(torch.tensor([0.0, 3e38, 1e-45])))
 
 
 def test_find_bin_edges():

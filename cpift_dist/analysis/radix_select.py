@@ -10,6 +10,7 @@ tensor (or one histogram), never a whole model.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +18,16 @@ import torch
 
 HIGH_BINS = 1 << 15  # high 16 bits of a non-negative float32: the sign bit is 0
 LOW_BINS = 1 << 16
+NONFINITE_BIN = 0x7F80  # high bits of +Inf; NaN magnitudes lie above it
+assert sys.byteorder == "little", "high_half() assumes little-endian float32 layout"
 
 
-def update_magnitude(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
-    """|tuned - base| computed in float32, whatever the input dtype."""
-    return torch.sub(tuned.to(torch.float32), base.to(torch.float32)).abs_()
+def update_magnitude(base: torch.Tensor, tuned: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """|tuned - base| computed in float32, whatever the input dtype (into ``out`` if given)."""
+    if base.dtype != torch.float32:
+        base, tuned = base.to(torch.float32), tuned.to(torch.float32)
+    return torch.sub(tuned, base, out=out).abs_()
 
 
 def magnitude_bits(u: torch.Tensor) -> torch.Tensor:
@@ -29,14 +35,30 @@ def magnitude_bits(u: torch.Tensor) -> torch.Tensor:
     return u.view(torch.int32)
 
 
-def high_histogram(bits: torch.Tensor) -> torch.Tensor:
-    """int64 histogram of the high 16 bits, ``HIGH_BINS`` long."""
-    return torch.bincount(bits >> 16, minlength=HIGH_BINS)
+def high_half(u: torch.Tensor) -> torch.Tensor:
+    """The high 16 bits of each float32 as a strided int16 view (no copy, no shift pass).
+
+    Non-negative, since the sign bit of a magnitude is 0. Little-endian layout assumed.
+    """
+    return u.view(torch.int16)[1::2]
 
 
-def low_histogram(bits: torch.Tensor, high: int) -> torch.Tensor:
+def high_histogram(u: torch.Tensor) -> torch.Tensor:
+    """int64 histogram of the high 16 bits of float32 magnitudes, ``HIGH_BINS`` long.
+
+    Non-finite magnitudes (NaN, Inf) land in bins >= ``NONFINITE_BIN``: see :func:`finite`.
+    """
+    return torch.bincount(high_half(u), minlength=HIGH_BINS)
+
+
+def finite(high_hist: torch.Tensor) -> bool:
+    """Whether every magnitude counted in a high-bits histogram was finite."""
+    return not bool(high_hist[NONFINITE_BIN:].any())
+
+
+def low_histogram(u: torch.Tensor, high: int) -> torch.Tensor:
     """int64 histogram of the low 16 bits of the elements whose high 16 bits equal ``high``."""
-    sel = bits[(bits >> 16) == high]
+    sel = magnitude_bits(u)[high_half(u) == high]
     return torch.bincount(sel & 0xFFFF, minlength=LOW_BINS)
 
 

@@ -16,8 +16,8 @@ import torch
 
 from cpift_dist.analysis.masks import pack_mask
 from cpift_dist.analysis.plan import Unit
-from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, magnitude_bits, to_sparse,
-                                              update_magnitude)
+from cpift_dist.analysis.radix_select import (finite, high_half, high_histogram, low_histogram,
+                                              magnitude_bits, to_sparse, update_magnitude)
 from cpift_dist.errors import CheckpointError
 from cpift_dist.io.checkpoint import Checkpoint
 
@@ -38,34 +38,49 @@ def _checkpoint(path: str) -> Checkpoint:
     return Checkpoint(path)  # headers only; cached per worker process
 
 
-def _chunks_with_bits(ctx: ScanContext, unit: Unit):
-    """Yields (chunk index, chunk, {task: int32 magnitude bits}) for every chunk of the unit."""
+def _magnitudes(ctx: ScanContext, unit: Unit):
+    """Yields (chunk index, chunk, {task: float32 update magnitudes}) for the unit's chunks.
+
+    The magnitude buffers are reused from chunk to chunk: consume them before the next one.
+    """
     base = _checkpoint(ctx.base)
     tuned = {t: _checkpoint(p) for t, p in ctx.tuned.items()}
+    size = max(c.numel for c in unit.chunks)
+    bufs = {t: torch.empty(size, dtype=torch.float32) for t in tuned}
     with ExitStack() as stack:
         rb = stack.enter_context(base.reader())
         readers = {t: stack.enter_context(c.reader()) for t, c in tuned.items()}
         for ci, c in enumerate(unit.chunks):
             b = rb.read_rows(c.name, c.row_start, c.row_stop)
-            out = {}
-            for t, r in readers.items():
-                u = update_magnitude(b, r.read_rows(c.name, c.row_start, c.row_stop))
-                if ctx.check_finite and not bool(torch.isfinite(u).all()):
-                    bad = base if not bool(torch.isfinite(b).all()) else tuned[t]
-                    raise CheckpointError(f"{bad.info(c.name).file}: tensor {c.name!r} has "
-                                          f"non-finite values (NaN or Inf)")
-                out[t] = magnitude_bits(u)
-            yield ci, c, out
+            yield ci, c, {t: update_magnitude(b, r.read_rows(c.name, c.row_start, c.row_stop),
+                                              out=bufs[t][:c.numel])
+                          for t, r in readers.items()}
+
+
+def _non_finite(ctx: ScanContext, task: str, name: str) -> CheckpointError:
+    base, tuned = _checkpoint(ctx.base), _checkpoint(ctx.tuned[task])
+    bad = base if not bool(torch.isfinite(base.read(name)).all()) else tuned
+    return CheckpointError(f"{bad.info(name).file}: tensor {name!r} has non-finite values "
+                           f"(NaN or Inf)")
 
 
 def scan_high(ctx: ScanContext, unit: Unit) -> dict[Key, tuple[np.ndarray, np.ndarray]]:
-    """Pass 1: sparse histograms of the high 16 bits per (task, selection group)."""
+    """Pass 1: sparse histograms of the high 16 bits per (task, selection group).
+
+    Raises:
+        CheckpointError: a magnitude is NaN or Inf (naming the tensor and file).
+    """
     acc: dict[Key, torch.Tensor] = {}
-    for _, c, bits in _chunks_with_bits(ctx, unit):
-        for t, x in bits.items():
-            h = torch.bincount(x >> 16, minlength=HIGH_BINS)
+    for _, c, mags in _magnitudes(ctx, unit):
+        for t, u in mags.items():
+            h = high_histogram(u)
+            if ctx.check_finite and not finite(h):
+                raise _non_finite(ctx, t, c.name)
             key = (t, c.group)
-            acc[key] = acc[key] + h if key in acc else h
+            if key in acc:
+                acc[key] += h
+            else:
+                acc[key] = h
     return {k: to_sparse(h) for k, h in acc.items()}
 
 
@@ -91,25 +106,27 @@ def scan_bin(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple[str, int]]) -> 
     """Pass 2. ``plan[(task, group)] = (mode, high)``; mode ``collect`` or ``histogram``."""
     res = BinResult({}, {}, {})
     low_acc: dict[Key, torch.Tensor] = {}
-    for ci, c, bits in _chunks_with_bits(ctx, unit):
-        for t, x in bits.items():
+    for ci, c, mags in _magnitudes(ctx, unit):
+        for t, u in mags.items():
             key = (t, c.group)
             if key not in plan:
                 continue  # k == 0: nothing selected
             mode, high = plan[key]
-            hi = x >> 16
-            in_bin = hi == high
+            hi = high_half(u)
             if mode == "collect":
                 above = hi > high
                 if bool(above.any()):
                     res.packed[(t, ci)] = pack_mask(above)
-                idx = torch.nonzero(in_bin).reshape(-1)
+                idx = torch.nonzero(hi == high).reshape(-1)
                 if len(idx):
-                    low = (x[idx] & 0xFFFF).numpy().astype(np.uint16)
+                    low = (magnitude_bits(u)[idx] & 0xFFFF).numpy().astype(np.uint16)
                     res.items.setdefault(key, []).append((ci, idx.numpy().astype(np.int64), low))
             else:
-                h = torch.bincount(x[in_bin] & 0xFFFF, minlength=LOW_BINS)
-                low_acc[key] = low_acc[key] + h if key in low_acc else h
+                h = low_histogram(u, high)
+                if key in low_acc:
+                    low_acc[key] += h
+                else:
+                    low_acc[key] = h
     res.low_hist = {k: to_sparse(h) for k, h in low_acc.items()}
     return res
 
@@ -124,12 +141,13 @@ def scan_mask(ctx: ScanContext, unit: Unit,
     """
     out: dict[tuple[str, int], np.ndarray] = {}
     taken: dict[Key, int] = {}
-    for ci, c, bits in _chunks_with_bits(ctx, unit):
-        for t, x in bits.items():
+    for ci, c, mags in _magnitudes(ctx, unit):
+        for t, u in mags.items():
             key = (t, c.group)
             if key not in plan:
                 continue
             thr, quota = plan[key]
+            x = magnitude_bits(u)
             sel = x > thr
             eq = x == thr
             left = quota - taken.get(key, 0)

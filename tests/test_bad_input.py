@@ -1,0 +1,192 @@
+"""Every bad input: a one-line error naming the culprit, exit status 2, no partial output."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpift_dist.cli import main
+from helpers import perturb
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def run(capsys, tmp_path, base, tuned, *extra):
+    out = tmp_path / "out"
+    argv = ["analyze", "--base", str(base), "--p", "0.05", "--out", str(out), "--no-ray",
+            "--quiet", *extra]
+    for t, p in tuned.items():
+        argv += ["--tuned", f"{t}={p}"]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    return rc, err, leftovers
+
+
+def variant(models, tmp_path, name, **kw):
+    return perturb(models["base"], tmp_path / name, seed=9, **kw)
+
+
+def corrupt_copy(models, tmp_path, fn):
+    d = tmp_path / "bad"
+    shutil.copytree(models["a"], d)
+    fn(d)
+    return d
+
+
+def expect(capsys, tmp_path, models, tuned, *needles, extra=()):
+    rc, err, leftovers = run(capsys, tmp_path, models["base"], tuned, *extra)
+    assert rc == 2, err
+    line = err.strip()
+    assert line.startswith("cpift: error: ") and "\n" not in line, err
+    for n in needles:
+        assert n in line, line
+    assert leftovers == [], leftovers
+
+
+def test_missing_tensor(models, tmp_path, capsys):
+    d = variant(models, tmp_path, "t", edit=None)
+    # drop one tensor by rewriting the shard that holds it
+    from safetensors.torch import load_file, save_file
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = idx["weight_map"].pop("model.norm.weight")
+    sd = load_file(d / shard)
+    del sd["model.norm.weight"]
+    save_file(sd, d / shard)
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    expect(capsys, tmp_path, models, {"t": d}, "missing tensor 'model.norm.weight'", str(d))
+
+
+def test_extra_tensor(models, tmp_path, capsys):
+    d = variant(models, tmp_path, "t")
+    from safetensors.torch import save_file
+    save_file({"extra.weight": torch.zeros(3)}, d / "extra.safetensors")
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["extra.weight"] = "extra.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    expect(capsys, tmp_path, models, {"t": d}, "extra tensor 'extra.weight'")
+
+
+def test_shape_mismatch(models, tmp_path, capsys):
+    d = variant(models, tmp_path, "t", edit=lambda n, t: t[:-1] if n == "lm_head.weight" else t)
+    expect(capsys, tmp_path, models, {"t": d}, "tensor 'lm_head.weight': shape", str(d))
+
+
+def test_dtype_mismatch(models, tmp_path, capsys):
+    d = variant(models, tmp_path, "t",
+                edit=lambda n, t: t.half() if n == "model.norm.weight" else t)
+    expect(capsys, tmp_path, models, {"t": d}, "tensor 'model.norm.weight': dtype",
+           "torch.float16")
+
+
+def test_truncated_safetensors(models, tmp_path, capsys):
+    def trunc(d):
+        f = sorted(d.glob("model-*.safetensors"))[0]
+        f.write_bytes(f.read_bytes()[:-100])
+    d = corrupt_copy(models, tmp_path, trunc)
+    expect(capsys, tmp_path, models, {"t": d}, "corrupt or truncated", "model-00001")
+
+
+def test_corrupt_header(models, tmp_path, capsys):
+    def garble(d):
+        f = sorted(d.glob("model-*.safetensors"))[-1]
+        b = bytearray(f.read_bytes())
+        b[8:20] = b"not json!!!!"
+        f.write_bytes(bytes(b))
+    d = corrupt_copy(models, tmp_path, garble)
+    expect(capsys, tmp_path, models, {"t": d}, "corrupt or truncated")
+
+
+def test_index_entry_outside_directory(models, tmp_path, capsys):
+    def escape(d):
+        idx = json.loads((d / "model.safetensors.index.json").read_text())
+        name = next(iter(idx["weight_map"]))
+        idx["weight_map"][name] = "../a/" + idx["weight_map"][name]
+        (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    d = corrupt_copy(models, tmp_path, escape)
+    expect(capsys, tmp_path, models, {"t": d}, "points outside the checkpoint directory")
+
+
+def test_malformed_index(models, tmp_path, capsys):
+    d = corrupt_copy(models, tmp_path,
+                     lambda d: (d / "model.safetensors.index.json").write_text("{oops"))
+    expect(capsys, tmp_path, models, {"t": d}, "malformed index", "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_values(models, tmp_path, capsys, value):
+    def poison(n, t):
+        if n == "model.layers.1.mlp.up_proj.weight":
+            t = t.clone()
+            t[3, 5] = value
+        return t
+    d = variant(models, tmp_path, "t", edit=poison)
+    expect(capsys, tmp_path, models, {"t": d}, "'model.layers.1.mlp.up_proj.weight'",
+           "non-finite", str(d))
+
+
+def test_missing_directory_and_bin_only(models, tmp_path, capsys):
+    expect(capsys, tmp_path, models, {"t": tmp_path / "nope"}, "does not exist")
+    binonly = tmp_path / "binonly"
+    binonly.mkdir()
+    (binonly / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    expect(capsys, tmp_path, models, {"t": binonly}, "pickle checkpoints are not read")
+
+
+def test_bad_arguments(models, tmp_path, capsys):
+    expect(capsys, tmp_path, models, {}, "--tuned 'noequals': expected NAME=DIR",
+           extra=["--tuned", "noequals"])
+    expect(capsys, tmp_path, models, {"a": models["a"], "a ": models["b"]}, "field 'tasks")
+    expect(capsys, tmp_path, models, {"a": models["a"], "b": models["a"]}, "field 'analysis.p'",
+           extra=["analysis.p=1.5"])
+    expect(capsys, tmp_path, models, {"a": models["a"]}, "field 'analysis.p'",
+           extra=["analysis.p=0"])
+    expect(capsys, tmp_path, models, {"a": models["a"]}, "field 'analysis.bogus': unknown key",
+           extra=["analysis.bogus=1"])
+
+
+def test_duplicate_task_names(models, tmp_path, capsys):
+    rc = main(["analyze", "--base", str(models["base"]), "--tuned", f"x={models['a']}",
+               "--tuned", f"x={models['b']}", "--out", str(tmp_path / "out"), "--no-ray"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "duplicate task name 'x'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(models, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = main(["analyze", "--base", str(models["base"]), "--tuned", f"a={models['a']}",
+               "--out", str(out), "--no-ray", "--quiet"])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    rc = main(["analyze", "--base", str(models["base"]), "--tuned", f"a={models['a']}",
+               "--out", str(out), "--no-ray", "--quiet", "--overwrite"])
+    assert rc == 0 and not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failure_mid_run_leaves_nothing(models, tmp_path, capsys):
+    # NaN in the last tensor in name order: the error comes after masks were being written
+    def poison(n, t):
+        return torch.full_like(t, float("nan")) if n == "model.norm.weight" else t
+    d = variant(models, tmp_path, "t", edit=poison)
+    expect(capsys, tmp_path, models, {"ok": models["a"], "t": d}, "model.norm.weight")
+
+
+def test_config_errors(tmp_path, capsys, models):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: x\ntasks: [\n")
+    assert main(["analyze", "--config", str(bad), "--no-ray"]) == 2
+    assert "bad.yaml: line" in capsys.readouterr().err
+    bad.write_text(f"base: {models['base']}\ntasks:\n  - name: a\n    tuned: {models['a']}\n"
+                   f"  - name: a\n    tuned: {models['b']}\n")
+    assert main(["analyze", "--config", str(bad), "--no-ray"]) == 2
+    assert "duplicate task name 'a'" in capsys.readouterr().err
+    bad.write_text(f"base: {models['base']}\ntasks:\n  - name: a\n    tuned: {models['a']}\n"
+                   f"analysis:\n  p: 0.01\n  tau: 3\n")
+    assert main(["analyze", "--config", str(bad), "--no-ray"]) == 2
+    assert "bad.yaml: field 'analysis.tau': unknown key" in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""Checkpoint IO: lazy row-chunk reads, the shard writer, atomic outputs, shipped configs."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpift_dist.config import RunConfig, load_config
+from cpift_dist.errors import CpiftError
+from cpift_dist.io import (Checkpoint, ShardWriter, atomic_dir, checkpoint_digest,
+                           sha256_file, write_manifest)
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_row_chunks_reassemble(models):
+    ck = Checkpoint(models["base"])
+    with ck.reader() as r:
+        for name in ck.names():
+            info = ck.info(name)
+            whole = r.read(name).reshape(-1)
+            parts = [r.read_rows(name, s, min(info.rows, s + 3)) for s in range(0, info.rows, 3)]
+            assert torch.equal(torch.cat(parts), whole)
+
+
+@pytest.mark.parametrize("shard_bytes", [30_000, 10 << 20])
+def test_shard_writer_output_loads_in_transformers(models, tmp_path, shard_bytes):
+    from transformers import AutoModelForCausalLM
+
+    src = Checkpoint(models["base"])
+    out = tmp_path / "ckpt"
+    with atomic_dir(out) as tmp:
+        w = ShardWriter(tmp, max_shard_bytes=shard_bytes)
+        for n in src.names():
+            w.add(n, src.read(n))
+        digests = w.close()
+        shutil.copy(models["base"] / "config.json", tmp / "config.json")
+        write_manifest(tmp, "copy", {}, {}, outputs=digests)
+    multi = shard_bytes < 100_000
+    assert (out / "model.safetensors.index.json").exists() == multi
+    assert len(list(out.glob("*.safetensors"))) == (len(digests) - 1 if multi else 1)
+    for f, d in digests.items():
+        assert sha256_file(out / f) == d
+    model = AutoModelForCausalLM.from_pretrained(out)
+    sd = model.state_dict()
+    for n in src.names():
+        assert torch.equal(sd[n], src.read(n)), n
+    # the manifest's sha256 is what the digest is built from
+    assert checkpoint_digest(out) == checkpoint_digest(out)
+    ids = torch.tensor([[1, 2, 3]])
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "x"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half.bin").write_bytes(b"123")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir()
+    (out / "old").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out, overwrite=True) as tmp:
+            raise KeyboardInterrupt
+    assert (out / "old").read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    # a regular file where a directory should be: fails even for root, unlike chmod
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CpiftError, match="cannot create output directory"):
+        with atomic_dir(blocker / "out"):
+            pass
+    assert blocker.read_text() == "x"
+
+
+def test_digest_changes_with_weights(models, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(models["a"], d)
+    before = checkpoint_digest(d)
+    f = sorted(d.glob("model-*.safetensors"))[0]
+    f.write_bytes(f.read_bytes())  # same bytes, new mtime
+    import os
+    os.utime(f, ns=(1, 1))
+    assert checkpoint_digest(d) != before
+
+
+def test_every_shipped_config_validates():
+    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert configs, "no shipped configs found"
+    for c in configs:
+        cfg = load_config(c)
+        assert isinstance(cfg, RunConfig)
+
+
+def test_overrides_and_schema_docs(tmp_path):
+    c = load_config(ROOT / "configs" / "analyze-example.yaml",
+                    ["analysis.p=0.02", "analysis.selection=per-layer", "ray.num_cpus=2"])
+    assert c.analysis.p == 0.02 and c.analysis.selection == "per-layer" and c.ray.num_cpus == 2
+    for model in (RunConfig, type(c.analysis), type(c.ray), type(c.tasks[0])):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no docstring"
