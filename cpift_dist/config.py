@@ -30,7 +30,7 @@ class AnalysisConfig(_Model):
     """Share of parameters in each task's core region, in (0, 1] (paper default 0.01)."""
     selection: Literal["global", "per-tensor", "per-layer"] = "global"
     """Top-k over the whole model (the paper's), within each tensor, or within each layer."""
-    chunk_elements: int = Field(1 << 22, ge=1024)
+    chunk_elements: int = Field(1 << 20, ge=1024)
     """Largest row chunk read at once per tensor (elements); bounds a worker's memory."""
     unit_elements: int = Field(1 << 25, ge=1024)
     """Elements per unit of work (one Ray task holds one chunk per model at a time)."""

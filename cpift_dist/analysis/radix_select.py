@@ -10,7 +10,6 @@ tensor (or one histogram), never a whole model.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +18,6 @@ import torch
 HIGH_BINS = 1 << 15  # high 16 bits of a non-negative float32: the sign bit is 0
 LOW_BINS = 1 << 16
 NONFINITE_BIN = 0x7F80  # high bits of +Inf; NaN magnitudes lie above it
-assert sys.byteorder == "little", "high_half() assumes little-endian float32 layout"
 
 
 def update_magnitude(base: torch.Tensor, tuned: torch.Tensor,
@@ -35,20 +33,12 @@ def magnitude_bits(u: torch.Tensor) -> torch.Tensor:
     return u.view(torch.int32)
 
 
-def high_half(u: torch.Tensor) -> torch.Tensor:
-    """The high 16 bits of each float32 as a strided int16 view (no copy, no shift pass).
-
-    Non-negative, since the sign bit of a magnitude is 0. Little-endian layout assumed.
-    """
-    return u.view(torch.int16)[1::2]
-
-
 def high_histogram(u: torch.Tensor) -> torch.Tensor:
     """int64 histogram of the high 16 bits of float32 magnitudes, ``HIGH_BINS`` long.
 
     Non-finite magnitudes (NaN, Inf) land in bins >= ``NONFINITE_BIN``: see :func:`finite`.
     """
-    return torch.bincount(high_half(u), minlength=HIGH_BINS)
+    return torch.bincount(magnitude_bits(u) >> 16, minlength=HIGH_BINS)
 
 
 def finite(high_hist: torch.Tensor) -> bool:
@@ -58,8 +48,9 @@ def finite(high_hist: torch.Tensor) -> bool:
 
 def low_histogram(u: torch.Tensor, high: int) -> torch.Tensor:
     """int64 histogram of the low 16 bits of the elements whose high 16 bits equal ``high``."""
-    sel = magnitude_bits(u)[high_half(u) == high]
-    return torch.bincount(sel & 0xFFFF, minlength=LOW_BINS)
+    x = magnitude_bits(u).numpy()
+    sel = x[(x >= high << 16) & (x < (high + 1) << 16)]
+    return torch.bincount(torch.from_numpy(sel & 0xFFFF), minlength=LOW_BINS)
 
 
 def to_sparse(hist: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

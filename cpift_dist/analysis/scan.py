@@ -16,7 +16,7 @@ import torch
 
 from cpift_dist.analysis.masks import pack_mask
 from cpift_dist.analysis.plan import Unit
-from cpift_dist.analysis.radix_select import (finite, high_half, high_histogram, low_histogram,
+from cpift_dist.analysis.radix_select import (finite, high_histogram, low_histogram,
                                               magnitude_bits, to_sparse, update_magnitude)
 from cpift_dist.errors import CheckpointError
 from cpift_dist.io.checkpoint import Checkpoint
@@ -112,21 +112,20 @@ def scan_bin(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple[str, int]]) -> 
             if key not in plan:
                 continue  # k == 0: nothing selected
             mode, high = plan[key]
-            hi = high_half(u)
-            if mode == "collect":
-                above = hi > high
-                if bool(above.any()):
-                    res.packed[(t, ci)] = pack_mask(above)
-                idx = torch.nonzero(hi == high).reshape(-1)
-                if len(idx):
-                    low = (magnitude_bits(u)[idx] & 0xFFFF).numpy().astype(np.uint16)
-                    res.items.setdefault(key, []).append((ci, idx.numpy().astype(np.int64), low))
-            else:
+            if mode == "histogram":
                 h = low_histogram(u, high)
                 if key in low_acc:
                     low_acc[key] += h
                 else:
                     low_acc[key] = h
+                continue
+            x = magnitude_bits(u).numpy()  # numpy: much faster compares than torch on CPU
+            above = x >= (high + 1) << 16
+            res.packed[(t, ci)] = pack_mask(above)
+            idx = np.flatnonzero((x >= high << 16) ^ above)
+            if len(idx):
+                low = (x[idx] & 0xFFFF).astype(np.uint16)
+                res.items.setdefault(key, []).append((ci, idx, low))
     res.low_hist = {k: to_sparse(h) for k, h in low_acc.items()}
     return res
 
@@ -147,15 +146,12 @@ def scan_mask(ctx: ScanContext, unit: Unit,
             if key not in plan:
                 continue
             thr, quota = plan[key]
-            x = magnitude_bits(u)
+            x = magnitude_bits(u).numpy()
             sel = x > thr
-            eq = x == thr
             left = quota - taken.get(key, 0)
-            if left > 0 and bool(eq.any()):
-                rank = torch.cumsum(eq, 0, dtype=torch.int64)
-                take = eq & (rank <= left)
-                sel |= take
-                taken[key] = taken.get(key, 0) + min(left, int(rank[-1]))
-            if bool(sel.any()):
-                out[(t, ci)] = pack_mask(sel)
+            if left > 0:
+                eq = np.flatnonzero(x == thr)[:left]
+                sel[eq] = True
+                taken[key] = taken.get(key, 0) + len(eq)
+            out[(t, ci)] = pack_mask(sel)
     return out

@@ -1,0 +1,213 @@
+"""Delta-analysis benchmark: cpift analyze against a naive whole-model analysis and a raw read.
+
+    .venv/bin/python bench/analyze_bench.py [--sizes 348m,90m] [--data bench/_data]
+
+Builds (once, cached under --data) fp32 Llama-shaped checkpoints: a base and 3 tuned variants
+per size (sparse deltas on 20% of the elements). Then, in one run, each measurement in a fresh
+process (peak RSS from the kernel's ru_maxrss; for Ray, sampled over the whole process tree):
+  raw       sequential read of the files from page cache (16 MiB blocks)
+  naive     load base and one tuned model whole, torch.topk on the concatenated magnitudes
+  cpift     cpift's analysis of 1 and of 3 tasks, in-process (2 threads) and on a local Ray
+and prints the ratios the issue's targets are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+SIZES = {  # name -> (hidden, layers, intermediate, vocab)
+    "348m": (1024, 22, 2816, 32000),
+    "90m": (512, 16, 1408, 32000),
+}
+
+
+def build(root: Path, size: str) -> dict[str, Path]:
+    """Base + 3 tuned checkpoints (cached); tensors written one at a time (bounded memory)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpift_dist.io import ShardWriter, write_manifest
+
+    d = root / size
+    paths = {"base": d / "base", **{t: d / t for t in ("t1", "t2", "t3")}}
+    if all((p / "manifest.json").exists() for p in paths.values()):
+        return paths
+    h, layers, inter, vocab = SIZES[size]
+    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=layers, intermediate_size=inter,
+                      vocab_size=vocab, num_attention_heads=h // 64, num_key_value_heads=h // 64,
+                      tie_word_embeddings=False)
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg).state_dict().items()}
+    for i, (name, path) in enumerate(paths.items()):
+        print(f"building {size}/{name} ...", file=sys.stderr, flush=True)
+        path.mkdir(parents=True, exist_ok=True)
+        w = ShardWriter(path, max_shard_bytes=500 << 20)
+        for j, (n, shape) in enumerate(sorted(shapes.items())):
+            g = torch.Generator().manual_seed(1000 * j)
+            t = torch.randn(shape, generator=g) * 0.02
+            if i:
+                gt = torch.Generator().manual_seed(1000 * j + i)
+                delta = torch.randn(shape, generator=gt) * 1e-3
+                t += delta * (torch.rand(shape, generator=gt) < 0.2)
+            w.add(n, t)
+        digests = w.close()
+        cfg.save_pretrained(path)
+        write_manifest(path, "bench-model", {"size": size}, {}, outputs=digests)
+    return paths
+
+
+def files_of(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+# ---- measurements, each run in a fresh process -------------------------------------------------
+
+def m_raw(paths: list[str]) -> dict:
+    t0 = time.perf_counter()
+    n = 0
+    for p in paths:
+        for f in files_of(Path(p)):
+            with open(f, "rb", buffering=0) as fh:
+                while block := fh.read(16 << 20):
+                    n += len(block)
+    return {"seconds": time.perf_counter() - t0, "bytes": n}
+
+
+def m_naive(base: str, tuned: str, p: float) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    b, t = {}, {}
+    for f in files_of(Path(base)):
+        b.update(load_file(f))
+    for f in files_of(Path(tuned)):
+        t.update(load_file(f))
+    u = torch.cat([(t[n].float() - b[n].float()).abs().reshape(-1) for n in sorted(b)])
+    k = math.floor(p * u.numel())
+    idx = torch.topk(u, k, sorted=False).indices
+    mask = torch.zeros(u.numel(), dtype=torch.bool)
+    mask[idx] = True
+    return {"seconds": time.perf_counter() - t0, "k": k}
+
+
+def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str) -> dict:
+    from cpift_dist.analysis import analyze
+    from cpift_dist.config import AnalysisConfig
+    from cpift_dist.executor import InProcessExecutor, RayExecutor
+    from cpift_dist.ray_utils import init_ray
+
+    tree_peak = [0]
+    if executor == "ray":
+        init_ray(None, num_cpus=2)
+        ex = RayExecutor()
+        stop = threading.Event()
+        threading.Thread(target=_sample_tree, args=(tree_peak, stop), daemon=True).start()
+    else:
+        ex = InProcessExecutor(threads=2)
+    baseline = _tree_rss()
+    t0 = time.perf_counter()
+    res = analyze(base, {Path(t).name: t for t in tuned}, out, AnalysisConfig(p=p),
+                  executor=ex, overwrite=True, progress=False)
+    dt = time.perf_counter() - t0
+    out_d = {"seconds": dt, "k": next(iter(res.stats.values()))["k"]}
+    if executor == "ray":
+        stop.set()
+        out_d["tree_peak_rss"] = tree_peak[0]
+        out_d["tree_rss_before"] = baseline
+    return out_d
+
+
+def _tree_rss() -> int:
+    import psutil
+
+    me = psutil.Process()
+    total = 0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _sample_tree(peak: list, stop: threading.Event) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], _tree_rss())
+        time.sleep(0.05)
+
+
+def child(kind: str, *args) -> dict:
+    """Runs one measurement in a fresh interpreter; returns its result and its peak RSS."""
+    cmd = [sys.executable, __file__, "--measure", kind, json.dumps(args)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{kind} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _measure(kind: str, args: list) -> None:
+    res = {"raw": m_raw, "naive": m_naive, "cpift": m_cpift}[kind](*args)
+    res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="348m,90m")
+    ap.add_argument("--data", type=Path, default=Path(__file__).parent / "_data")
+    ap.add_argument("--p", type=float, default=0.01)
+    ap.add_argument("--measure")
+    ap.add_argument("args", nargs="?")
+    a = ap.parse_args()
+    if a.measure:
+        return _measure(a.measure, json.loads(a.args))
+    gib = 1 << 30
+    rows = []
+    for size in a.sizes.split(","):
+        paths = {k: str(v) for k, v in build(a.data, size).items()}
+        tuned3 = [paths["t1"], paths["t2"], paths["t3"]]
+        out = str(a.data / f"out-{size}")
+        child("raw", [paths["base"], *tuned3])  # warm the page cache
+        raw1 = child("raw", [paths["base"], paths["t1"]])
+        raw3 = child("raw", [paths["base"], *tuned3])
+        naive = child("naive", paths["base"], paths["t1"], a.p)
+        c1 = child("cpift", paths["base"], [paths["t1"]], a.p, "in-process", out)
+        c3 = child("cpift", paths["base"], tuned3, a.p, "in-process", out)
+        r3 = child("cpift", paths["base"], tuned3, a.p, "ray", out)
+        assert naive["k"] == c1["k"]
+        rows.append((size, raw1, raw3, naive, c1, c3, r3))
+        print(f"\n== {size}: {raw1['bytes'] / 2 / 1e9:.2f} GB per checkpoint, p={a.p}, "
+              f"{os.cpu_count()} cores ==")
+        print(f"raw read, base+1 tuned       {raw1['seconds']:7.2f} s")
+        print(f"raw read, base+3 tuned       {raw3['seconds']:7.2f} s")
+        print(f"naive 1 task (load+topk)     {naive['seconds']:7.2f} s  peak RSS "
+              f"{naive['peak_rss'] / gib:5.2f} GiB")
+        print(f"cpift 1 task, in-process     {c1['seconds']:7.2f} s  peak RSS "
+              f"{c1['peak_rss'] / gib:5.2f} GiB   speed-up vs naive {naive['seconds'] / c1['seconds']:5.1f}x"
+              f"   throughput vs raw read {raw1['seconds'] / c1['seconds']:.2f}x")
+        print(f"cpift 3 tasks, in-process    {c3['seconds']:7.2f} s  peak RSS "
+              f"{c3['peak_rss'] / gib:5.2f} GiB   per task vs naive "
+              f"{naive['seconds'] / (c3['seconds'] / 3):5.1f}x   throughput vs raw read "
+              f"{raw3['seconds'] / c3['seconds']:.2f}x")
+        print(f"cpift 3 tasks, local Ray     {r3['seconds']:7.2f} s  driver RSS "
+              f"{r3['peak_rss'] / gib:5.2f} GiB, process tree peak "
+              f"{r3['tree_peak_rss'] / gib:5.2f} GiB (Ray alone {r3['tree_rss_before'] / gib:.2f})"
+              f"   throughput vs raw read {raw3['seconds'] / r3['seconds']:.2f}x")
+    if len(rows) > 1:
+        print("\npeak RSS of the 3-task in-process analysis by model size: " + ", ".join(
+            f"{r[0]}: {r[5]['peak_rss'] / gib:.2f} GiB" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
