@@ -158,8 +158,17 @@ def child(kind: str, *args) -> dict:
 
 def _measure(kind: str, args: list) -> None:
     res = {"raw": m_raw, "naive": m_naive, "cpift": m_cpift}[kind](*args)
-    res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res["peak_rss"] = _vm_hwm()
     print(json.dumps(res))
+
+
+def _vm_hwm() -> int:
+    """Peak RSS of this process's address space (VmHWM). Not ru_maxrss: Linux carries that
+    across fork+exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -168,23 +177,33 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(__file__).parent / "_data")
     ap.add_argument("--p", type=float, default=0.01)
     ap.add_argument("--measure")
+    ap.add_argument("--build")
     ap.add_argument("args", nargs="?")
     a = ap.parse_args()
     if a.measure:
         return _measure(a.measure, json.loads(a.args))
+    if a.build:
+        build(a.data, a.build)
+        return None
     gib = 1 << 30
     rows = []
-    for size in a.sizes.split(","):
+    for size in a.sizes.split(","):  # build in a child: keeps this process (and so it) small
+        subprocess.run([sys.executable, __file__, "--build", size, "--data", str(a.data)],
+                       check=True)
         paths = {k: str(v) for k, v in build(a.data, size).items()}
         tuned3 = [paths["t1"], paths["t2"], paths["t3"]]
         out = str(a.data / f"out-{size}")
-        child("raw", [paths["base"], *tuned3])  # warm the page cache
+        def warm(*ps):  # every measurement reads from page cache, as the raw read does
+            child("raw", list(ps))
+            return paths["base"]
+
+        warm(paths["base"], *tuned3)
         raw1 = child("raw", [paths["base"], paths["t1"]])
         raw3 = child("raw", [paths["base"], *tuned3])
-        naive = child("naive", paths["base"], paths["t1"], a.p)
-        c1 = child("cpift", paths["base"], [paths["t1"]], a.p, "in-process", out)
-        c3 = child("cpift", paths["base"], tuned3, a.p, "in-process", out)
-        r3 = child("cpift", paths["base"], tuned3, a.p, "ray", out)
+        naive = child("naive", warm(paths["base"], paths["t1"]), paths["t1"], a.p)
+        c1 = child("cpift", warm(paths["base"], paths["t1"]), [paths["t1"]], a.p, "in-process", out)
+        c3 = child("cpift", warm(paths["base"], *tuned3), tuned3, a.p, "in-process", out)
+        r3 = child("cpift", warm(paths["base"], *tuned3), tuned3, a.p, "ray", out)
         assert naive["k"] == c1["k"]
         rows.append((size, raw1, raw3, naive, c1, c3, r3))
         print(f"\n== {size}: {raw1['bytes'] / 2 / 1e9:.2f} GB per checkpoint, p={a.p}, "

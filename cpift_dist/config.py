@@ -34,8 +34,10 @@ class AnalysisConfig(_Model):
     """Largest row chunk read at once per tensor (elements); bounds a worker's memory."""
     unit_elements: int = Field(1 << 25, ge=1024)
     """Elements per unit of work (one Ray task holds one chunk per model at a time)."""
+    sample_every: int = Field(64, ge=0)
+    """Sample 1 row in N to predict each threshold (one full pass instead of two); 0 = off."""
     collect_limit: int = Field(1 << 22, ge=0)
-    """Threshold-bin size up to which pass 2 collects candidates (two passes, not three)."""
+    """Most candidate elements a window may hold (larger: radix select with a third pass)."""
     check_finite: bool = True
     """Reject NaN or Inf weights (naming the tensor and file)."""
 

@@ -34,22 +34,48 @@ def assert_masks_equal(out, base, tuned, p):
             assert stats["per_tensor"][name]["selected"] == int(want.sum())
 
 
+PATHS = {  # how the selection is resolved: every path must be exact
+    "sample-window": dict(),
+    "radix": dict(sample_every=0),
+    "radix-3pass": dict(sample_every=0, collect_limit=0),
+}
+
+
+def methods(res):
+    return {g["method"] for s in res.stats.values() for g in s["groups"].values()}
+
+
 @pytest.mark.parametrize("p", [0.01, 0.1, 0.5])
-@pytest.mark.parametrize("collect_limit", [1 << 22, 0], ids=["two-pass", "three-pass"])
-def test_fp32_matches_oracle(models, tmp_path, p, collect_limit):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_fp32_matches_oracle(models, tmp_path, p, path):
     tuned = {"a": models["a"], "b": models["b"]}
-    cfg = AnalysisConfig(p=p, collect_limit=collect_limit, **SMALL)
+    cfg = AnalysisConfig(p=p, **PATHS[path], **SMALL)
     res = analyze(models["base"], tuned, tmp_path / "out", cfg, progress=False)
     assert_masks_equal(tmp_path / "out", models["base"], tuned, p)
-    # p=0.5 puts the threshold inside the mass of exact zeros: a huge tie
     if p == 0.5:
+        # the threshold lies inside the mass of exact zeros: a huge tie
         assert res.stats["a"]["threshold"] == 0.0 and res.stats["a"]["groups"]["all"]["ties"] > 0
+    else:
+        assert methods(res) == {path}
 
 
-@pytest.mark.parametrize("collect_limit", [1 << 22, 0], ids=["two-pass", "three-pass"])
-def test_bf16_matches_oracle(bf16_models, tmp_path, collect_limit):
+def test_mispredicted_window_falls_back_to_radix(models, tmp_path, monkeypatch):
+    import sys
+    mod = sys.modules["cpift_dist.analysis.analyze"]
+    monkeypatch.setattr(mod, "sample_window", lambda sel, h, limit: (0x3F000000, 0x3F800000))
+    tuned = {"a": models["a"]}
+    res = analyze(models["base"], tuned, tmp_path / "out", AnalysisConfig(p=0.02, **SMALL),
+                  progress=False)
+    assert methods(res) == {"radix"}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["passes"] == [
+        "sample", "window", "radix-histogram", "radix-bin"]
+    assert_masks_equal(tmp_path / "out", models["base"], tuned, 0.02)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_bf16_matches_oracle(bf16_models, tmp_path, path):
     tuned = {"a": bf16_models["a"], "b": bf16_models["b"]}
-    cfg = AnalysisConfig(p=0.05, collect_limit=collect_limit, **SMALL)
+    cfg = AnalysisConfig(p=0.05, **PATHS[path], **SMALL)
     analyze(bf16_models["base"], tuned, tmp_path / "out", cfg, progress=False)
     assert Checkpoint(bf16_models["base"]).info("lm_head.weight").dtype == torch.bfloat16
     assert_masks_equal(tmp_path / "out", bf16_models["base"], tuned, 0.05)

@@ -6,7 +6,8 @@ import torch
 
 from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, Selection, find_bin, finite,
                                               high_histogram, low_histogram, magnitude_bits,
-                                              resolve_high, resolve_low, select_in_bin,
+                                              resolve_high, resolve_low, sample_window,
+                                              select_candidates,
                                               update_magnitude)
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,12 +39,13 @@ def test_exact_threshold_matches_sort(seed):
         kth = torch.sort(u, descending=True, stable=True).values[k - 1]
         assert sel.threshold == float(kth)
         assert sel.greater == int((u > kth).sum()) and sel.greater + sel.ties == k
-        # the collect path reaches the same threshold
+        # a one-bin window of candidates reaches the same threshold
         sel2 = Selection(k, u.numel())
         resolve_high(sel2, high_histogram(u).numpy())
         in_bin = (bits >> 16) == sel2.high
-        chosen = select_in_bin(sel2, (bits[in_bin] & 0xFFFF).numpy().astype(np.uint16))
+        chosen = select_candidates(sel2, sel2.above, bits[in_bin].numpy())
         assert sel2.threshold_bits == sel.threshold_bits and chosen.sum() == sel2.need_in_bin
+        assert (sel2.greater, sel2.ties) == (sel.greater, sel.ties)
 
 
 def test_non_finite_values_are_seen_by_the_histogram():
@@ -62,3 +64,24 @@ def test_find_bin_edges():
     with pytest.raises(ValueError):
         find_bin(h, 6)
     assert HIGH_BINS * 2 == LOW_BINS
+
+
+def test_sample_window_holds_the_kth_largest():
+    g = torch.Generator().manual_seed(7)
+    u = torch.randn(200_000, generator=g).abs() * 1e-3
+    bits = magnitude_bits(u)
+    for k in (1, 100, 2000, 100_000):
+        sel = Selection(k, u.numel())
+        sample = u[::64]
+        w = sample_window(sel, high_histogram(sample).numpy(), limit=1 << 30)
+        assert w is not None
+        lo, hi = w
+        above = int((bits >= hi).sum())
+        inside = int(((bits >= lo) & (bits < hi)).sum())
+        assert above < k <= above + inside
+        assert inside < u.numel() // 4  # a window, not everything
+    # a mass of equal values at the threshold makes the window too large to collect
+    z = torch.zeros(10_000)
+    z[:10] = 1.0
+    assert sample_window(Selection(5000, z.numel()), high_histogram(z).numpy(), 1000) is None
+    assert sample_window(Selection(0, z.numel()), high_histogram(z).numpy(), 1000) is None

@@ -1,9 +1,12 @@
 """Delta analysis: exact top-p% core masks per task, streamed shard by shard.
 
-Recipe: plan units -> pass 1 (high-bits histograms) -> find each selection's bin -> pass 2
-(packed masks above the bin + in-bin candidates, or low-bits histograms for huge bins) ->
-resolve the exact threshold and ties -> pass 3 only where needed -> stats and overlap from the
-written masks -> manifest. Output appears whole (atomic rename) or not at all.
+Recipe: plan units -> sample pass (1/s of the rows: predict a window of magnitudes around each
+k-th largest) -> window pass (packed masks above the window + the window's candidates; counts
+check that the window holds the k-th largest) -> exact radix select for any selection the
+window missed (high-bits histograms, then a one-bin window or, for a huge bin, low-bits
+histograms and a mask pass) -> stats and overlap from the written masks -> manifest. Every path
+is exact; the sample only decides how many passes it takes. Output appears whole (atomic
+rename) or not at all.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from cpift_dist.analysis.masks import MaskWriter
 from cpift_dist.analysis.overlap import mask_counts
 from cpift_dist.analysis.plan import Unit, plan_units
 from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, Selection, add_sparse,
-                                              resolve_high, resolve_low, select_in_bin)
-from cpift_dist.analysis.scan import ScanContext, scan_bin, scan_high, scan_mask
+                                              resolve_high, resolve_low, sample_window,
+                                              select_candidates)
+from cpift_dist.analysis.scan import (ScanContext, scan_high, scan_mask, scan_sample,
+                                      scan_window)
 from cpift_dist.analysis.stats import task_stats
 from cpift_dist.config import TASK_NAME, AnalysisConfig
 from cpift_dist.errors import CpiftError
@@ -79,43 +84,66 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
     bar = _bars(progress, len(units))
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        # Pass 1: high-bits histograms -> each selection's threshold bin.
-        high = {key: np.zeros(HIGH_BINS, np.int64) for key in sels}
-        for _, res in bar(executor.map(scan_high, ctx, [(u,) for u in units]), "pass 1/3 histogram"):
-            for key, sparse in res.items():
-                add_sparse(high[key], sparse)
-        for key, sel in sels.items():
-            resolve_high(sel, high[key])
-        del high
-        mode = {key: ("collect" if sel.in_bin <= cfg.collect_limit else "histogram", sel.high)
-                for key, sel in sels.items() if sel.k > 0}
-
-        # Pass 2: masks above the bin and in-bin candidates (or low-bits histograms).
         (tmp / "masks").mkdir()
         shapes = {p.name: p.shape for p in params}
         writers = {t: MaskWriter(tmp / "masks" / f"{t}.safetensors", shapes) for t in tuned}
-        items: dict = defaultdict(dict)
-        unit_low: dict = defaultdict(dict)
-        for i, res in bar(executor.map(scan_bin, ctx, [(u, mode) for u in units]),
-                          "pass 2/3 threshold bin"):
-            _write_packed(writers, units[i], res.packed)
-            for key, lst in res.items.items():
-                items[key][i] = lst
-            for key, sparse in res.low_hist.items():
-                unit_low[key][i] = sparse
-        for key, per_unit in items.items():
-            _select_collected(sels[key], per_unit, units, writers[key[0]])
-        del items
+        active = {key for key, sel in sels.items() if sel.k > 0}
+        passes: list[str] = []
 
-        # Pass 3 (only for selections whose bin was too large to collect).
-        hist_keys = [k for k, (m, _) in mode.items() if m == "histogram"]
-        if hist_keys:
-            plans = _tie_quotas(sels, hist_keys, unit_low, len(units))
-            todo = [i for i in range(len(units)) if plans[i]]
-            for j, res in bar(executor.map(scan_mask, ctx, [(units[i], plans[i]) for i in todo]),
-                              "pass 3/3 masks", total=len(todo)):
-                _write_packed(writers, units[todo[j]], res)
-        del unit_low
+        # Sample pass: a 1/s row sample predicts a window around each k-th largest magnitude.
+        plan = {}
+        if cfg.sample_every > 1 and active:
+            hist = {key: np.zeros(HIGH_BINS, np.int64) for key in active}
+            for _, res in bar(executor.map(scan_sample, ctx,
+                                           [(u, cfg.sample_every) for u in units]), "sample"):
+                for key, sparse in res.items():
+                    add_sparse(hist[key], sparse)
+            for key in active:
+                w = sample_window(sels[key], hist[key], cfg.collect_limit)
+                if w is not None:
+                    plan[key] = ("window", *w)
+            passes.append("sample")
+        # Window pass: one full pass resolves every selection whose window was right.
+        done: set = set()
+        if plan:
+            done, _ = _window_pass(plan, units, ctx, executor, writers, sels, bar, "window")
+            for key in done:
+                sels[key].method = "sample-window"
+            passes.append("window")
+
+        # Radix select for the rest (no sample, a window that missed, a mass of ties).
+        rest = active - done
+        if rest:
+            high = {key: np.zeros(HIGH_BINS, np.int64) for key in rest}
+            for _, res in bar(executor.map(scan_high, ctx, [(u, frozenset(rest)) for u in units]),
+                              "radix histogram"):
+                for key, sparse in res.items():
+                    add_sparse(high[key], sparse)
+            plan = {}
+            for key in rest:
+                sel = sels[key]
+                resolve_high(sel, high[key])
+                plan[key] = (("window", sel.high << 16, (sel.high + 1) << 16)
+                             if sel.in_bin <= cfg.collect_limit else ("histogram", sel.high))
+            del high
+            ok, unit_low = _window_pass(plan, units, ctx, executor, writers, sels, bar,
+                                        "radix bin")
+            passes += ["radix-histogram", "radix-bin"]
+            hist_keys = [k for k, v in plan.items() if v[0] == "histogram"]
+            assert ok == set(plan) - set(hist_keys), "a one-bin window must hold the k-th"
+            for key in ok:
+                sels[key].method = "radix"
+            if hist_keys:  # the bin was too large to collect: a third pass
+                plans = _tie_quotas(sels, hist_keys, unit_low, len(units))
+                todo = [i for i in range(len(units)) if plans[i]]
+                for j, res in bar(executor.map(scan_mask, ctx,
+                                               [(units[i], plans[i]) for i in todo]),
+                                  "radix masks", total=len(todo)):
+                    _write_packed(writers, units[todo[j]], res)
+                for key in hist_keys:
+                    sels[key].method = "radix-3pass"
+                passes.append("radix-mask")
+            del unit_low
 
         digests = {"base": checkpoint_digest(base)}
         digests.update({f"tuned/{t}": checkpoint_digest(p) for t, p in tuned.items()})
@@ -135,7 +163,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
         (tmp / "overlap.json").write_text(json.dumps(overlap, indent=2) + "\n")
         write_manifest(tmp, "analyze", cfg.model_dump(mode="json"), digests,
                        extra={"tasks": list(tuned), "executor": executor.name,
-                              "units": len(units), "passes": 3 if hist_keys else 2})
+                              "units": len(units), "passes": passes})
     return AnalysisResult(out, stats, overlap)
 
 
@@ -161,17 +189,44 @@ def _write_packed(writers: dict[str, MaskWriter], unit: Unit, packed: dict) -> N
         writers[t].write(c.name, c.flat_start // 8, data)
 
 
-def _select_collected(sel: Selection, per_unit: dict[int, list], units: list[Unit],
-                      writer: MaskWriter) -> None:
-    """Resolves a collected selection: picks in-bin winners in canonical order, sets their bits."""
-    segments = [(i, ci, idx, low) for i in sorted(per_unit) for ci, idx, low in per_unit[i]]
-    low = np.concatenate([s[3] for s in segments]) if segments else np.zeros(0, np.uint16)
-    chosen = select_in_bin(sel, low)
+def _window_pass(plan: dict, units: list[Unit], ctx, executor, writers, sels, bar, desc):
+    """Runs :func:`scan_window` over all units; resolves the selections whose window held the
+    k-th largest element (checked by counts), and returns them with the low histograms."""
+    items: dict = defaultdict(dict)
+    above: dict = defaultdict(int)
+    unit_low: dict = defaultdict(dict)
+    for i, res in bar(executor.map(scan_window, ctx, [(u, plan) for u in units]), desc):
+        _write_packed(writers, units[i], res.packed)
+        for key, n in res.above.items():
+            above[key] += n
+        for key, lst in res.items.items():
+            items[key][i] = lst
+        for key, sparse in res.low_hist.items():
+            unit_low[key][i] = sparse
+    resolved = set()
+    for key, (mode, *_) in plan.items():
+        if mode != "window":
+            continue
+        segments = [(i, ci, idx, bits) for i in sorted(items[key])
+                    for ci, idx, bits in items[key][i]]
+        inside = sum(len(s[2]) for s in segments)
+        if not above[key] < sels[key].k <= above[key] + inside:
+            continue  # the predicted window missed the k-th largest: left to radix select
+        _select_window(sels[key], above[key], segments, units, writers[key[0]])
+        resolved.add(key)
+    return resolved, unit_low
+
+
+def _select_window(sel: Selection, above: int, segments: list, units: list[Unit],
+                   writer: MaskWriter) -> None:
+    """Picks the window's winners in canonical order and sets their bits."""
+    bits = np.concatenate([s[3] for s in segments]) if segments else np.zeros(0, np.int32)
+    chosen = select_candidates(sel, above, bits)
     pos = 0
     by_tensor: dict[str, list[np.ndarray]] = defaultdict(list)
-    for i, ci, idx, seg_low in segments:
-        take = chosen[pos:pos + len(seg_low)]
-        pos += len(seg_low)
+    for i, ci, idx, seg in segments:
+        take = chosen[pos:pos + len(seg)]
+        pos += len(seg)
         if take.any():
             c = units[i].chunks[ci]
             by_tensor[c.name].append(idx[take] + c.flat_start)

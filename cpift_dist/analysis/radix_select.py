@@ -10,6 +10,7 @@ tensor (or one histogram), never a whole model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,7 @@ class Selection:
         threshold_bits: full threshold bit pattern once resolved (-1 before, or when k == 0).
         greater: elements strictly above the threshold (all selected), once resolved.
         ties: elements equal to the threshold that are selected (the first ones in order).
+        method: how it was resolved: ``sample-window``, ``radix`` or ``radix-3pass``.
     """
 
     k: int
@@ -87,6 +89,7 @@ class Selection:
     threshold_bits: int = -1
     greater: int = 0
     ties: int = 0
+    method: str = ""
 
     @property
     def need_in_bin(self) -> int:
@@ -134,23 +137,63 @@ def resolve_low(sel: Selection, low_hist: np.ndarray) -> None:
     sel.ties = sel.k - sel.greater
 
 
-def select_in_bin(sel: Selection, low: np.ndarray) -> np.ndarray:
-    """Which in-bin elements are selected, given all their low bits in global order.
+def select_candidates(sel: Selection, above: int, bits: np.ndarray) -> np.ndarray:
+    """Resolves a selection from a window of candidates, given in canonical order.
 
-    The ``need_in_bin`` largest win; among equal values the first in order wins (a stable
-    descending sort). Also resolves the exact threshold in ``sel``.
+    Every element above the window is selected (``above`` of them); the ``k - above`` largest
+    candidates are too, the first in order winning among equal values (a stable descending
+    sort). Sets the exact threshold, ``greater`` and ``ties`` in ``sel``.
+
+    Args:
+        above: elements above the window.
+        bits: int32 magnitude bits of the window's elements, in canonical order.
 
     Returns:
-        A boolean array aligned with ``low``.
+        A boolean array aligned with ``bits``.
     """
-    need = sel.need_in_bin
-    out = np.zeros(len(low), dtype=bool)
-    if sel.k == 0 or need == 0:
-        return out
-    order = np.argsort(-low.astype(np.int32), kind="stable")[:need]
-    out[order] = True
-    t_low = int(low[order[-1]])
-    sel.threshold_bits = (sel.high << 16) | t_low
-    sel.greater = sel.above + int((low > t_low).sum())
-    sel.ties = sel.k - sel.greater
+    need = sel.k - above
+    if not 0 < need <= len(bits):
+        raise ValueError(f"window does not hold the k-th largest: k={sel.k}, above={above}, "
+                         f"window={len(bits)}")
+    thr = int(np.partition(bits, len(bits) - need)[len(bits) - need])  # need-th largest
+    out = bits > thr
+    ties = need - int(out.sum())
+    out[np.flatnonzero(bits == thr)[:ties]] = True  # the first equal ones win
+    sel.threshold_bits = thr
+    sel.greater = sel.k - ties
+    sel.ties = ties
     return out
+
+
+def sample_window(sel: Selection, sample_hist: np.ndarray, limit: int) -> tuple[int, int] | None:
+    """A window of magnitude bits [lo, hi) that very likely holds the k-th largest element.
+
+    From a high-bits histogram of a sample (a 1/s share of the elements), the window spans the
+    bins between the sample's quantiles at k(1 +- margin); the margin is 10% plus five standard
+    deviations of the sampled count. Whether it really holds the k-th largest is checked
+    exactly afterwards (see :func:`select_candidates`); this only predicts.
+
+    Returns:
+        (lo, hi) bit bounds, or None when k == 0 or the window would hold more than ``limit``
+        elements (estimated), e.g. when the threshold falls inside a mass of equal values.
+    """
+    n = int(sample_hist.sum())
+    if sel.k == 0 or n == 0:
+        return None
+    scale = sel.numel / n
+    m = sel.k / scale  # expected count above the threshold in the sample
+    margin = 0.1 * m + 5 * math.sqrt(m) + 2
+    from_top = np.cumsum(sample_hist[::-1])[::-1]  # from_top[b] = sampled count in bins >= b
+    nb = len(sample_hist)
+    # hi: the lowest bin edge with at most m - margin sampled elements at or above it
+    ok_hi = np.flatnonzero(from_top <= m - margin)
+    hi_bin = int(ok_hi[0]) if len(ok_hi) else NONFINITE_BIN
+    # lo: the highest bin edge with at least m + margin sampled elements at or above it
+    ok_lo = np.flatnonzero(from_top >= m + margin)
+    lo_bin = int(ok_lo[-1]) if len(ok_lo) else 0
+    lo_bin = min(lo_bin, hi_bin)
+    inside = (from_top[lo_bin] - (from_top[hi_bin] if hi_bin < nb else 0)) * scale
+    hi_bin = min(hi_bin, NONFINITE_BIN)  # every finite magnitude lies below +Inf's bits
+    if inside > limit:
+        return None
+    return lo_bin << 16, hi_bin << 16

@@ -39,7 +39,7 @@ def task_stats(task: str, cfg: AnalysisConfig, sels: dict, params: list[TensorIn
         "selected": int(selected.sum()),
         "threshold": mine["all"].threshold if "all" in mine else None,
         "groups": {g: {"numel": s.numel, "k": s.k, "threshold": s.threshold,
-                       "greater": s.greater, "ties": s.ties} for g, s in sorted(mine.items())},
+                       "greater": s.greater, "ties": s.ties, "method": s.method} for g, s in sorted(mine.items())},
         "per_module": share(per_module),
         "per_layer": share(per_layer),
         "per_tensor": per_tensor,
