@@ -2,6 +2,10 @@
 
     cpift analyze --base DIR --tuned NAME=DIR [--tuned NAME=DIR ...] --p 0.01 --out OUT
     cpift analyze --config configs/analyze-example.yaml [analysis.p=0.02 ...]
+    cpift group --analysis OUT --tau 0.1 [--order random|core-size|task-order] [--seed S] --out groups.json
+    cpift fuse --base DIR --tuned NAME=DIR ... --masks OUT/masks --out DIR [--omega uniform|FLOAT]
+               [--space weights|task-vectors] [--overlap max-magnitude|task-order]
+               [--granularity tensor|row] [--device auto|cpu|cuda]
     cpift demo [--runs-dir runs]
 
 Every error on bad input is one line naming the culprit; the exit status is 2 and no partial
@@ -26,13 +30,36 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--base", type=Path, help="base checkpoint directory")
     a.add_argument("--tuned", action="append", default=[], metavar="NAME=DIR",
                    help="a task's fine-tuned checkpoint (repeat per task, in task order)")
-    a.add_argument("--p", type=float, help="share of parameters in each core region (0.01)")
-    a.add_argument("--selection", choices=["global", "per-tensor", "per-layer"],
+    a.add_argument("--p", dest="analysis_p", type=float,
+                   help="share of parameters in each core region (0.01)")
+    a.add_argument("--selection", dest="analysis_selection",
+                   choices=["global", "per-tensor", "per-layer"],
                    help="top-k over the whole model (default), per tensor or per layer")
     a.add_argument("--out", type=Path, help="output directory (default <runs>/<name>/analysis)")
     _add_exec_args(a)
     a.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. analysis.chunk_elements=1048576")
+
+    g = sub.add_parser("group", help="group tasks into SFT stages by core-region overlap")
+    g.add_argument("--analysis", type=Path, required=True, help="a cpift analyze output directory")
+    g.add_argument("--tau", type=float, default=0.1, help="link tasks with Jaccard >= tau (0.1)")
+    g.add_argument("--order", default="random", help="random | core-size | task-order")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random order")
+    g.add_argument("--out", type=Path, help="groups.json path (default beside the analysis)")
+
+    f = sub.add_parser("fuse", help="fuse one backbone: core transplant + SLERP of the rest")
+    f.add_argument("--config", type=Path, help="run config YAML (base, tasks, fusion, ray)")
+    f.add_argument("--base", type=Path, help="base checkpoint directory")
+    f.add_argument("--tuned", action="append", default=[], metavar="NAME=DIR",
+                   help="a task's fine-tuned checkpoint (repeat, in task order)")
+    f.add_argument("--masks", type=Path, required=True, help="directory of <task>.safetensors masks")
+    f.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    for flag, field in (("--omega", "omega"), ("--space", "space"), ("--overlap", "overlap"),
+                        ("--granularity", "granularity"), ("--device", "device"),
+                        ("--backend", "backend"), ("--max-shard-size", "max_shard_bytes")):
+        f.add_argument(flag, dest=f"fusion_{field}", help=f"fusion.{field}")
+    _add_exec_args(f)
+    f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     d = sub.add_parser("demo", help="the embedded default: bundled example analysed on local Ray")
     d.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where runs/demo goes")
@@ -48,8 +75,9 @@ def _add_exec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _analyze_config(args) -> tuple:
-    from cpift_dist.config import apply_overrides, read_yaml, validate, RunConfig
+def _run_config(args, section: str):
+    """The run config from --config, the common flags and ``fusion_*``-style section flags."""
+    from cpift_dist.config import RunConfig, apply_overrides, read_yaml, validate
 
     source = str(args.config) if args.config else "command line"
     data = read_yaml(args.config) if args.config else {}
@@ -63,17 +91,16 @@ def _analyze_config(args) -> tuple:
                 raise CpiftError(f"--tuned {item!r}: expected NAME=DIR")
             tasks.append({"name": name, "tuned": path})
         data["tasks"] = tasks
-    for key, val in (("p", args.p), ("selection", args.selection)):
-        if val is not None:
-            data.setdefault("analysis", {})[key] = val
+    for key, val in vars(args).items():
+        if key.startswith(f"{section}_") and val is not None:
+            data.setdefault(section, {})[key[len(section) + 1:]] = val
     _exec_overrides(data, args)
     apply_overrides(data, args.overrides, source)
     cfg = validate(RunConfig, data, source)
     missing = [t.name for t in cfg.tasks if t.tuned is None]
     if missing:
         raise CpiftError(f"{source}: task {missing[0]!r} has no tuned checkpoint")
-    out = args.out or cfg.run_dir / "analysis"
-    return cfg, out
+    return cfg
 
 
 def _exec_overrides(data: dict, args) -> None:
@@ -86,7 +113,7 @@ def _exec_overrides(data: dict, args) -> None:
         ray["enabled"] = False
 
 
-def make_executor(ray_cfg):
+def make_executor(ray_cfg, num_gpus: float = 0):
     """The executor a run config asks for (starting or joining Ray when enabled)."""
     import os
 
@@ -96,7 +123,7 @@ def make_executor(ray_cfg):
     if not ray_cfg.enabled:
         return InProcessExecutor(threads=ray_cfg.num_cpus or os.cpu_count() or 1)
     init_ray(ray_cfg.address or os.environ.get("RAY_ADDRESS"), ray_cfg.num_cpus)
-    return RayExecutor()
+    return RayExecutor(num_gpus=num_gpus)
 
 
 def cmd_analyze(args) -> int:
@@ -105,13 +132,49 @@ def cmd_analyze(args) -> int:
     from cpift_dist.analysis import analyze
     from cpift_dist.analysis.stats import summary_table
 
-    cfg, out = _analyze_config(args)
+    cfg = _run_config(args, "analysis")
+    out = args.out or cfg.run_dir / "analysis"
     executor = make_executor(cfg.ray)
     res = analyze(cfg.base, {t.name: t.tuned for t in cfg.tasks}, out, cfg.analysis,
                   executor=executor, overwrite=args.overwrite, progress=not args.quiet)
     console = Console()
     console.print(summary_table(res.stats, res.overlap))
     console.print(f"wrote {out}/masks/*.safetensors, stats.json, overlap.json, manifest.json")
+    return 0
+
+
+def cmd_group(args) -> int:
+    from rich.console import Console
+
+    from cpift_dist.config import GroupingConfig, validate
+    from cpift_dist.grouping import group
+
+    cfg = validate(GroupingConfig, {"tau": args.tau, "order": args.order, "seed": args.seed},
+                   "command line")
+    out = args.out or args.analysis.parent / "groups.json"
+    res = group(args.analysis, cfg, out)
+    console = Console()
+    for st in res["stages"]:
+        console.print(f"stage {st['stage']}: {', '.join(st['tasks'])} "
+                      f"(core union {st['core_union']:,})")
+    console.print(f"wrote {out}, {out.with_suffix('.jaccard.png').name}, "
+                  f"{out.with_suffix('.core-location.png').name}")
+    return 0
+
+
+def cmd_fuse(args) -> int:
+    from rich.console import Console
+
+    from cpift_dist.fusion import fuse
+
+    cfg = _run_config(args, "fusion")
+    executor = make_executor(cfg.ray, num_gpus=1 if cfg.fusion.device == "cuda" else 0)
+    man = fuse(cfg.base, {t.name: t.tuned for t in cfg.tasks}, args.masks, args.out, cfg.fusion,
+               executor=executor, overwrite=args.overwrite, progress=not args.quiet)
+    Console().print(
+        f"fused {len(man['tasks'])} tasks ({man['backend']} on {man['device']}): "
+        f"{man['core_elements']:,} core elements transplanted, {man['overlap_elements']:,} in "
+        f"several cores (resolved by {cfg.fusion.overlap}); wrote {args.out}")
     return 0
 
 
@@ -143,7 +206,8 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"analyze": cmd_analyze, "demo": cmd_demo}[args.command](args)
+        return {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
+                "demo": cmd_demo}[args.command](args)
     except CpiftError as e:
         print(f"cpift: error: {e}", file=sys.stderr)
         return 2

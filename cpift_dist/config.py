@@ -8,7 +8,7 @@ one-line :class:`~cpift_dist.errors.ConfigError` that names the file and the fie
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -40,6 +40,38 @@ class AnalysisConfig(_Model):
     """Most candidate elements a window may hold (larger: radix select with a third pass)."""
     check_finite: bool = True
     """Reject NaN or Inf weights (naming the tensor and file)."""
+
+
+class GroupingConfig(_Model):
+    """Grouping tasks into SFT stages by core-region overlap."""
+
+    tau: float = Field(0.1, ge=0, le=1)
+    """Link two tasks when the Jaccard index of their core regions is >= tau (paper: 0.1)."""
+    order: Literal["random", "core-size", "task-order"] = "random"
+    """Stage order: seeded random (the paper's), larger core union first, or task order."""
+    seed: int = 0
+    """Seed of the random stage order."""
+
+
+class FusionConfig(_Model):
+    """Fusing one backbone from the task models."""
+
+    omega: Literal["uniform"] | Annotated[float, Field(gt=0, le=1)] = "uniform"
+    """SLERP weight of each next task: 'uniform' (1/i, equal shares) or a fixed float."""
+    space: Literal["weights", "task-vectors"] = "task-vectors"
+    """Interpolate the weights theta_i, or the task vectors theta_i - theta0."""
+    overlap: Literal["max-magnitude", "task-order"] = "max-magnitude"
+    """Who wins an element in several cores: the larger |theta_i - theta0|, or the first task."""
+    granularity: Literal["tensor", "row"] = "tensor"
+    """One SLERP angle per tensor (as mergekit-yaml) or per row of dim 0."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to compute: auto picks CUDA when present."""
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    """Kernels: auto = Triton on CUDA, torch on CPU (triton on CPU needs TRITON_INTERPRET=1)."""
+    max_shard_bytes: int = Field(2 << 30, ge=1024)
+    """Largest output safetensors shard (bytes)."""
+    chunk_elements: int = Field(1 << 22, ge=1024)
+    """Largest row chunk of a tensor processed at once; bounds memory."""
 
 
 class TaskConfig(_Model):
@@ -75,6 +107,10 @@ class RunConfig(_Model):
     """The tasks, in task order (order breaks overlap ties and folds SLERP)."""
     analysis: AnalysisConfig = AnalysisConfig()
     """Delta analysis settings."""
+    grouping: GroupingConfig = GroupingConfig()
+    """Grouping settings."""
+    fusion: FusionConfig = FusionConfig()
+    """Fusion settings."""
     ray: RayConfig = RayConfig()
     """Ray settings."""
 
@@ -93,14 +129,25 @@ class RunConfig(_Model):
         return self.runs_dir / self.name
 
 
+def _field(loc: tuple) -> str:
+    """A dotted field path without pydantic's union-member tags (``literal['x']``, ``float``)."""
+    parts = [str(x) for x in loc]
+    while parts and ("[" in parts[-1] or parts[-1] in _TAGS):
+        parts.pop()
+    return ".".join(parts) or "<root>"
+
+
+_TAGS = {"float", "int", "str", "bool", "constrained-float", "constrained-int", "function-after"}
+
+
 def _format_error(e: ValidationError, source: str) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "<root>"
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{source}: field '{loc}': {msg}{more}"
+    errors = e.errors()
+    loc = _field(errors[0]["loc"])
+    same = [err for err in errors if _field(err["loc"]) == loc]
+    msgs = ["unknown key" if err["type"] == "extra_forbidden" else err["msg"] for err in same]
+    more = len(errors) - len(same)
+    tail = f" (and {more} more)" if more else ""
+    return f"{source}: field '{loc}': {' or '.join(dict.fromkeys(msgs))}{tail}"
 
 
 def validate(model: type[BaseModel], data: Any, source: str) -> Any:

@@ -58,16 +58,17 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, max_in_flight: int | None = None, max_retries: int = 3,
-                 num_cpus: float = 1):
+                 num_cpus: float = 1, num_gpus: float = 0):
         self.max_in_flight = max_in_flight
         self.max_retries = max_retries
         self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
 
     def map(self, fn: Callable, shared: Any, items: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
         import ray
 
-        remote = ray.remote(num_cpus=self.num_cpus, max_retries=self.max_retries,
-                            retry_exceptions=False)(fn)
+        remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                            max_retries=self.max_retries, retry_exceptions=False)(fn)
         limit = self.max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
         shared_ref = ray.put(shared)
         todo = iter(enumerate(items))

@@ -9,6 +9,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="cpift-t-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(2)
 
 from helpers import make_llama, perturb  # noqa: E402

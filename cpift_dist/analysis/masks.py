@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,8 @@ import torch
 from safetensors import safe_open
 
 from cpift_dist.errors import MaskError
+from cpift_dist.io.checkpoint import read_header
+from cpift_dist.io.safetensors_stream import build_header
 
 MASK_FORMAT = "cpift-core-mask/1"
 
@@ -94,15 +95,10 @@ class MaskWriter:
         meta["tensors"] = json.dumps(
             {n: {"numel": math.prod(s), "shape": list(s)} for n, s in self.shapes.items()},
             separators=(",", ":"))
-        header: dict = {"__metadata__": meta}
-        for name, shape in self.shapes.items():
-            o = self.offsets[name]
-            header[name] = {"dtype": "U8", "shape": [packed_len(math.prod(shape))],
-                            "data_offsets": [o, o + packed_len(math.prod(shape))]}
-        hb = json.dumps(header, separators=(",", ":")).encode()
-        hb += b" " * (-len(hb) % 8)
+        header, _ = build_header({n: (torch.uint8, (packed_len(math.prod(s)),))
+                                  for n, s in self.shapes.items()}, meta)
         with open(self.path, "wb") as out:
-            out.write(struct.pack("<Q", len(hb)) + hb)
+            out.write(header)
             pos = 0
             while pos < self._size:
                 block = os.pread(self._fd, min(1 << 24, self._size - pos), pos)
@@ -122,6 +118,7 @@ class MaskFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._fd = -1
         if not self.path.is_file():
             raise MaskError(f"{self.path}: mask file does not exist")
         try:
@@ -148,14 +145,29 @@ class MaskFile:
                 raise MaskError(f"{self.path}: tensor {n!r} is not {packed_len(self.numel[n])} "
                                 f"packed bytes")
         self.task = self.metadata.get("task", self.path.stem)
+        self._offsets = {n: off for n, (_, _, off) in read_header(self.path).items()}
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        self.close()
 
     def names(self) -> list[str]:
         return sorted(self.numel)
 
     def read_packed(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Packed bytes ``start:stop`` of parameter ``name``."""
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_slice(name)[start:stop].numpy()
+        """Packed bytes ``start:stop`` of parameter ``name`` (pread: no memory map)."""
+        total = packed_len(self.numel[name])
+        stop = total if stop is None else min(stop, total)
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self._fd, stop - start, self._offsets[name] + start)
+        if len(data) != stop - start:
+            raise MaskError(f"{self.path}: truncated while reading {name!r}")
+        return np.frombuffer(data, dtype=np.uint8)
 
     def read(self, name: str) -> torch.Tensor:
         """The boolean core mask of parameter ``name``, in its shape."""

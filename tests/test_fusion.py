@@ -1,0 +1,227 @@
+"""cpift fuse and cpift group end to end on tiny real checkpoints."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cpift_dist.analysis import MaskFile, analyze
+from cpift_dist.cli import main
+from cpift_dist.config import AnalysisConfig, FusionConfig, GroupingConfig
+from cpift_dist.executor import InProcessExecutor, RayExecutor
+from cpift_dist.fusion import fold_weights, fuse, slerp_reference
+from cpift_dist.grouping import connected_groups, group
+from cpift_dist.io import Checkpoint, sha256_file
+from cpift_dist.io.safetensors_stream import SequentialWriter
+from helpers import perturb
+
+pytestmark = pytest.mark.timeout(300)
+FAST = dict(max_shard_bytes=30_000, chunk_elements=1024)
+
+
+@pytest.fixture(scope="module")
+def three(models, tmp_path_factory):
+    """Base, three tuned models (c overlaps a a lot) and their analysis (p = 5%)."""
+    d = tmp_path_factory.mktemp("three")
+    tuned = {"a": models["a"], "b": models["b"],
+             "c": perturb(models["base"], d / "c", seed=1, density=0.25, quantum=None)}
+    analyze(models["base"], tuned, d / "analysis", AnalysisConfig(p=0.05), progress=False)
+    return {"base": models["base"], "tuned": tuned, "masks": d / "analysis" / "masks",
+            "analysis": d / "analysis"}
+
+
+def expected(three, space, overlap, omega="uniform"):
+    """Per tensor, in float64: the fold on non-core elements and the winners on core ones."""
+    base = Checkpoint(three["base"])
+    tasks = list(three["tuned"])
+    tuned = [Checkpoint(three["tuned"][t]) for t in tasks]
+    masks = [MaskFile(three["masks"] / f"{t}.safetensors") for t in tasks]
+    t = fold_weights(len(tasks), omega)
+    out = {}
+    for name in base.names():
+        b = base.read(name).double().reshape(-1)
+        xs = [c.read(name).double().reshape(-1) for c in tuned]
+        m = torch.stack([mf.read(name).reshape(-1) for mf in masks])
+        core = m.any(0)
+        vs = [x - b if space == "task-vectors" else x for x in xs]
+        res = torch.empty_like(b)
+        res[~core] = slerp_reference([v[~core] for v in vs], t) + (
+            b[~core] if space == "task-vectors" else 0)
+        mags = torch.stack([(x.float() - b.float()).abs() for x in xs]).double()
+        score = torch.where(m, mags, -1.0) if overlap == "max-magnitude" else m.double()
+        win = score.argmax(0)
+        res[core] = torch.stack(xs)[win, torch.arange(b.numel())][core]
+        out[name] = (res, core, m.sum(0) >= 2)
+    return out
+
+
+@pytest.mark.parametrize("space", ["task-vectors", "weights"])
+@pytest.mark.parametrize("overlap", ["max-magnitude", "task-order"])
+def test_fused_backbone_matches_definition_and_loads(three, tmp_path, space, overlap):
+    cfg = FusionConfig(space=space, overlap=overlap, **FAST)
+    man = fuse(three["base"], three["tuned"], three["masks"], tmp_path / "fused", cfg,
+               progress=False)
+    out = Checkpoint(tmp_path / "fused")
+    assert len(out.files) > 1 and (tmp_path / "fused" / "model.safetensors.index.json").exists()
+    want = expected(three, space, overlap)
+    n_core = n_overlap = 0
+    for name, (ref, core, multi) in want.items():
+        got = out.read(name).double().reshape(-1)
+        assert torch.equal(got[core], ref[core]), name  # transplanted bit for bit
+        assert torch.allclose(got[~core], ref[~core], rtol=1e-5, atol=1e-6), name
+        n_core += int(core.sum())
+        n_overlap += int(multi.sum())
+    assert man["core_elements"] == n_core and man["overlap_elements"] == n_overlap > 0
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
+    ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert ids.shape == (1, 7)
+    assert (tmp_path / "fused" / "config.json").exists()
+
+
+def test_row_granularity_and_fixed_omega(three, tmp_path):
+    cfg = FusionConfig(granularity="row", omega=0.3, space="weights", **FAST)
+    fuse(three["base"], three["tuned"], three["masks"], tmp_path / "f", cfg, progress=False)
+    out = Checkpoint(tmp_path / "f")
+    base = Checkpoint(three["base"])
+    tasks = list(three["tuned"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    m = torch.stack([MaskFile(three["masks"] / f"{t}.safetensors").read(name) for t in tasks])
+    xs = [Checkpoint(three["tuned"][t]).read(name).double() for t in tasks]
+    got = out.read(name).double()
+    for r in range(base.info(name).shape[0]):
+        nc = ~m[:, r].any(0)
+        ref = slerp_reference([x[r][nc] for x in xs], [0.3, 0.3])
+        assert torch.allclose(got[r][nc], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_backend_ray_and_threads_agree(three, tmp_path, ray_local):
+    cfg = FusionConfig(**FAST)
+    fuse(three["base"], three["tuned"], three["masks"], tmp_path / "seq", cfg,
+         InProcessExecutor(1), progress=False)
+    fuse(three["base"], three["tuned"], three["masks"], tmp_path / "thr", cfg,
+         InProcessExecutor(3), progress=False)
+    fuse(three["base"], three["tuned"], three["masks"], tmp_path / "ray", cfg, RayExecutor(),
+         progress=False)
+    for f in sorted(p.name for p in (tmp_path / "seq").glob("*.safetensors")):
+        assert sha256_file(tmp_path / "seq" / f) == sha256_file(tmp_path / "thr" / f) \
+            == sha256_file(tmp_path / "ray" / f)
+    pytest.importorskip("triton")
+    man = fuse(three["base"], three["tuned"], three["masks"], tmp_path / "tri",
+               FusionConfig(backend="triton", **FAST), progress=False)
+    assert man["backend"] == "triton"
+    a, b = Checkpoint(tmp_path / "seq"), Checkpoint(tmp_path / "tri")
+    for n in a.names():
+        assert torch.allclose(a.read(n), b.read(n), rtol=1e-6, atol=1e-7), n
+
+
+@pytest.mark.slow
+def test_equals_mergekit_yaml_slerp(models, tmp_path):
+    """Empty masks, two models, omega 0.5, weight space: mergekit-yaml's SLERP."""
+    if not shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent)):
+        pytest.skip("mergekit is not installed")
+    tuned = {"a": models["a"], "b": models["b"]}
+    analyze(models["base"], tuned, tmp_path / "an", AnalysisConfig(p=1e-9), progress=False)
+    fuse(models["base"], tuned, tmp_path / "an" / "masks", tmp_path / "ours",
+         FusionConfig(omega=0.5, space="weights", **FAST), progress=False)
+    (tmp_path / "mk.yml").write_text(
+        f"merge_method: slerp\nbase_model: {models['a']}\nmodels:\n  - model: {models['a']}\n"
+        f"  - model: {models['b']}\nparameters:\n  t: 0.5\ndtype: float32\n")
+    r = subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"),
+                        str(tmp_path / "mk.yml"), str(tmp_path / "mk"), "--no-copy-tokenizer",
+                        "--quiet", "--no-write-model-card"], capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours, theirs = Checkpoint(tmp_path / "ours"), Checkpoint(tmp_path / "mk")
+    assert set(ours.names()) == set(theirs.names())
+    for n in ours.names():
+        assert torch.allclose(ours.read(n), theirs.read(n), rtol=1e-5, atol=1e-7), n
+
+
+def test_bad_masks_are_rejected(three, tmp_path, capsys):
+    args = ["fuse", "--base", str(three["base"]), "--out", str(tmp_path / "o"), "--no-ray",
+            "--quiet"]
+    tuned = [a for t, p in three["tuned"].items() for a in ("--tuned", f"{t}={p}")]
+    # a missing mask file
+    d = tmp_path / "m1"
+    shutil.copytree(three["masks"], d)
+    (d / "b.safetensors").unlink()
+    assert main(args + tuned + ["--masks", str(d)]) == 2
+    assert "b.safetensors: mask file does not exist" in capsys.readouterr().err
+    # a mask of another task under this task's name
+    d = tmp_path / "m2"
+    shutil.copytree(three["masks"], d)
+    shutil.copy(d / "a.safetensors", d / "b.safetensors")
+    assert main(args + tuned + ["--masks", str(d)]) == 2
+    assert "core mask of task 'a', not 'b'" in capsys.readouterr().err
+    # masks made for another model
+    other = tmp_path / "other"
+    from helpers import make_llama
+    make_llama(other / "base", hidden=48)
+    ob = perturb(other / "base", other / "b", seed=1)
+    analyze(other / "base", {"a": ob, "b": ob, "c": ob}, other / "an", progress=False)
+    assert main(args + tuned + ["--masks", str(other / "an" / "masks")]) == 2
+    assert "made for another model" in capsys.readouterr().err
+    assert main(args + tuned + ["--masks", str(three["masks"]), "--omega", "1.5"]) == 2
+    assert "field 'fusion.omega'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sequential_writer_round_trip_and_order(tmp_path):
+    from safetensors.torch import load_file
+    entries = {"x": (torch.bfloat16, (3, 4)), "y": (torch.float32, (5,))}
+    w = SequentialWriter(tmp_path / "f.safetensors", entries, {"format": "pt"})
+    x = torch.randn(3, 4).bfloat16()
+    w.write("x", x[:2])
+    w.write("x", x[2:])
+    w.write("y", torch.arange(5.0))
+    digest = w.close()
+    got = load_file(tmp_path / "f.safetensors")
+    assert torch.equal(got["x"], x) and torch.equal(got["y"], torch.arange(5.0))
+    assert digest == sha256_file(tmp_path / "f.safetensors")
+    w = SequentialWriter(tmp_path / "g.safetensors", entries)
+    with pytest.raises(Exception, match="out of order"):
+        w.write("y", torch.arange(5.0))
+
+
+def test_connected_groups_and_tau():
+    tasks = ["a", "b", "c", "d", "e"]
+    J = np.eye(5)
+    J[0, 1] = J[1, 0] = 0.2   # a-b
+    J[1, 2] = J[2, 1] = 0.1   # b-c exactly tau: linked
+    J[3, 4] = J[4, 3] = 0.05  # d-e below tau
+    assert connected_groups(tasks, J.tolist(), 0.1) == [["a", "b", "c"], ["d"], ["e"]]
+    assert connected_groups(tasks, J.tolist(), 0.0) == [tasks]
+    assert connected_groups(tasks, J.tolist(), 0.15) == [["a", "b"], ["c"], ["d"], ["e"]]
+
+
+def test_group_outputs_orders_and_plots(three, tmp_path, capsys):
+    jac = json.loads((three["analysis"] / "overlap.json").read_text())["jaccard"]
+    tau = max(v for i, row in enumerate(jac) for j, v in enumerate(row) if i != j)  # top pair
+    r1 = group(three["analysis"], GroupingConfig(tau=tau, order="random", seed=1),
+               tmp_path / "g1.json")
+    r2 = group(three["analysis"], GroupingConfig(tau=tau, order="random", seed=1),
+               tmp_path / "g2.json")
+    assert r1["groups"] == r2["groups"] and sorted(map(len, r1["groups"])) == [1, 2]
+    rc = group(three["analysis"], GroupingConfig(tau=tau, order="core-size"), tmp_path / "g3.json")
+    sizes = [s["core_union"] for s in rc["stages"]]
+    assert sizes == sorted(sizes, reverse=True)
+    # a two-task group's core union is |A| + |B| - |A & B| from overlap.json
+    ov = json.loads((three["analysis"] / "overlap.json").read_text())
+    pair = next(g for g in rc["stages"] if len(g["tasks"]) == 2)
+    i, j = (ov["tasks"].index(t) for t in pair["tasks"])
+    assert pair["core_union"] == ov["union"][i][j]
+    saved = json.loads((tmp_path / "g1.json").read_text())
+    assert saved["tau"] == tau and saved["seed"] == 1 and saved["order"] == "random"
+    assert saved["jaccard"] == jac
+    for suffix in (".jaccard.png", ".core-location.png"):
+        png = (tmp_path / "g1.json").with_suffix(suffix)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert main(["group", "--analysis", str(three["analysis"]), "--tau", "2",
+                 "--out", str(tmp_path / "bad.json")]) == 2
+    assert "field 'tau'" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()

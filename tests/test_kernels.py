@@ -1,0 +1,156 @@
+"""Triton kernels against the float64 definition (TRITON_INTERPRET=1 on CPU; CUDA when present)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cpift_dist.analysis.masks import pack_mask
+from cpift_dist.fusion.slerp import (apply_torch, fold_coefficients, fold_weights, gram_torch,
+                                     slerp_reference)
+
+kernels = pytest.importorskip("cpift_dist.kernels.slerp", reason="triton is not installed")
+pytestmark = pytest.mark.timeout(240)
+
+CUDA = torch.cuda.is_available()
+
+
+def make(case: str, n_tasks: int, n: int, dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tasks, n, generator=g)
+    base = torch.randn(n, generator=g)
+    if case == "collinear":
+        x[1] = 2.5 * x[0]
+    elif case == "anti-parallel":
+        x[1] = -x[0]
+    elif case == "zero":
+        x[0] = 0.0
+    elif case == "nearly-collinear":
+        x[1] = x[0] + 1e-3 * torch.randn(n, generator=g)
+    masks = torch.rand(n_tasks, n, generator=g) < 0.07
+    return x.to(dtype), base.to(dtype), masks
+
+
+def reference(x, base, masks, segments, t, task_vectors, overlap):
+    """Element by element, in float64: the fold on non-core, the winner's value on core."""
+    n_tasks, n = x.shape
+    L = n // segments
+    xd, bd = x.double(), base.double()
+    core = masks.any(0)
+    out = torch.empty(n, dtype=torch.float64)
+    for s in range(segments):
+        sl = slice(s * L, (s + 1) * L)
+        nc = ~core[sl]
+        vs = [(xd[i, sl] - bd[sl] if task_vectors else xd[i, sl])[nc] for i in range(n_tasks)]
+        seg = slerp_reference(vs, t)
+        out[sl][nc] = seg + (bd[sl][nc] if task_vectors else 0)
+    for e in torch.nonzero(core).reshape(-1).tolist():
+        cands = [i for i in range(n_tasks) if masks[i, e]]
+        if overlap == "max-magnitude":
+            mags = [float((x[i, e].float() - base[e].float()).abs()) for i in cands]
+            win = cands[mags.index(max(mags))]
+        else:
+            win = cands[0]
+        out[e] = xd[win, e]
+    return out
+
+
+def run_kernels(x, base, masks, segments, t, tv, overlap, device):
+    packed = torch.from_numpy(np.stack([pack_mask(m) for m in masks]))
+    xk, bk, pk = x.to(device), base.to(device), packed.to(device)
+    g = kernels.gram(xk, bk, pk, segments, tv, block=128).cpu()
+    coef = torch.from_numpy(fold_coefficients(g.numpy(), t))
+    out = kernels.apply(xk, bk, pk, coef, tv, overlap, x.dtype, block=128).cpu()
+    return g, coef, out
+
+
+CASES = ["random", "collinear", "anti-parallel", "zero", "nearly-collinear"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_tasks", [2, 3])
+def test_kernels_match_float64_reference(case, dtype, n_tasks):
+    n, rows = 600, 6  # not a multiple of the block (128); 6 rows of 100
+    x, base, masks = make(case, n_tasks, n, dtype)
+    t = fold_weights(n_tasks, "uniform")
+    for tv in (False, True):
+        for segments in (1, rows):
+            for overlap in ("max-magnitude", "task-order"):
+                g, coef, out = run_kernels(x, base, masks, segments, t, tv, overlap, "cpu")
+                # the reduction equals the float64 Gram matrix
+                gt = gram_torch(x, base, masks.any(0), segments, tv)
+                assert torch.allclose(g, gt, rtol=1e-12, atol=1e-9)
+                ref = reference(x, base, masks, segments, t, tv, overlap)
+                # core elements are transplanted bit for bit
+                core = masks.any(0)
+                assert torch.equal(out[core].double(), ref[core])
+                # the rest equals the float64 definition to the output dtype's rounding
+                tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+                scale = ref.abs().max().item() + 1
+                err = (out.double() - ref).abs().max().item()
+                assert err <= tol * scale, (case, tv, segments, overlap, err)
+                # and the torch CPU path computes the same
+                ot = apply_torch(x, base, masks, coef, tv, overlap, dtype)
+                assert torch.allclose(ot.double(), out.double(), rtol=tol, atol=tol)
+
+
+def test_collinear_and_anti_parallel_fall_back_to_lerp():
+    for case in ("collinear", "anti-parallel"):
+        x, base, masks = make(case, 2, 512, torch.float32)
+        masks[:] = False
+        _, coef, out = run_kernels(x, base, masks, 1, [0.3], False, "task-order", "cpu")
+        assert np.allclose(coef.numpy(), [[0.7, 0.3]])  # LERP weights exactly
+        assert torch.allclose(out, 0.7 * x[0] + 0.3 * x[1], atol=1e-6)
+
+
+def test_reference_equals_mergekit_slerp():
+    mk = pytest.importorskip("mergekit.merge_methods.slerp")
+    g = torch.Generator().manual_seed(3)
+    for case in ("random", "collinear", "nearly-collinear", "zero"):
+        a = torch.randn(4000, generator=g)
+        b = {"random": torch.randn(4000, generator=g), "collinear": 3 * a,
+             "nearly-collinear": a + 1e-4 * torch.randn(4000, generator=g),
+             "zero": torch.zeros(4000)}[case]
+        for t in (0.25, 0.5):
+            want = mk.slerp(torch.tensor(t), a[None].double(), b[None].double())[0]
+            got = slerp_reference([a, b], [t])
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), case
+            # and through the Gram matrix (what both fusion paths use)
+            coef = fold_coefficients(np.array([[[a.double() @ a.double(), a.double() @ b.double()],
+                                                [a.double() @ b.double(), b.double() @ b.double()]]]),
+                                     [t])[0]
+            assert torch.allclose(coef[0] * a.double() + coef[1] * b.double(), want, rtol=1e-9,
+                                  atol=1e-12)
+
+
+def test_three_task_fold_with_cancellation():
+    # x1 = -x2 with t = 1/2 cancels acc to zero; the next step must see a zero vector
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(300, generator=g).double()
+    xs = [a, -a, torch.randn(300, generator=g).double()]
+    t = fold_weights(3, "uniform")
+    ref = slerp_reference(xs, t)
+    gram = torch.stack(xs) @ torch.stack(xs).T
+    coef = fold_coefficients(gram[None].numpy(), t)[0]
+    got = sum(c * x for c, x in zip(coef, xs))
+    assert torch.allclose(got, ref, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the CPU tests above cover the math)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_on_cuda_match_reference(dtype):
+    n, rows = 20_000, 16
+    x, base, masks = make("random", 3, n, dtype)
+    t = fold_weights(3, "uniform")
+    for segments in (1, rows):
+        g, coef, out = run_kernels(x, base, masks, segments, t, True, "max-magnitude", "cuda")
+        assert torch.allclose(g, gram_torch(x, base, masks.any(0), segments, True),
+                              rtol=1e-12, atol=1e-9)
+        ref = reference(x, base, masks, segments, t, True, "max-magnitude")
+        core = masks.any(0)
+        assert torch.equal(out[core].double(), ref[core])
+        tol = 2e-6 if dtype == torch.float32 else 8e-3
+        assert (out.double() - ref).abs().max().item() <= tol * (ref.abs().max().item() + 1)
