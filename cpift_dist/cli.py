@@ -183,23 +183,35 @@ def cmd_demo(args) -> int:
 
     from cpift_dist.analysis import analyze
     from cpift_dist.analysis.stats import summary_table
-    from cpift_dist.config import AnalysisConfig, RayConfig
+    from cpift_dist.config import AnalysisConfig, FusionConfig, GroupingConfig, RayConfig
     from cpift_dist.example import ensure_example
+    from cpift_dist.fusion import fuse
+    from cpift_dist.grouping import group
 
     console = Console()
     run = args.runs_dir / "demo"
     console.print(f"[bold]cpift demo[/bold]: bundled example in {run}/models")
     models = ensure_example(run / "models", progress=not args.quiet)
+    tuned = {t: p for t, p in models.items() if t != "base"}
     data: dict = {}
     _exec_overrides(data, args)
     executor = make_executor(RayConfig(**data["ray"]))
-    console.print(f"delta analysis on {executor.name} (p=0.01, global top-k)")
-    res = analyze(models["base"], {t: p for t, p in models.items() if t != "base"},
-                  run / "analysis",
-                  AnalysisConfig(p=0.01, chunk_elements=8192, unit_elements=32768), executor=executor,
-                  overwrite=True, progress=not args.quiet)
+    console.print(f"1/3 delta analysis on {executor.name} (p=0.01, global top-k)")
+    res = analyze(models["base"], tuned, run / "analysis",
+                  AnalysisConfig(p=0.01, chunk_elements=8192, unit_elements=32768),
+                  executor=executor, overwrite=True, progress=not args.quiet)
     console.print(summary_table(res.stats, res.overlap))
-    console.print(f"wrote {run}/analysis")
+    groups = group(run / "analysis", GroupingConfig(tau=0.1, order="random", seed=0),
+                   run / "groups.json")
+    console.print("2/3 groups (Jaccard >= 0.1, seeded random stage order): " + "; ".join(
+        f"stage {s['stage']}: {', '.join(s['tasks'])}" for s in groups["stages"]))
+    man = fuse(models["base"], tuned, run / "analysis" / "masks", run / "fusion" / "backbone",
+               FusionConfig(max_shard_bytes=200_000), executor=executor, overwrite=True,
+               progress=not args.quiet)
+    console.print(f"3/3 fused backbone ({man['backend']} on {man['device']}): "
+                  f"{man['core_elements']:,} core elements transplanted, "
+                  f"{man['overlap_elements']:,} claimed by several tasks")
+    console.print(f"wrote {run}/analysis, {run}/groups.json (+ PNGs), {run}/fusion/backbone")
     return 0
 
 

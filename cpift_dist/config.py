@@ -70,7 +70,7 @@ class FusionConfig(_Model):
     """Kernels: auto = Triton on CUDA, torch on CPU (triton on CPU needs TRITON_INTERPRET=1)."""
     max_shard_bytes: int = Field(2 << 30, ge=1024)
     """Largest output safetensors shard (bytes)."""
-    chunk_elements: int = Field(1 << 22, ge=1024)
+    chunk_elements: int = Field(1 << 20, ge=1024)
     """Largest row chunk of a tensor processed at once; bounds memory."""
 
 

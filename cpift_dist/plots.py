@@ -54,6 +54,7 @@ def core_location(stats: dict, tasks: list[str], path: str | Path) -> None:
         keys = [k for k in sorted(layers) if k != "non-layer"]
         a1.plot([int(k) for k in keys], [layers[k]["share_of_core"] for k in keys], marker="o",
                 label=t)
+    a1.xaxis.get_major_locator().set_params(integer=True)
     a1.set_xlabel("layer")
     a1.set_ylabel("share of the core region")
     a1.set_title("core region by layer")
@@ -67,4 +68,5 @@ def core_location(stats: dict, tasks: list[str], path: str | Path) -> None:
     a2.set_xticks([m + 0.4 - width / 2 for m in range(len(modules))], modules, rotation=45,
                   ha="right")
     a2.set_title("core region by module type")
+    a2.legend(fontsize=8)
     _save(fig, Path(path))

@@ -30,6 +30,11 @@ def test_demo_runs_on_local_ray(tmp_path):
     assert set(stats) == {"copy", "reverse", "sort", "shift"}
     assert all(s["selected"] == s["k"] > 0 for s in stats.values())
     assert "Jaccard overlap" in r.stdout
+    groups = json.loads((tmp_path / "demo" / "groups.json").read_text())
+    assert sorted(t for g in groups["groups"] for t in g) == sorted(stats)
+    assert (tmp_path / "demo" / "groups.jaccard.png").is_file()
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "fusion" / "backbone")
     # a second run reuses the bundled example (its manifest matches) and still succeeds
     r2 = _run([str(BIN / "cpift"), "demo", "--runs-dir", str(tmp_path), "--quiet", "--no-ray"],
               timeout=120)

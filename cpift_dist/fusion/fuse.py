@@ -133,7 +133,8 @@ def fuse_shard(ctx: FuseContext, shard: OutShard) -> dict:
                 if kernels is not None:
                     g = kernels.gram(x, b, torch.from_numpy(p).to(device), chunk_segments(c), tv)
                 else:
-                    g = gram_torch(x, b, _unpack(p, c.numel).any(dim=0), chunk_segments(c), tv)
+                    union = unpack_mask(np.bitwise_or.reduce(p, axis=0), c.numel)
+                    g = gram_torch(x, b, torch.from_numpy(union), chunk_segments(c), tv)
                 g = g.cpu().numpy()
                 if segments > 1:
                     gram[c.row_start:c.row_stop] = g

@@ -90,6 +90,14 @@ def segments_of(shape: tuple[int, ...], granularity: str) -> int:
     return shape[0] if granularity == "row" and len(shape) >= 2 else 1
 
 
+def _union(masks: torch.Tensor) -> torch.Tensor:
+    """Elements in any task's core: an OR over the (few) task rows, not a strided reduction."""
+    out = masks[0].clone()
+    for m in masks[1:]:
+        out |= m
+    return out
+
+
 def gram_torch(x: torch.Tensor, base: torch.Tensor, core: torch.Tensor, segments: int,
                task_vectors: bool) -> torch.Tensor:
     """float64 [S, N, N] Gram matrices of the non-core elements of one chunk.
@@ -103,8 +111,11 @@ def gram_torch(x: torch.Tensor, base: torch.Tensor, core: torch.Tensor, segments
     n_tasks, n = x.shape
     v = x.double()
     if task_vectors:
-        v = v - base.double()
-    v = v.masked_fill(core, 0.0).reshape(n_tasks, segments, n // segments)
+        v -= base.double()
+    idx = torch.nonzero(core).reshape(-1)
+    if len(idx):
+        v.index_fill_(1, idx, 0.0)
+    v = v.reshape(n_tasks, segments, n // segments)
     return torch.einsum("isc,jsc->sij", v, v)
 
 
@@ -127,11 +138,16 @@ def apply_torch(x: torch.Tensor, base: torch.Tensor, masks: torch.Tensor, coef: 
     acc = acc.reshape(n)
     if task_vectors:
         acc += bf
-    if overlap == "max-magnitude":
-        score = torch.where(masks, (xf - bf).abs(), torch.tensor(-1.0))
-    else:
-        score = masks.float()
-    winner = score.argmax(dim=0)  # the first maximal index: task order breaks ties
-    in_core = masks.any(dim=0)
-    picked = xf.gather(0, winner[None]).reshape(n)
-    return torch.where(in_core, picked, acc).to(out_dtype)
+    idx = torch.nonzero(_union(masks)).reshape(-1)
+    if len(idx):  # core elements: the winning task's value, chosen task by task
+        xs, ms = xf[:, idx], masks[:, idx]
+        best = torch.full((len(idx),), -1.0)
+        picked = torch.zeros(len(idx))
+        for j in range(n_tasks):
+            score = ((xs[j] - bf[idx]).abs() if overlap == "max-magnitude"
+                     else torch.zeros(len(idx)))
+            better = ms[j] & (score > best)  # strict: the first task keeps a tie
+            best = torch.where(better, score, best)
+            picked = torch.where(better, xs[j], picked)
+        acc[idx] = picked
+    return acc.to(out_dtype)

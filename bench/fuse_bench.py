@@ -1,0 +1,200 @@
+"""Fusion benchmark: cpift fuse against a naive load-everything SLERP and mergekit-yaml.
+
+    .venv/bin/python bench/fuse_bench.py [--size 348m] [--data bench/_data]
+
+Uses the checkpoints of bench/analyze_bench.py (built if missing). In one run, each in a fresh
+process reading from page cache, with peak RSS from the process's own high-water mark:
+  pair      t1 + t2, empty masks, omega 0.5, weight space, 200 MB output shards: exactly
+            mergekit's SLERP. cpift fuse (in-process, 2 threads) vs naive torch (load both
+            whole, SLERP per tensor, save) vs `mergekit-yaml` (when installed; default shards
+            and 200 MB shards).
+  3-task    t1..t3 with their p = 1% core masks, task-vector space, uniform omega.
+On a CUDA machine it also times the Triton apply kernel against a device-to-device copy and
+against torch eager SLERP of the same tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from analyze_bench import _vm_hwm, build, warm_read  # noqa: E402
+
+SHARD = 200_000_000
+
+
+def m_cpift(base, tuned, masks, out, space, omega):
+    from cpift_dist.config import FusionConfig
+    from cpift_dist.executor import InProcessExecutor
+    from cpift_dist.fusion import fuse
+
+    t0 = time.perf_counter()
+    fuse(base, {Path(t).name: t for t in tuned}, masks, out,
+         FusionConfig(space=space, omega=omega, max_shard_bytes=SHARD), InProcessExecutor(2),
+         overwrite=True, progress=False)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def m_naive(a, b, out):
+    """Load both whole, SLERP each tensor (float64 norms), save in 200 MB shards."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cpift_dist.fusion.slerp import fold_coefficients
+
+    t0 = time.perf_counter()
+    A, B = {}, {}
+    for f in sorted(Path(a).glob("*.safetensors")):
+        A.update(load_file(f))
+    for f in sorted(Path(b).glob("*.safetensors")):
+        B.update(load_file(f))
+    res = {}
+    for n in sorted(A):
+        x, y = A[n].double().reshape(-1), B[n].double().reshape(-1)
+        g = torch.stack([torch.stack([x @ x, x @ y]), torch.stack([x @ y, y @ y])])
+        c = fold_coefficients(g[None].numpy(), [0.5])[0]
+        res[n] = (c[0] * A[n] + c[1] * B[n]).float()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    shard, size, i = {}, 0, 0
+    for n, v in res.items():
+        shard[n] = v
+        size += v.numel() * 4
+        if size > SHARD:
+            save_file(shard, f"{out}/model-{i:05d}.safetensors")
+            shard, size, i = {}, 0, i + 1
+    if shard:
+        save_file(shard, f"{out}/model-{i:05d}.safetensors")
+    return {"seconds": time.perf_counter() - t0}
+
+
+def m_gpu():
+    import torch
+    import triton
+
+    from cpift_dist.kernels import slerp as K
+
+    n = 1 << 28
+    x = torch.randn(2, n, device="cuda")
+    b = torch.randn(n, device="cuda")
+    packed = torch.zeros(2, n // 8, dtype=torch.uint8, device="cuda")
+    coef = torch.tensor([[0.6, 0.4]], device="cuda")
+    ms_apply = triton.testing.do_bench(lambda: K.apply(x, b, packed, coef, True, "max-magnitude",
+                                                       torch.float32))
+    dst = torch.empty(3 * n, device="cuda")
+    src = torch.randn(3 * n, device="cuda")
+    ms_copy = triton.testing.do_bench(lambda: dst.copy_(src))
+
+    def eager():
+        v0, v1 = x[0] - b, x[1] - b
+        d = (v0.double() @ v1.double()) / (v0.double().norm() * v1.double().norm())
+        th = torch.acos(d.clamp(-1, 1))
+        s = torch.sin(th)
+        return b + (torch.sin(0.5 * th) / s) * v0 + (torch.sin(0.5 * th) / s) * v1
+    ms_eager = triton.testing.do_bench(eager)
+    moved = (3 * n * 4 + 2 * n // 8 + n * 4)  # apply: read 2 tasks + base + masks, write 1
+    return {"seconds": 0, "apply_GBs": moved / ms_apply / 1e6,
+            "copy_GBs": 2 * 3 * n * 4 / ms_copy / 1e6, "eager_ms": ms_eager, "apply_ms": ms_apply}
+
+
+def child(kind: str, *args) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--measure", kind, json.dumps(args)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{kind} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def mergekit(a, b, out, shard_params: str | None) -> dict | None:
+    exe = Path(sys.executable).parent / "mergekit-yaml"
+    if not exe.exists():
+        return None
+    cfg = Path(out + ".yml")
+    cfg.write_text(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n"
+                   f"  - model: {b}\nparameters:\n  t: 0.5\ndtype: float32\n")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(exe), str(cfg), out, "--no-copy-tokenizer", "--quiet", "--no-write-model-card"]
+    if shard_params:
+        cmd += ["--out-shard-size", shard_params]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t0
+    if status:
+        raise SystemExit(f"mergekit-yaml failed: {p.stderr.read().decode()[-2000:]}")
+    return {"seconds": dt, "peak_rss": usage.ru_maxrss * 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="348m")
+    ap.add_argument("--data", type=Path, default=HERE / "_data")
+    ap.add_argument("--measure")
+    ap.add_argument("args", nargs="?")
+    a = ap.parse_args()
+    if a.measure:
+        res = {"cpift": m_cpift, "naive": m_naive, "gpu": m_gpu}[a.measure](*json.loads(a.args))
+        res["peak_rss"] = _vm_hwm()
+        print(json.dumps(res))
+        return
+    subprocess.run([sys.executable, str(HERE / "analyze_bench.py"), "--build", a.size,
+                    "--data", str(a.data)], check=True)
+    paths = {k: str(v) for k, v in build(a.data, a.size).items()}
+    d = a.data / f"fuse-{a.size}"
+    d.mkdir(exist_ok=True)
+    from cpift_dist.analysis import analyze
+    from cpift_dist.config import AnalysisConfig
+
+    pair = {"t1": paths["t1"], "t2": paths["t2"]}
+    tuned3 = {t: paths[t] for t in ("t1", "t2", "t3")}
+    analyze(paths["base"], pair, d / "empty", AnalysisConfig(p=1e-12), overwrite=True,
+            progress=False)
+    analyze(paths["base"], tuned3, d / "masks3", AnalysisConfig(p=0.01), overwrite=True,
+            progress=False)
+    gib = 1 << 30
+    warm_read([paths["base"], *tuned3.values()])
+    ours = child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
+                 str(d / "out-pair"), "weights", 0.5)
+    warm_read([paths["t1"], paths["t2"]])
+    naive = child("naive", paths["t1"], paths["t2"], str(d / "out-naive"))
+    warm_read([paths["t1"], paths["t2"]])
+    mk_default = mergekit(paths["t1"], paths["t2"], str(d / "out-mk"), None)
+    warm_read([paths["t1"], paths["t2"]])
+    mk_200 = mergekit(paths["t1"], paths["t2"], str(d / "out-mk200"), "50M")
+    warm_read([paths["base"], *tuned3.values()])
+    three = child("cpift", paths["base"], list(tuned3.values()), str(d / "masks3" / "masks"),
+                  str(d / "out-3"), "task-vectors", "uniform")
+    print(f"\n== fuse, {a.size} fp32 ({os.cpu_count()} cores), output shards 200 MB ==")
+    print(f"pair  cpift fuse            {ours['seconds']:6.2f} s  peak RSS "
+          f"{ours['peak_rss'] / gib:5.2f} GiB")
+    print(f"pair  naive torch SLERP     {naive['seconds']:6.2f} s  peak RSS "
+          f"{naive['peak_rss'] / gib:5.2f} GiB   cpift {naive['seconds'] / ours['seconds']:.1f}x "
+          f"faster, {ours['peak_rss'] / naive['peak_rss']:.2f}x the RSS")
+    for label, mk in (("mergekit, default shards", mk_default), ("mergekit, 200 MB shards", mk_200)):
+        if mk is None:
+            print(f"pair  {label}: mergekit not installed")
+            continue
+        print(f"pair  {label:24s}{mk['seconds']:6.2f} s  peak RSS {mk['peak_rss'] / gib:5.2f} GiB"
+              f"   cpift {mk['seconds'] / ours['seconds']:.1f}x faster, "
+              f"{ours['peak_rss'] / mk['peak_rss']:.2f}x the RSS")
+    print(f"3-task cpift fuse (masks)   {three['seconds']:6.2f} s  peak RSS "
+          f"{three['peak_rss'] / gib:5.2f} GiB")
+    import torch
+    if torch.cuda.is_available():
+        g = child("gpu")
+        print(f"GPU apply kernel {g['apply_GBs']:.0f} GB/s = {g['apply_GBs'] / g['copy_GBs']:.0%} "
+              f"of a device copy ({g['copy_GBs']:.0f} GB/s); {g['eager_ms'] / g['apply_ms']:.1f}x "
+              f"torch eager SLERP")
+    else:
+        print("no CUDA device: the GPU kernel figures are not measured on this machine")
+
+
+if __name__ == "__main__":
+    main()
