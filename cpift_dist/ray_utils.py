@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 
 from cpift_dist.errors import CpiftError
@@ -30,8 +31,39 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
                  _node_ip_address="127.0.0.1", _temp_dir=tmp, runtime_env=env,
                  log_to_driver=False, configure_logging=False)
         return "local"
+    kwargs = {}
+    host, port = _host_port(address)
+    if host is not None:
+        _probe(address, host, port)
+        if host in ("127.0.0.1", "localhost", "::1"):
+            # Ray rewrites a loopback address to this machine's IP, where a head bound to
+            # 127.0.0.1 does not listen (the join then hangs). Its loopback-only switch,
+            # read when ray is imported, keeps the address as given.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+            kwargs["_node_ip_address"] = "127.0.0.1"
     try:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        ray.init(address=address, runtime_env=env, log_to_driver=False, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise CpiftError(f"--address {address}: no Ray cluster answers ({e})") from None
     return address
+
+
+def _host_port(address: str) -> tuple[str | None, int | None]:
+    """(host, port) of a plain ``host:port`` GCS address; (None, None) for ``auto``, ``ray://``."""
+    if "://" in address or ":" not in address:
+        return None, None
+    host, _, port = address.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise CpiftError(f"--address {address}: expected host:port") from None
+
+
+def _probe(address: str, host: str, port: int, timeout: float = 5.0) -> None:
+    """Fails in seconds, not minutes, when nothing listens at the address."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise CpiftError(f"--address {address}: no Ray cluster answers "
+                         f"({e.strerror or e})") from None

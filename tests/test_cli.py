@@ -50,3 +50,41 @@ def test_exit_status_and_ray_job_entry(models, tmp_path):
               "--tuned", f"a={models['a']}", "--out", str(tmp_path / "o"), "--no-ray", "--quiet"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "masks" / "a.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_analyze_joins_a_running_cluster_by_address(models, tmp_path):
+    """A separately started 2-node Ray cluster on 127.0.0.1, joined with --address."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+    try:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        common = ["analyze", "--base", str(models["base"]), "--tuned", f"a={models['a']}",
+                  "--tuned", f"b={models['b']}", "--quiet", "analysis.unit_elements=2048",
+                  "analysis.chunk_elements=1024"]
+        r = _run([str(BIN / "cpift"), *common, "--out", str(tmp_path / "c"),
+                  "--address", cluster.address], timeout=200)
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    man = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert man["executor"] == "ray" and man["units"] > 4
+    r = _run([str(BIN / "cpift"), *common, "--out", str(tmp_path / "l"), "--no-ray"], timeout=120)
+    assert r.returncode == 0
+    for t in ("a", "b"):
+        f = f"masks/{t}.safetensors"
+        assert (tmp_path / "c" / f).read_bytes() == (tmp_path / "l" / f).read_bytes()
+
+
+@pytest.mark.timeout(60)
+def test_address_where_no_cluster_answers_fails_fast(models, tmp_path):
+    import time
+    t0 = time.monotonic()
+    r = _run([str(BIN / "cpift"), "analyze", "--base", str(models["base"]),
+              "--tuned", f"a={models['a']}", "--out", str(tmp_path / "o"),
+              "--address", "127.0.0.1:1"], timeout=50)
+    assert r.returncode == 2 and "no Ray cluster answers" in r.stderr
+    assert time.monotonic() - t0 < 40 and not (tmp_path / "o").exists()
