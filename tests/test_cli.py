@@ -50,6 +50,11 @@ def test_exit_status_and_ray_job_entry(models, tmp_path):
               "--tuned", f"a={models['a']}", "--out", str(tmp_path / "o"), "--no-ray", "--quiet"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "masks" / "a.safetensors").is_file()
+    r = _run([sys.executable, "ray_jobs/fuse.py", "--base", str(models["base"]),
+              "--tuned", f"a={models['a']}", "--masks", str(tmp_path / "o" / "masks"),
+              "--out", str(tmp_path / "f"), "--no-ray", "--quiet"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "f" / "manifest.json").is_file() and "fused 1 tasks" in r.stdout
 
 
 @pytest.mark.slow
