@@ -6,6 +6,7 @@
     cpift fuse --base DIR --tuned NAME=DIR ... --masks OUT/masks --out DIR [--omega uniform|FLOAT]
                [--space weights|task-vectors] [--overlap max-magnitude|task-order]
                [--granularity tensor|row] [--device auto|cpu|cuda]
+    cpift data make-suite --out DIR [--seed S] [--n-train N] [--n-eval N]
     cpift demo [--runs-dir runs]
 
 Every error on bad input is one line naming the culprit; the exit status is 2 and no partial
@@ -60,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
         f.add_argument(flag, dest=f"fusion_{field}", help=f"fusion.{field}")
     _add_exec_args(f)
     f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+    dp = sub.add_parser("data", help="task data tools")
+    dsub = dp.add_subparsers(dest="data_command", required=True)
+    ms = dsub.add_parser("make-suite", help="write the bundled, generated task suite")
+    ms.add_argument("--out", type=Path, required=True, help="output directory")
+    ms.add_argument("--seed", type=int, default=0, help="generation seed")
+    ms.add_argument("--n-train", type=int, default=512, help="training examples per task")
+    ms.add_argument("--n-eval", type=int, default=64, help="held-out examples per task")
+    ms.add_argument("--overwrite", action="store_true", help="replace an existing suite")
 
     d = sub.add_parser("demo", help="the embedded default: bundled example analysed on local Ray")
     d.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where runs/demo goes")
@@ -178,6 +188,18 @@ def cmd_fuse(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from cpift_dist.data import make_suite
+
+    if args.n_train < 1 or args.n_eval < 1:
+        raise CpiftError("--n-train and --n-eval must be at least 1")
+    meta = make_suite(args.out, args.n_train, args.n_eval, args.seed, overwrite=args.overwrite)
+    for task, m in meta["tasks"].items():
+        print(f"{task:12s} {m['shape']:9s} train {m['train']:5d}  eval {m['eval']:4d}")
+    print(f"wrote {args.out}/<task>/{{train,eval}}.jsonl and suite.json (seed {args.seed})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from rich.console import Console
 
@@ -219,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
-                "demo": cmd_demo}[args.command](args)
+                "data": cmd_data, "demo": cmd_demo}[args.command](args)
     except CpiftError as e:
         print(f"cpift: error: {e}", file=sys.stderr)
         return 2
