@@ -74,6 +74,41 @@ class FusionConfig(_Model):
     """Largest row chunk of a tensor processed at once; bounds memory."""
 
 
+class TrainConfig(_Model):
+    """One DeepSpeed SFT run (fine-tunes and SFT stages)."""
+
+    zero_stage: Literal[2, 3] = 3
+    """DeepSpeed ZeRO stage."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Training precision (bf16 keeps fp32 master weights)."""
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate (linear warm-up, cosine decay to 10%)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay of matrices (not of norms and biases)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps."""
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps."""
+    micro_batch: int = Field(4, ge=1)
+    """Examples per rank per forward pass."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Gradient norm clipping."""
+    max_length: int = Field(512, ge=8)
+    """Tokens per example (longer ones are cut at the end; see cpift_dist.data.sft)."""
+    save_every: int = Field(50, ge=1)
+    """Checkpoint (DeepSpeed, with data position) every N steps; a resume starts there."""
+    samples_per_task: int | None = Field(None, ge=1)
+    """Examples drawn per task per epoch (equal numbers: a balanced mix); default: all."""
+    seed: int = 0
+    """Seed of the data order and initialisation."""
+    max_shard_size: str = "2GB"
+    """Largest safetensors shard of the exported model."""
+    progress: bool = True
+    """Progress bar on rank 0."""
+
+
 class TaskConfig(_Model):
     """One task of the run."""
 
