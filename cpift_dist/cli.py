@@ -6,6 +6,7 @@
     cpift fuse --base DIR --tuned NAME=DIR ... --masks OUT/masks --out DIR [--omega uniform|FLOAT]
                [--space weights|task-vectors] [--overlap max-magnitude|task-order]
                [--granularity tensor|row] [--device auto|cpu|cuda]
+    cpift finetune --config cfg.yaml [--task NAME ...] [--address RAY_ADDRESS]
     cpift data make-suite --out DIR [--seed S] [--n-train N] [--n-eval N]
     cpift demo [--runs-dir runs]
 
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         f.add_argument(flag, dest=f"fusion_{field}", help=f"fusion.{field}")
     _add_exec_args(f)
     f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+    ft = sub.add_parser("finetune", help="one DeepSpeed fine-tune per task, scheduled by Ray")
+    ft.add_argument("--config", type=Path, required=True, help="run config YAML")
+    ft.add_argument("--task", action="append", default=[], help="only these tasks (repeat)")
+    _add_exec_args(ft)
+    ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     dp = sub.add_parser("data", help="task data tools")
     dsub = dp.add_subparsers(dest="data_command", required=True)
@@ -188,6 +195,37 @@ def cmd_fuse(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    import os
+
+    from cpift_dist.config import load_config
+    from cpift_dist.ray_utils import init_ray
+    from cpift_dist.training import SFTJob
+    from cpift_dist.training.ray_finetune import finetune_all
+
+    cfg = load_config(args.config, args.overrides)
+    tasks = [t for t in cfg.tasks if not args.task or t.name in args.task]
+    unknown = sorted(set(args.task) - {t.name for t in cfg.tasks})
+    if unknown:
+        raise CpiftError(f"{args.config}: no task named {unknown[0]!r}")
+    missing = [t.name for t in tasks if t.train_data is None]
+    if missing:
+        raise CpiftError(f"{args.config}: task {missing[0]!r} has no train_data")
+    for t in tasks:
+        if not t.train_data.is_file():
+            raise CpiftError(f"{t.train_data}: task data file of {t.name!r} does not exist")
+    init_ray(args.address or cfg.ray.address or os.environ.get("RAY_ADDRESS"),
+             args.num_cpus or cfg.ray.num_cpus)
+    jobs = {t.name: SFTJob(cfg.base, {t.name: t.train_data}, cfg.run_dir / "finetune" / t.name,
+                           cfg.train) for t in tasks}
+    fc = cfg.finetune
+    finetune_all(jobs, fc.workers_per_task, fc.max_failures, use_gpu=fc.use_gpu,
+                 placement=fc.placement)
+    for t, j in jobs.items():
+        print(f"{t}: {j.out / 'model'}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from cpift_dist.data import make_suite
 
@@ -241,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
-                "data": cmd_data, "demo": cmd_demo}[args.command](args)
+                "finetune": cmd_finetune, "data": cmd_data,
+                "demo": cmd_demo}[args.command](args)
     except CpiftError as e:
         print(f"cpift: error: {e}", file=sys.stderr)
         return 2

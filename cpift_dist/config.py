@@ -109,6 +109,19 @@ class TrainConfig(_Model):
     """Progress bar on rank 0."""
 
 
+class FinetuneConfig(_Model):
+    """How the per-task fine-tunes are scheduled on Ray."""
+
+    workers_per_task: int = Field(2, ge=1)
+    """Rank workers (one CPU or GPU bundle each) of every task's DeepSpeed job."""
+    max_failures: int = Field(1, ge=0)
+    """Restarts of a task's job after a worker dies (it resumes from its last checkpoint)."""
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of a job's rank bundles across nodes."""
+    use_gpu: bool = False
+    """One GPU per rank worker (NCCL) instead of CPU (gloo)."""
+
+
 class TaskConfig(_Model):
     """One task of the run."""
 
@@ -116,6 +129,8 @@ class TaskConfig(_Model):
     """Task name: letters, digits, '_', '-', '.'; used in file names."""
     tuned: Path | None = None
     """This task's fine-tuned HF checkpoint directory (given, or made by the finetune stage)."""
+    train_data: Path | None = None
+    """This task's training file (.jsonl/.json/.parquet; alpaca or messages shape)."""
 
 
 class RayConfig(_Model):
@@ -146,6 +161,10 @@ class RunConfig(_Model):
     """Grouping settings."""
     fusion: FusionConfig = FusionConfig()
     """Fusion settings."""
+    train: TrainConfig = TrainConfig()
+    """Training settings of each per-task fine-tune."""
+    finetune: FinetuneConfig = FinetuneConfig()
+    """Scheduling of the per-task fine-tunes."""
     ray: RayConfig = RayConfig()
     """Ray settings."""
 

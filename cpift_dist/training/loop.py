@@ -78,6 +78,7 @@ class SFTLoop:
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         torch.manual_seed(self.cfg.seed)
+        self.job.out.mkdir(parents=True, exist_ok=True)
 
         tok = AutoTokenizer.from_pretrained(self.job.model)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -184,7 +185,6 @@ def run(job: SFTJob) -> SFTLoop:
     """The four-line recipe; returns the loop (losses, final step)."""
     if not job.data:
         raise CpiftError("no training data given")
-    job.out.mkdir(parents=True, exist_ok=True)
     s = SFTLoop(job)
     s.setup()
     s.train()

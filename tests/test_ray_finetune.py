@@ -1,0 +1,79 @@
+"""Per-task fine-tunes on Ray: concurrency, placement on 2 nodes, retry, failure reporting."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cpift_dist.config import TrainConfig
+from cpift_dist.data import make_suite
+from cpift_dist.errors import CpiftError
+from cpift_dist.training import SFTJob
+from cpift_dist.training.loop import FAULT_ENV
+from helpers import make_chat_tokenizer, make_llama
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+BIN = Path(sys.executable).parent
+TRAIN = {"max_steps": 4, "save_every": 2, "max_length": 320, "micro_batch": 2, "lr": 3e-3,
+         "progress": False}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rayft")
+    make_llama(d / "model")
+    make_chat_tokenizer(d / "model")
+    make_suite(d / "suite", n_train=32, n_eval=4)
+    return d
+
+
+def test_two_tasks_on_a_two_node_cluster_with_a_worker_crash(setup, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cfg = {"name": "ft", "runs_dir": str(tmp_path), "base": str(setup / "model"),
+           "tasks": [{"name": t, "train_data": str(setup / "suite" / t / "train.jsonl")}
+                     for t in ("arithmetic", "logic")],
+           "train": TRAIN,
+           "finetune": {"workers_per_task": 2, "max_failures": 1, "placement": "STRICT_SPREAD"}}
+    (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1"})
+    try:
+        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+        env = {**os.environ, FAULT_ENV: "2", "OMP_NUM_THREADS": "1"}  # every rank dies once
+        r = subprocess.run([str(BIN / "cpift"), "finetune", "--config", str(tmp_path / "cfg.yaml"),
+                            "--address", cluster.address], capture_output=True, text=True,
+                           env=env, timeout=540)
+    finally:
+        cluster.shutdown()
+    assert r.returncode == 0, r.stderr[-4000:]
+    spans = {}
+    for t in ("arithmetic", "logic"):
+        out = tmp_path / "ft" / "finetune" / t
+        ranks = [json.loads((out / "ranks" / f"{i}.json").read_text()) for i in (0, 1)]
+        assert ranks[0]["node"] != ranks[1]["node"]  # a job's two ranks on different nodes
+        assert all(x["step"] == 4 for x in ranks)
+        steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4]  # crashed after step 2, resumed from its checkpoint
+        from transformers import AutoModelForCausalLM
+        AutoModelForCausalLM.from_pretrained(out / "model")
+        spans[t] = (min(x["start"] for x in ranks), max(x["end"] for x in ranks))
+    (a0, a1), (b0, b1) = spans.values()
+    assert a0 < b1 and b0 < a1  # the two tasks trained at the same time
+
+
+def test_exhausted_retries_name_the_task_and_others_finish(setup, tmp_path, ray_local):
+    from cpift_dist.training.ray_finetune import finetune_all
+
+    cfg = TrainConfig(**TRAIN)
+    jobs = {t: SFTJob(setup / "model", {t: setup / "suite" / t / "train.jsonl"}, tmp_path / t,
+                      cfg) for t in ("arithmetic", "logic")}
+    with pytest.raises(CpiftError, match=r"fine-tune of task 'arithmetic' failed .*"
+                                         r"finished: logic"):
+        finetune_all(jobs, num_workers=1, max_failures=0,
+                     env={"arithmetic": {FAULT_ENV: "2"}})
+    assert (tmp_path / "logic" / "model" / "config.json").exists()
+    assert not (tmp_path / "arithmetic" / "model").exists()
