@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", action="append", default=[], metavar="TASK=FILE",
                     help="a task's training file (repeat per task)")
     ap.add_argument("--out", type=Path, required=True, help="output directory")
+    ap.add_argument("--local_rank", "--local-rank", type=int,
+                    help=argparse.SUPPRESS)  # the deepspeed launcher adds it; LOCAL_RANK is read
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="TrainConfig fields")
     args = ap.parse_args(argv)
     try:
