@@ -217,7 +217,7 @@ def cmd_finetune(args) -> int:
     init_ray(args.address or cfg.ray.address or os.environ.get("RAY_ADDRESS"),
              args.num_cpus or cfg.ray.num_cpus)
     jobs = {t.name: SFTJob(cfg.base, {t.name: t.train_data}, cfg.run_dir / "finetune" / t.name,
-                           cfg.train) for t in tasks}
+                           cfg.train, {t.name: (t.data_shape, t.columns)}) for t in tasks}
     fc = cfg.finetune
     finetune_all(jobs, fc.workers_per_task, fc.max_failures, use_gpu=fc.use_gpu,
                  placement=fc.placement)

@@ -131,6 +131,10 @@ class TaskConfig(_Model):
     """This task's fine-tuned HF checkpoint directory (given, or made by the finetune stage)."""
     train_data: Path | None = None
     """This task's training file (.jsonl/.json/.parquet; alpaca or messages shape)."""
+    data_shape: Literal["auto", "alpaca", "messages"] = "auto"
+    """Shape of the task's records (auto: messages if a 'messages' field exists)."""
+    columns: dict[str, str] = {}
+    """File field -> shape field renames, e.g. {question: instruction, answer: output}."""
 
 
 class RayConfig(_Model):

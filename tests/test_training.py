@@ -49,10 +49,10 @@ def losses(out):
     return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage", [3, 2])
-def test_two_ranks_lower_the_loss_and_export_loads(setup, tmp_path, stage):
-    r = train(setup, tmp_path / "o", f"zero_stage={stage}", "max_steps=16", "save_every=8",
-              "grad_accum=2")
+@pytest.mark.parametrize("stage,dtype", [(3, "fp32"), (2, "fp32"), (3, "bf16")])
+def test_two_ranks_lower_the_loss_and_export_loads(setup, tmp_path, stage, dtype):
+    r = train(setup, tmp_path / "o", f"zero_stage={stage}", f"dtype={dtype}", "max_steps=16",
+              "save_every=8", "grad_accum=2")
     assert r.returncode == 0, r.stderr[-4000:]
     ls = losses(tmp_path / "o")
     assert len(ls) == 16 and sum(ls[-4:]) / 4 < sum(ls[:4]) / 4 - 0.5, ls
@@ -63,9 +63,13 @@ def test_two_ranks_lower_the_loss_and_export_loads(setup, tmp_path, stage):
     base = Checkpoint(setup / "model")
     out = Checkpoint(tmp_path / "o" / "model")
     assert out.names() == base.names()
-    changed = [n for n in base.names() if not torch.equal(out.read(n), base.read(n))]
+    want = torch.bfloat16 if dtype == "bf16" else torch.float32
+    assert {out.info(n).dtype for n in out.names()} == {want}
+    changed = [n for n in base.names()
+               if not torch.equal(out.read(n).float(), base.read(n).to(want).float())]
     assert len(changed) == len(base.names())  # every tensor trained
     assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3).shape == (1, 6)
+    assert list((tmp_path / "o" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_crash_after_checkpoint_then_resume_equals_uninterrupted(setup, tmp_path):

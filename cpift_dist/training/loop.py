@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class SFTJob:
     out: Path
     """Output: the exported model; ``checkpoints/`` and ``metrics.jsonl`` while training."""
     cfg: TrainConfig = field(default_factory=TrainConfig)
+    formats: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    """Task -> (data shape, column mapping) where not ``("auto", {})``."""
 
 
 def _ds_config(cfg: TrainConfig, world: int) -> dict:
@@ -84,7 +87,8 @@ class SFTLoop:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.examples: dict[str, list[Encoded]] = {}
         for task, path in self.job.data.items():
-            convs = load_records(path)
+            shape, columns = self.job.formats.get(task, ("auto", {}))
+            convs = load_records(path, shape, columns or None)
             self.examples[task], _ = encode_all(tok, convs, self.cfg.max_length, str(path))
         samples = {t: self.cfg.samples_per_task or len(e) for t, e in self.examples.items()}
         self.mixture = TaskMixture({t: len(e) for t, e in self.examples.items()}, samples,
@@ -137,10 +141,16 @@ class SFTLoop:
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step",
                    disable=self.rank != 0 or not self.cfg.progress)
         metrics = self.job.out / "metrics.jsonl"
+        tb = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(str(self.job.out / "tensorboard"))
         while self.step < self.cfg.max_steps:
-            total = 0.0
+            total, tokens = 0.0, 0
             for _ in range(self.cfg.grad_accum):
-                loss = self.engine(**self._batch()).loss
+                batch = self._batch()
+                tokens += int(batch["attention_mask"].sum())
+                loss = self.engine(**batch).loss
                 self.engine.backward(loss)
                 self.engine.step()
                 total += float(loss.detach()) / self.cfg.grad_accum
@@ -148,17 +158,24 @@ class SFTLoop:
             self.losses.append(total)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}")
-            if self.rank == 0:
-                with open(metrics, "a") as f:
-                    f.write(json.dumps({"step": self.step, "loss": total,
-                                        "lr": self.scheduler.get_last_lr()[0]}) + "\n")
+            if tb is not None:
+                lr = self.scheduler.get_last_lr()[0]
+                with open(metrics, "a") as f:  # tokens: this rank's (ranks see equal shares)
+                    f.write(json.dumps({"step": self.step, "loss": total, "lr": lr,
+                                        "tokens": tokens, "time": time.time()}) + "\n")
+                tb.add_scalar("train/loss", total, self.step)
+                tb.add_scalar("train/lr", lr, self.step)
             if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
                 self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step-{self.step}",
                                             client_state={"step": self.step,
                                                           "mixture": self.mixture.state_dict()})
+                if tb is not None:
+                    tb.flush()
                 if os.environ.get(FAULT_ENV) == str(self.step):
                     os._exit(17)  # a crash right after a checkpoint (fault-injection tests)
         bar.close()
+        if tb is not None:
+            tb.close()
 
     # ---- save -------------------------------------------------------------------------------
     def save(self) -> None:

@@ -52,7 +52,7 @@ def finetune_task(name: str, job: SFTJob, num_workers: int = 2, max_failures: in
     if FAULT_ENV in os.environ:  # fault injection reaches the rank workers too
         env.setdefault(FAULT_ENV, os.environ[FAULT_ENV])
     job = SFTJob(Path(job.model).resolve(), {t: Path(p).resolve() for t, p in job.data.items()},
-                 Path(job.out).resolve(), job.cfg)  # workers may start elsewhere
+                 Path(job.out).resolve(), job.cfg, job.formats)  # workers may start elsewhere
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"job": job, "env": env},
