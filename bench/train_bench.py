@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port  # noqa: E402
 
 
 def _env() -> dict:
@@ -114,20 +108,20 @@ def main() -> None:
     for name, stage in (("zero3", 3), ("zero2", 2)):
         out = d / f"out-{name}"
         subprocess.run(["rm", "-rf", str(out)])
-        subprocess.run(tr + ["--master_port", str(_port()), "-m", "cpift_dist.training.run",
+        subprocess.run(tr + ["--master_port", str(free_port()), "-m", "cpift_dist.training.run",
                              "--model", str(model), "--data", f"arithmetic={data}", "--out",
                              str(out), f"zero_stage={stage}", f"max_steps={a.steps}", *common],
                        check=True, capture_output=True, env=_env())
         res[name] = throughput(out)
     out = d / "out-ddp"
-    subprocess.run(tr + ["--master_port", str(_port()), __file__, "--ddp-worker", str(model), data,
+    subprocess.run(tr + ["--master_port", str(free_port()), __file__, "--ddp-worker", str(model), data,
                          str(a.steps), "4", "320", str(out)], check=True, capture_output=True,
                    env=_env())
     res["ddp"] = throughput(out)
 
     # start-up: a 1-step job through torchrun vs through Ray Train (Ray already running)
     t0 = time.perf_counter()
-    subprocess.run(tr + ["--master_port", str(_port()), "-m", "cpift_dist.training.run",
+    subprocess.run(tr + ["--master_port", str(free_port()), "-m", "cpift_dist.training.run",
                          "--model", str(model), "--data", f"arithmetic={data}", "--out",
                          str(d / "out-start-tr"), "max_steps=1", *common], check=True,
                    capture_output=True, env=_env())

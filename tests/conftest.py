@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(2)
 
-from helpers import make_llama, perturb  # noqa: E402
+from helpers import make_chat_tokenizer, make_llama, perturb  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +44,15 @@ def ray_local():
     init_ray(None, num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def train_setup(tmp_path_factory) -> Path:
+    """A tiny Llama with a chat tokenizer (``model/``) and the generated suite (``suite/``)."""
+    from cpift_dist.data import make_suite
+
+    d = tmp_path_factory.mktemp("train")
+    make_llama(d / "model")
+    make_chat_tokenizer(d / "model")
+    make_suite(d / "suite", n_train=48, n_eval=8)
+    return d

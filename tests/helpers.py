@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -96,3 +95,11 @@ def make_chat_tokenizer(path: Path | None = None, chat_template: str | None = CH
     if path is not None:
         fast.save_pretrained(path)
     return fast
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

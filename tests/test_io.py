@@ -1,6 +1,5 @@
 """Checkpoint IO: lazy row-chunk reads, the shard writer, atomic outputs, shipped configs."""
 
-import json
 import shutil
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """Triton kernels against the float64 definition (TRITON_INTERPRET=1 on CPU; CUDA when present)."""
 
-import math
 
 import numpy as np
 import pytest

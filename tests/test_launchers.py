@@ -1,7 +1,6 @@
 """The launcher scripts run the loop: deepspeed (single node) and SLURM (stand-in srun)."""
 
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -9,27 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from cpift_dist.data import make_suite
-from helpers import make_chat_tokenizer, make_llama
+from helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["max_steps=2", "save_every=2", "max_length=320", "micro_batch=2", "progress=false"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("launch")
-    make_llama(d / "model")
-    make_chat_tokenizer(d / "model")
-    make_suite(d / "suite", n_train=16, n_eval=4)
-    return d
+@pytest.fixture
+def setup(train_setup):
+    return train_setup
 
 
 def _env(tmp_path, **extra):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     path = f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}"
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
             "MASTER_PORT": str(port), "PATH": path, **extra}

@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 
 from cpift_dist.config import TrainConfig
-from cpift_dist.data import make_suite
 from cpift_dist.errors import CpiftError
 from cpift_dist.training import SFTJob
 from cpift_dist.training.loop import FAULT_ENV
-from helpers import make_chat_tokenizer, make_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 BIN = Path(sys.executable).parent
@@ -21,13 +19,9 @@ TRAIN = {"max_steps": 4, "save_every": 2, "max_length": 320, "micro_batch": 2, "
          "progress": False}
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rayft")
-    make_llama(d / "model")
-    make_chat_tokenizer(d / "model")
-    make_suite(d / "suite", n_train=32, n_eval=4)
-    return d
+@pytest.fixture
+def setup(train_setup):
+    return train_setup
 
 
 def test_two_tasks_on_a_two_node_cluster_with_a_worker_crash(setup, tmp_path):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,32 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpift_dist.data import make_suite
 from cpift_dist.io import Checkpoint
-from helpers import make_chat_tokenizer, make_llama
+from helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    make_llama(d / "model")
-    make_chat_tokenizer(d / "model")
-    make_suite(d / "suite", n_train=48, n_eval=8)
-    return d
+@pytest.fixture
+def setup(train_setup):
+    return train_setup
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(setup, out, *overrides, env=None):
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), "-m", "cpift_dist.training.run",
+           "--master_port", str(free_port()), "-m", "cpift_dist.training.run",
            "--model", str(setup / "model"), "--out", str(out),
            "--data", f"arithmetic={setup / 'suite' / 'arithmetic' / 'train.jsonl'}",
            "--data", f"logic={setup / 'suite' / 'logic' / 'train.jsonl'}",
