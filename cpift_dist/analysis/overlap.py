@@ -39,10 +39,3 @@ def mask_counts(paths: list[Path], names: list[str],
     inter = inter + inter.T
     inter[np.diag_indices(n)] = counts.sum(axis=0)
     return counts, inter
-
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """Jaccard index of two packed masks (0.0 when both are empty)."""
-    i = int(np.bitwise_count(a & b).sum())
-    u = int(np.bitwise_count(a | b).sum())
-    return i / u if u else 0.0

@@ -86,6 +86,7 @@ def plan_units(tensors: list[TensorInfo], selection: str, chunk_elements: int,
     tensor, a multiple of 8 elements, so that its packed mask bytes never straddle a byte.
     """
     units: list[Unit] = [Unit(0)]
+    filled = 0  # elements in the last unit (a running count: units may hold many chunks)
     for t in sorted(tensors, key=lambda t: t.name):
         if t.numel == 0:
             continue
@@ -97,7 +98,9 @@ def plan_units(tensors: list[TensorInfo], selection: str, chunk_elements: int,
         for r0 in range(0, t.rows, rows):
             r1 = min(t.rows, r0 + rows)
             c = Chunk(t.name, r0, r1, r0 * row, (r1 - r0) * row, group)
-            if units[-1].chunks and units[-1].numel + c.numel > unit_elements:
+            if units[-1].chunks and filled + c.numel > unit_elements:
                 units.append(Unit(len(units)))
+                filled = 0
             units[-1].chunks.append(c)
+            filled += c.numel
     return [u for u in units if u.chunks]
