@@ -129,14 +129,14 @@ def main() -> None:
     from cpift_dist.config import TrainConfig
     from cpift_dist.ray_utils import init_ray
     from cpift_dist.training import SFTJob
-    from cpift_dist.training.ray_finetune import finetune_task
+    from cpift_dist.training.ray_finetune import train_on_ray
 
     init_ray(None, num_cpus=2)
     subprocess.run(["rm", "-rf", str(d / "out-start-ray")])
     job = SFTJob(model, {"arithmetic": Path(data)}, d / "out-start-ray",
                  TrainConfig(max_steps=1, max_length=320, micro_batch=4, progress=False))
     t0 = time.perf_counter()
-    finetune_task("bench", job, num_workers=2, max_failures=0)
+    train_on_ray("finetune-bench", job, num_workers=2, max_failures=0)
     t_ray = time.perf_counter() - t0
 
     print(f"\n== training, Llama hidden {a.hidden} x 2 layers, 2 CPU ranks (gloo), "

@@ -7,6 +7,8 @@
                [--space weights|task-vectors] [--overlap max-magnitude|task-order]
                [--granularity tensor|row] [--device auto|cpu|cuda]
     cpift finetune --config cfg.yaml [--task NAME ...] [--address RAY_ADDRESS]
+    cpift sft --config cfg.yaml [--method cpi|multitask|multistage-random|multistage-heuristic]
+              [--address RAY_ADDRESS] [--no-ray] [--plan] [--prepare-stage K]
     cpift data make-suite --out DIR [--seed S] [--n-train N] [--n-eval N]
     cpift demo [--runs-dir runs]
 
@@ -68,6 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--task", action="append", default=[], help="only these tasks (repeat)")
     _add_exec_args(ft)
     ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+    sf = sub.add_parser("sft", help="the final SFT: CPI-FT masked stages or a baseline")
+    sf.add_argument("--config", type=Path, required=True, help="run config YAML")
+    sf.add_argument("--method", choices=["cpi", "multitask", "multistage-random",
+                                         "multistage-heuristic"],
+                    help="SFT method (default: the config's sft.method)")
+    sf.add_argument("--plan", action="store_true", help="print the stage plan as JSON and exit")
+    sf.add_argument("--prepare-stage", type=int, metavar="K",
+                    help="ready stage K's directory and exit (before a launcher runs it)")
+    _add_exec_args(sf)
+    sf.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     dp = sub.add_parser("data", help="task data tools")
     dsub = dp.add_subparsers(dest="data_command", required=True)
@@ -226,6 +239,39 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    import json
+
+    from rich.console import Console
+
+    from cpift_dist.config import load_config
+    from cpift_dist.training.sft import describe, plan_stages, prepare_stage, run_stage
+
+    data: dict = {}
+    _exec_overrides(data, args)
+    overrides = [f"ray.{k}={v}" for k, v in data["ray"].items()]
+    cfg = load_config(args.config, [*args.overrides, *overrides])
+    stages = plan_stages(cfg, args.method)
+    if args.plan:
+        print(json.dumps(describe(stages), indent=2))
+        return 0
+    if args.prepare_stage is not None:
+        if not 1 <= args.prepare_stage <= len(stages):
+            raise CpiftError(f"--prepare-stage must be 1..{len(stages)}")
+        prepare_stage(cfg, stages[args.prepare_stage - 1])
+        return 0
+    console = Console(soft_wrap=True)
+    for st in stages:
+        frozen = f", {', '.join(st.frozen_tasks)} frozen" if st.frozen_tasks else ""
+        console.print(f"stage {st.index}/{len(stages)} ({st.method}): {', '.join(st.tasks)}; "
+                      f"{st.steps} steps from {st.init}{frozen}")
+        man = run_stage(cfg, st, progress=not args.quiet)
+        if "frozen_elements" in man:
+            console.print(f"  {man['frozen_elements']:,} frozen elements checked bit for bit")
+    console.print(f"final model: {stages[-1].out / 'model'}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from cpift_dist.data import make_suite
 
@@ -279,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
-                "finetune": cmd_finetune, "data": cmd_data,
+                "finetune": cmd_finetune, "sft": cmd_sft, "data": cmd_data,
                 "demo": cmd_demo}[args.command](args)
     except CpiftError as e:
         print(f"cpift: error: {e}", file=sys.stderr)

@@ -109,8 +109,33 @@ class TrainConfig(_Model):
     """Progress bar on rank 0."""
 
 
+class SFTConfig(_Model):
+    """The final SFT: CPI-FT's masked stages, or one of the paper's baselines."""
+
+    method: Literal["cpi", "multitask", "multistage-random", "multistage-heuristic"] = "cpi"
+    """cpi: grouped stages from the fused backbone, earlier stages' cores frozen; multitask:
+    one stage on all tasks from the base; multistage-*: num_stages stages from the base, no
+    isolation (random split, or tasks with similar core regions together)."""
+    steps: int = Field(100, ge=1)
+    """Optimizer steps over all stages (every method gets the same budget), split across
+    stages in proportion to their number of tasks."""
+    samples_per_task: int | None = Field(None, ge=1)
+    """Examples of each of a stage's tasks per epoch of its mix (a balanced mix); default: all."""
+    calibration_samples: int = Field(0, ge=0)
+    """Examples of every task outside the stage added to each stage's mix (0: none)."""
+    num_stages: int = Field(3, ge=1)
+    """K of the multi-stage baselines (at most the number of tasks)."""
+    seed: int = 0
+    """Seed of the multistage-random split."""
+    train: TrainConfig | None = None
+    """Training settings of every stage (default: the run's ``train``); max_steps is set per
+    stage from ``steps``."""
+    keep_checkpoints: bool = False
+    """Keep each finished stage's DeepSpeed checkpoints (optimizer state); default: delete."""
+
+
 class FinetuneConfig(_Model):
-    """How the per-task fine-tunes are scheduled on Ray."""
+    """How each DeepSpeed job (per-task fine-tunes and SFT stages) is scheduled on Ray."""
 
     workers_per_task: int = Field(2, ge=1)
     """Rank workers (one CPU or GPU bundle each) of every task's DeepSpeed job."""
@@ -168,7 +193,9 @@ class RunConfig(_Model):
     train: TrainConfig = TrainConfig()
     """Training settings of each per-task fine-tune."""
     finetune: FinetuneConfig = FinetuneConfig()
-    """Scheduling of the per-task fine-tunes."""
+    """Ray scheduling of each DeepSpeed job (the per-task fine-tunes and the SFT stages)."""
+    sft: SFTConfig = SFTConfig()
+    """The final SFT (CPI-FT stages or a baseline)."""
     ray: RayConfig = RayConfig()
     """Ray settings."""
 

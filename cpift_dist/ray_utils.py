@@ -26,7 +26,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}} \
         if os.environ.get("DS_ACCELERATOR") else None
     if address in (None, "", "local"):
-        tmp = tempfile.mkdtemp(prefix="cpift-ray-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+        root = os.environ.get("RAY_TMPDIR", "/tmp")
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="cpift-ray-", dir=root)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  _node_ip_address="127.0.0.1", _temp_dir=tmp, runtime_env=env,
                  log_to_driver=False, configure_logging=False)

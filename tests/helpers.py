@@ -103,3 +103,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_mask(path: Path, model: Path, select, task: str = "t") -> dict[str, torch.Tensor]:
+    """Writes a core-mask file for ``model`` with ``select(name, numel) -> bool tensor``."""
+    from cpift_dist.analysis.masks import MaskWriter, pack_mask
+
+    ck = Checkpoint(model)
+    shapes = {n: tuple(ck.info(n).shape) for n in ck.names()}
+    w = MaskWriter(path, shapes)
+    masks = {}
+    for n, s in shapes.items():
+        m = select(n, math.prod(s)).reshape(-1).bool()
+        w.write(n, 0, pack_mask(m))
+        masks[n] = m
+    w.close({"task": task, "p": "0", "k": str(sum(int(m.sum()) for m in masks.values()))})
+    return masks

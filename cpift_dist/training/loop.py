@@ -25,6 +25,7 @@ import torch
 from cpift_dist.config import TrainConfig
 from cpift_dist.data import IGNORE_INDEX, Encoded, TaskMixture, encode_all, load_records
 from cpift_dist.errors import CpiftError
+from cpift_dist.training.freeze import CoreUnion, ElementFreezer, check_frozen
 
 FAULT_ENV = "CPIFT_FAULT_AFTER_STEP"  # tests: die right after this step's checkpoint
 
@@ -42,6 +43,10 @@ class SFTJob:
     cfg: TrainConfig = field(default_factory=TrainConfig)
     formats: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     """Task -> (data shape, column mapping) where not ``("auto", {})``."""
+    samples: dict[str, int] | None = None
+    """Task -> examples per epoch of the mix (default: ``cfg.samples_per_task`` or all)."""
+    freeze: list[Path] = field(default_factory=list)
+    """Core-mask files whose union is frozen element by element (masked SFT stages)."""
 
 
 def _ds_config(cfg: TrainConfig, world: int) -> dict:
@@ -90,7 +95,8 @@ class SFTLoop:
             shape, columns = self.job.formats.get(task, ("auto", {}))
             convs = load_records(path, shape, columns or None)
             self.examples[task], _ = encode_all(tok, convs, self.cfg.max_length, str(path))
-        samples = {t: self.cfg.samples_per_task or len(e) for t, e in self.examples.items()}
+        samples = {t: (self.job.samples or {}).get(t) or self.cfg.samples_per_task or len(e)
+                   for t, e in self.examples.items()}
         self.mixture = TaskMixture({t: len(e) for t, e in self.examples.items()}, samples,
                                    seed=self.cfg.seed)
 
@@ -110,6 +116,10 @@ class SFTLoop:
             _, state = self.engine.load_checkpoint(str(self.ckpt_dir))
             self.step = state["step"]
             self.mixture.load_state_dict(state["mixture"])
+        self.freezer = None
+        if self.job.freeze:  # after load_checkpoint: keeps the values the partitions hold now
+            self.union = CoreUnion(self.job.freeze)
+            self.freezer = ElementFreezer(self.engine, self.union)
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 10% of the peak."""
@@ -184,6 +194,8 @@ class SFTLoop:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             sd = self.engine.module.state_dict()
+        if self.freezer is not None:
+            self._verify_frozen(sd)
         if self.rank == 0:
             out = self.job.out / "model"
             tmp = self.job.out / ".model.tmp"
@@ -196,6 +208,38 @@ class SFTLoop:
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
         torch.distributed.barrier()
+
+    def _verify_frozen(self, sd: dict) -> None:
+        """Checks every frozen element against the stage input; fails the stage on a mismatch.
+
+        Each rank checks its own fp32 partitions; rank 0 compares the gathered weights with the
+        stage input's, bit for bit, and writes ``freeze.json`` (the counts the manifest records).
+        """
+        bad_local = torch.tensor([self.freezer.check_partitions(), self.freezer.frozen_here],
+                                 device=self.engine.device)
+        torch.distributed.all_reduce(bad_local)
+        held = [None] * self.world
+        torch.distributed.all_gather_object(held, self.freezer.tensors_here())
+        verdict = [None]
+        if self.rank == 0:
+            from cpift_dist.io import Checkpoint
+
+            dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
+            checked, bad = check_frozen(sd, Checkpoint(self.job.model), self.union, dtype)
+            split = sorted({n for h in held for n in h if sum(n in g for g in held) > 1})
+            report = {"masks": [str(p) for p in self.job.freeze], "frozen": checked,
+                      "checked": checked, "mismatched_tensors": bad,
+                      "partition_mismatches": int(bad_local[0]),
+                      "frozen_in_partitions": int(bad_local[1]),
+                      "tensors_split_across_ranks": split}
+            (self.job.out / "freeze.json").write_text(json.dumps(report, indent=2) + "\n")
+            if bad or bad_local[0] or checked != int(bad_local[1]):
+                verdict[0] = (f"frozen elements changed during training: tensors {bad[:5]}, "
+                              f"{int(bad_local[0])} partition mismatches, {checked} masked vs "
+                              f"{int(bad_local[1])} held in partitions ({self.job.out})")
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise CpiftError(verdict[0])
 
 
 def run(job: SFTJob) -> SFTLoop:

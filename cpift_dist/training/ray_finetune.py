@@ -39,10 +39,17 @@ def _worker(config: dict) -> None:
     ray.train.report({"step": loop.step, "loss": loop.losses[-1] if loop.losses else None})
 
 
-def finetune_task(name: str, job: SFTJob, num_workers: int = 2, max_failures: int = 1,
-                  env: dict[str, str] | None = None, use_gpu: bool = False,
-                  placement: str = "PACK") -> dict:
-    """Runs one task's job on the connected Ray cluster; returns its last metrics."""
+def train_on_ray(name: str, job: SFTJob, num_workers: int = 2, max_failures: int = 1,
+                 env: dict[str, str] | None = None, use_gpu: bool = False,
+                 placement: str = "PACK") -> dict:
+    """Runs one DeepSpeed job (a fine-tune or an SFT stage) on the connected Ray cluster.
+
+    Args:
+        name: the Ray Train run name (``finetune-<task>``, ``sft-stage-<k>``...).
+
+    Returns:
+        The job's last reported metrics (step, loss).
+    """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -52,14 +59,15 @@ def finetune_task(name: str, job: SFTJob, num_workers: int = 2, max_failures: in
     if FAULT_ENV in os.environ:  # fault injection reaches the rank workers too
         env.setdefault(FAULT_ENV, os.environ[FAULT_ENV])
     job = SFTJob(Path(job.model).resolve(), {t: Path(p).resolve() for t, p in job.data.items()},
-                 Path(job.out).resolve(), job.cfg, job.formats)  # workers may start elsewhere
+                 Path(job.out).resolve(), job.cfg, job.formats, job.samples,
+                 [Path(p).resolve() for p in job.freeze])  # workers may start elsewhere
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"job": job, "env": env},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1},
                                      placement_strategy=placement),
-        run_config=RunConfig(name=f"finetune-{name}",
+        run_config=RunConfig(name=name,
                              storage_path=str(Path(job.out).resolve().parent / ".ray-train"),
                              failure_config=FailureConfig(max_failures=max_failures)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -80,7 +88,7 @@ def finetune_all(jobs: dict[str, SFTJob], num_workers: int = 2, max_failures: in
     """
     env = env or {}
     with ThreadPoolExecutor(max(1, len(jobs))) as pool:
-        futures = {t: pool.submit(finetune_task, t, j, num_workers, max_failures,
+        futures = {t: pool.submit(train_on_ray, f"finetune-{t}", j, num_workers, max_failures,
                                   env.get(t), use_gpu, placement) for t, j in jobs.items()}
     results, failed = {}, {}
     for t, f in futures.items():

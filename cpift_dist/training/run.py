@@ -4,6 +4,12 @@
         --model runs/x/base --data arithmetic=data/suite/arithmetic/train.jsonl --out runs/x/ft \
         zero_stage=3 max_steps=100 lr=1e-4
 
+One stage of a run's final SFT (the job is planned from the run config; rank 0 writes the
+stage manifest at the end):
+
+    torchrun --nproc_per_node 2 -m cpift_dist.training.run \
+        --run-config configs/tiny.yaml --method cpi --stage 1 [sft.steps=40 ...]
+
 On CPU set DS_ACCELERATOR=cpu (gloo); with CUDA it uses NCCL.
 """
 
@@ -13,30 +19,43 @@ import argparse
 import sys
 from pathlib import Path
 
-from cpift_dist.config import TrainConfig, apply_overrides, validate
+from cpift_dist.config import TrainConfig, apply_overrides, load_config, validate
 from cpift_dist.errors import CpiftError
 from cpift_dist.training.loop import SFTJob, run
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cpift-train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, required=True, help="HF checkpoint to start from")
+    ap.add_argument("--model", type=Path, help="HF checkpoint to start from")
     ap.add_argument("--data", action="append", default=[], metavar="TASK=FILE",
                     help="a task's training file (repeat per task)")
-    ap.add_argument("--out", type=Path, required=True, help="output directory")
+    ap.add_argument("--out", type=Path, help="output directory")
+    ap.add_argument("--freeze", action="append", default=[], type=Path, metavar="MASK",
+                    help="core-mask file whose elements stay frozen (repeat; union)")
+    ap.add_argument("--samples", action="append", default=[], metavar="TASK=N",
+                    help="examples of a task per epoch of the mix (repeat per task)")
+    ap.add_argument("--run-config", type=Path, help="a run config: train one of its SFT stages")
+    ap.add_argument("--method", help="SFT method of the stage (default: the config's)")
+    ap.add_argument("--stage", type=int, help="1-based SFT stage number")
     ap.add_argument("--local_rank", "--local-rank", type=int,
                     help=argparse.SUPPRESS)  # the deepspeed launcher adds it; LOCAL_RANK is read
-    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="TrainConfig fields")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="TrainConfig fields (run-config fields with --run-config)")
     args = ap.parse_args(argv)
     try:
-        data = {}
-        for item in args.data:
-            task, sep, path = item.partition("=")
-            if not sep:
-                raise CpiftError(f"--data {item!r}: expected TASK=FILE")
-            data[task] = Path(path)
+        if args.run_config:
+            return _stage(args)
+        if not args.model or not args.out:
+            raise CpiftError("--model and --out are required (or --run-config and --stage)")
+        data = {t: Path(v) for t, v in _pairs("--data", args.data, "TASK=FILE").items()}
+        samples = {}
+        for t, v in _pairs("--samples", args.samples, "TASK=N").items():
+            if not v.isdigit() or int(v) < 1 or t not in data:
+                raise CpiftError(f"--samples {t}={v}: expected a task of --data and N >= 1")
+            samples[t] = int(v)
         cfg = validate(TrainConfig, apply_overrides({}, args.overrides), "command line")
-        loop = run(SFTJob(args.model, data, args.out, cfg))
+        loop = run(SFTJob(args.model, data, args.out, cfg, samples=samples or None,
+                          freeze=args.freeze))
         if loop.rank == 0:
             print(f"trained {loop.step} steps; final loss {loop.losses[-1]:.4f}; "
                   f"wrote {args.out / 'model'}", flush=True)
@@ -44,6 +63,38 @@ def main(argv: list[str] | None = None) -> int:
     except CpiftError as e:
         print(f"cpift-train: error: {e}", file=sys.stderr)
         return 2
+
+
+def _stage(args) -> int:
+    """One SFT stage of a run config; the directory was readied by ``cpift sft --prepare``."""
+    from cpift_dist.training.sft import finish_stage, plan_stages, stage_complete, stage_job
+
+    cfg = load_config(args.run_config, args.overrides)
+    stages = plan_stages(cfg, args.method)
+    if args.stage is None or not 1 <= args.stage <= len(stages):
+        raise CpiftError(f"--stage must be 1..{len(stages)} for this run's "
+                         f"{stages[0].method} plan")
+    stage = stages[args.stage - 1]
+    if stage_complete(cfg, stage):
+        print(f"stage {stage.index} ({stage.method}) is complete: skipped", flush=True)
+        return 0
+    job = stage_job(cfg, stage)
+    loop = run(job)
+    if loop.rank == 0:
+        finish_stage(cfg, stage, job)
+        print(f"stage {stage.index} ({stage.method}): {loop.step} steps; wrote "
+              f"{stage.out / 'model'}", flush=True)
+    return 0
+
+
+def _pairs(flag: str, items: list[str], form: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CpiftError(f"{flag} {item!r}: expected {form}")
+        out[key] = value
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,248 @@
+"""Masked SFT: element-wise freezing under ZeRO-2/3 with 2 gloo ranks, and the stage driver."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpift_dist.config import RunConfig
+from cpift_dist.errors import CpiftError
+from cpift_dist.io import Checkpoint
+from cpift_dist.training.sft import (plan_stages, random_split, similarity_split, split_budget,
+                                     stage_job)
+from helpers import free_port, write_mask
+
+BIN = Path(sys.executable).parent
+WHOLE = "model.norm.weight"                          # entirely frozen
+NONE = "model.layers.0.mlp.up_proj.weight"           # nothing frozen
+BOUNDARY = "model.layers.1.self_attn.q_proj.weight"  # a block across ZeRO-3's rank boundary
+
+
+@pytest.fixture(scope="module")
+def masks(train_setup, tmp_path_factory):
+    d = tmp_path_factory.mktemp("masks")
+    model = train_setup / "model"
+    g = torch.Generator().manual_seed(0)
+    a = write_mask(d / "a.safetensors", model,
+                   lambda n, k: (torch.rand(k, generator=g) < 0.2) & torch.tensor(n != NONE), "a")
+
+    def block(n, k):
+        m = torch.zeros(k, dtype=torch.bool)
+        m[:] = n == WHOLE
+        if n == BOUNDARY:
+            m[k // 2 - 50: k // 2 + 50] = True
+        return m
+
+    b = write_mask(d / "b.safetensors", model, block, "b")
+    union = {n: a[n] | b[n] for n in a}
+    return [d / "a.safetensors", d / "b.safetensors"], union
+
+
+def train(setup, out, *overrides, freeze=(), env=None):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "cpift_dist.training.run",
+           "--model", str(setup / "model"), "--out", str(out),
+           "--data", f"arithmetic={setup / 'suite' / 'arithmetic' / 'train.jsonl'}",
+           "--data", f"strings={setup / 'suite' / 'strings' / 'train.jsonl'}",
+           "max_length=320", "micro_batch=2", "lr=3e-3", "weight_decay=0.05", "progress=false",
+           "max_steps=6", "save_every=3", "grad_accum=2", *overrides]
+    for m in freeze:
+        cmd += ["--freeze", str(m)]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=400)
+
+
+def _flat(ck: Checkpoint, name: str, dtype) -> torch.Tensor:
+    return ck.read(name).to(dtype).reshape(-1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage,dtype", [(3, "fp32"), (2, "fp32"), (3, "bf16"), (2, "bf16")])
+def test_frozen_elements_bit_identical(train_setup, masks, tmp_path, stage, dtype):
+    paths, union = masks
+    out = tmp_path / "o"
+    r = train(train_setup, out, f"zero_stage={stage}", f"dtype={dtype}", freeze=paths)
+    assert r.returncode == 0, r.stderr[-4000:]
+    want = torch.bfloat16 if dtype == "bf16" else torch.float32
+    base, got = Checkpoint(train_setup / "model"), Checkpoint(out / "model")
+    moved = total = 0
+    for n in base.names():
+        b, t, m = _flat(base, n, want), _flat(got, n, want), union[n]
+        assert torch.equal(b[m], t[m]), n  # frozen: bit for bit
+        moved += int((b[~m] != t[~m]).sum())
+        total += int((~m).sum())
+    assert moved > 0.5 * total  # the rest trained (AdamW, weight decay > 0)
+    assert not torch.equal(_flat(base, NONE, want), _flat(got, NONE, want))
+    facts = json.loads((out / "freeze.json").read_text())
+    assert facts["frozen"] == facts["checked"] == sum(int(m.sum()) for m in union.values())
+    assert facts["mismatched_tensors"] == [] and facts["partition_mismatches"] == 0
+    split = facts["tensors_split_across_ranks"]  # frozen elements on both sides of a boundary
+    assert split and (stage == 2 or {BOUNDARY, WHOLE} <= set(split))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_without_the_freezer_masked_elements_drift(train_setup, masks, tmp_path):
+    _, union = masks
+    r = train(train_setup, tmp_path / "o", "zero_stage=3")
+    assert r.returncode == 0, r.stderr[-4000:]
+    base, got = Checkpoint(train_setup / "model"), Checkpoint(tmp_path / "o" / "model")
+    changed = sum(int((_flat(base, n, torch.float32) != _flat(got, n, torch.float32))[
+        union[n]].sum()) for n in base.names())
+    assert changed > 0.9 * sum(int(m.sum()) for m in union.values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_and_resume_keeps_the_freeze_and_equals_uninterrupted(train_setup, masks,
+                                                                   tmp_path):
+    paths, union = masks
+    r = train(train_setup, tmp_path / "full", "zero_stage=3", freeze=paths)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = train(train_setup, tmp_path / "crash", "zero_stage=3", freeze=paths,
+              env={"CPIFT_FAULT_AFTER_STEP": "3"})
+    assert r.returncode != 0 and not (tmp_path / "crash" / "model").exists()
+    r = train(train_setup, tmp_path / "crash", "zero_stage=3", freeze=paths)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a, b = Checkpoint(tmp_path / "full" / "model"), Checkpoint(tmp_path / "crash" / "model")
+    base = Checkpoint(train_setup / "model")
+    for n in a.names():
+        assert torch.equal(a.read(n), b.read(n)), n
+        assert torch.equal(b.read(n).reshape(-1)[union[n]], base.read(n).reshape(-1)[union[n]])
+
+
+def test_check_frozen_names_a_changed_tensor(train_setup, masks):
+    from cpift_dist.training.freeze import CoreUnion, check_frozen
+
+    paths, union = masks
+    ck = Checkpoint(train_setup / "model")
+    state = {n: ck.read(n).clone() for n in ck.names()}
+    cu = CoreUnion(paths)
+    assert check_frozen(state, ck, cu, torch.float32) == (
+        sum(int(m.sum()) for m in union.values()), [])
+    i = int(union[BOUNDARY].nonzero()[0])
+    state[BOUNDARY].view(-1)[i] = torch.nextafter(state[BOUNDARY].view(-1)[i],
+                                                  torch.tensor(1e9))  # one ulp
+    assert check_frozen(state, ck, cu, torch.float32)[1] == [BOUNDARY]
+
+
+# ---- planning ---------------------------------------------------------------------------------
+def test_budget_and_splits():
+    assert split_budget(10, [2, 1, 1]) == [5, 3, 2] or sum(split_budget(10, [2, 1, 1])) == 10
+    assert split_budget(10, [2, 1, 1])[0] == 5 and sum(split_budget(7, [1] * 3)) == 7
+    assert split_budget(3, [5, 1, 1]) == [1, 1, 1]
+    with pytest.raises(CpiftError, match="fewer than"):
+        split_budget(2, [1, 1, 1])
+    tasks = list("abcdefg")
+    s = random_split(tasks, 3, seed=1)
+    assert s == random_split(tasks, 3, seed=1) and len(s) == 3
+    assert sorted(sum(s, [])) == tasks and {len(x) for x in s} <= {2, 3}
+    jac = [[1, .5, 0, 0], [.5, 1, 0, .1], [0, 0, 1, .3], [0, .1, .3, 1]]
+    assert similarity_split(list("wxyz"), jac, 2) == [["w", "x"], ["y", "z"]]
+    assert similarity_split(list("wxyz"), jac, 4) == [["w"], ["x"], ["y"], ["z"]]
+
+
+def _run_cfg(tmp_path, train_setup, **sft) -> RunConfig:
+    suite = train_setup / "suite"
+    names = ["arithmetic", "strings", "logic", "format"]
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "groups.json").write_text(json.dumps({
+        "tasks": names, "jaccard": [[1, .3, 0, 0], [.3, 1, 0, 0], [0, 0, 1, .2], [0, 0, .2, 1]],
+        "stages": [{"stage": 1, "tasks": ["logic", "format"]},
+                   {"stage": 2, "tasks": ["arithmetic", "strings"]}]}))
+    return RunConfig.model_validate({
+        "name": "r", "runs_dir": str(tmp_path / "runs"), "base": str(train_setup / "model"),
+        "tasks": [{"name": n, "train_data": str(suite / n / "train.jsonl")} for n in names],
+        "sft": {"steps": 12, "samples_per_task": 8, **sft}})
+
+
+def test_plans_of_every_method(tmp_path, train_setup):
+    cfg = _run_cfg(tmp_path, train_setup, calibration_samples=2)
+    cpi = plan_stages(cfg, "cpi")
+    assert [s.tasks for s in cpi] == [["logic", "format"], ["arithmetic", "strings"]]
+    assert [s.frozen_tasks for s in cpi] == [[], ["logic", "format"]]
+    assert cpi[0].init == cfg.run_dir / "fusion" / "backbone"
+    assert cpi[1].init == cpi[0].out / "model" and cpi[1].out == cfg.run_dir / "sft" / "stage-2"
+    job = stage_job(cfg, cpi[1])
+    assert [p.name for p in job.freeze] == ["logic.safetensors", "format.safetensors"]
+    assert job.samples == {"arithmetic": 8, "strings": 8, "logic": 2, "format": 2}
+    assert job.cfg.max_steps == 6
+    mt = plan_stages(cfg, "multitask")
+    assert len(mt) == 1 and mt[0].steps == 12 and mt[0].init == cfg.base
+    assert mt[0].out == cfg.run_dir / "baselines" / "multitask" / "stage-1"
+    rnd = plan_stages(cfg, "multistage-random")
+    assert len(rnd) == 3 and sum(s.steps for s in rnd) == 12
+    assert all(not s.frozen_tasks for s in rnd)
+    heur = plan_stages(cfg, "multistage-heuristic")
+    assert [s.tasks for s in heur] == [["arithmetic", "strings"], ["logic"], ["format"]]
+    (cfg.run_dir / "groups.json").unlink()
+    with pytest.raises(CpiftError, match="groups.json: no groups"):
+        plan_stages(cfg, "cpi")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cpift_sft_stages_on_ray_freeze_resume_and_a_baseline(tmp_path, train_setup, ray_local):
+    from cpift_dist.analysis import analyze
+    from cpift_dist.cli import main
+    from cpift_dist.config import AnalysisConfig, FusionConfig
+    from cpift_dist.executor import InProcessExecutor
+    from cpift_dist.fusion import fuse
+    from cpift_dist.training.sft import run_sft
+    from helpers import perturb
+
+    cfg = _run_cfg(tmp_path, train_setup)
+    cfg.train = cfg.train.model_copy(update={"max_length": 320, "micro_batch": 2, "lr": 3e-3,
+                                             "weight_decay": 0.05, "progress": False})
+    cfg.sft.steps = 4
+    base = train_setup / "model"
+    tuned = {t.name: perturb(base, cfg.run_dir / "finetune" / t.name, seed=i + 1)
+             for i, t in enumerate(cfg.tasks)}
+    ex = InProcessExecutor(2)
+    analyze(base, tuned, cfg.run_dir / "analysis", AnalysisConfig(p=0.05), executor=ex,
+            progress=False)
+    fuse(base, tuned, cfg.run_dir / "analysis" / "masks", cfg.run_dir / "fusion" / "backbone",
+         FusionConfig(), executor=ex, progress=False)
+
+    mans = run_sft(cfg, "cpi", progress=False)
+    assert [m["status"] for m in mans] == ["complete", "complete"]
+    s1, s2 = (cfg.run_dir / "sft" / f"stage-{k}" for k in (1, 2))
+    assert "frozen_elements" not in mans[0] and mans[1]["frozen_elements"] > 0
+    a, b = Checkpoint(s1 / "model"), Checkpoint(s2 / "model")
+    from cpift_dist.training.freeze import CoreUnion
+    union = CoreUnion([cfg.run_dir / "analysis" / "masks" / f"{t}.safetensors"
+                       for t in ("logic", "format")])
+    frozen = 0
+    for n in a.names():
+        m = torch.from_numpy(union.bits(n))
+        x, y = a.read(n).reshape(-1), b.read(n).reshape(-1)
+        assert torch.equal(x[m], y[m]), n
+        assert not torch.equal(x[~m], y[~m]), n
+        frozen += int(m.sum())
+    assert frozen == mans[1]["frozen_elements"] == mans[1]["checked_elements"]
+    assert not (s2 / "checkpoints").exists()  # DeepSpeed state dropped once a stage is done
+
+    # a rerun skips complete stages; deleting stage 2's output re-runs only stage 2
+    stamp = (s1 / "model" / "config.json").stat().st_mtime_ns
+    import shutil
+    shutil.rmtree(s2)
+    run_sft(cfg, "cpi", progress=False)
+    assert (s1 / "model" / "config.json").stat().st_mtime_ns == stamp
+    assert json.loads((s2 / "manifest.json").read_text())["frozen_elements"] == frozen
+
+    # a baseline through the launcher entry (torchrun on this node), via the CLI
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(cfg.model_dump_json())
+    rc = main(["sft", "--config", str(cfg_file), "--method", "multitask", "--no-ray",
+               "--quiet"])
+    assert rc == 0
+    mt = cfg.run_dir / "baselines" / "multitask" / "stage-1"
+    man = json.loads((mt / "manifest.json").read_text())
+    assert man["steps"] == 4 and man["tasks"] == [t.name for t in cfg.tasks]
+    assert Checkpoint(mt / "model").names() == a.names()
