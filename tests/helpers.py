@@ -72,29 +72,8 @@ def oracle_masks(base: Path, tuned: Path, p: float) -> dict[str, torch.Tensor]:
     return out
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def make_chat_tokenizer(path: Path | None = None, chat_template: str | None = CHATML):
-    """A character-level fast tokenizer with ChatML special tokens (built here, not downloaded)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="<|im_end|>",
-                                   additional_special_tokens=["<|im_start|>"])
-    if chat_template:
-        fast.chat_template = chat_template
-    if path is not None:
-        fast.save_pretrained(path)
-    return fast
+from cpift_dist.models import CHATML  # noqa: E402,F401
+from cpift_dist.models import char_tokenizer as make_chat_tokenizer  # noqa: E402,F401
 
 
 def free_port() -> int:

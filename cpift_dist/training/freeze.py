@@ -154,7 +154,19 @@ class ElementFreezer:
                 index = torch.cat(idx).to(flat.device)
                 self.groups.append(_Frozen(flat, index, flat.detach()[index].clone(), counts))
         self._by_flat = {id(g.flat): g for g in self.groups}
-        self._handle = engine.optimizer.optimizer.register_step_post_hook(self._restore)
+        self._handle = None
+        self.attach()
+
+    def attach(self) -> None:
+        """Registers the post-step hook on DeepSpeed's inner optimizer (done at construction)."""
+        if self._handle is None:
+            self._handle = self.engine.optimizer.optimizer.register_step_post_hook(self._restore)
+
+    def detach(self) -> None:
+        """Removes the hook: later steps move frozen elements again (benchmarks, tear-down)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
     def _restore(self, optimizer, args, kwargs) -> None:
         for group in optimizer.param_groups:
@@ -183,9 +195,6 @@ class ElementFreezer:
             now = g.flat.detach()[g.index]
             bad += int((now.view(torch.int32) != g.values.view(torch.int32)).sum())
         return bad
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 def check_frozen(state: dict[str, torch.Tensor], reference, union: CoreUnion,
