@@ -9,6 +9,8 @@
     cpift finetune --config cfg.yaml [--task NAME ...] [--address RAY_ADDRESS]
     cpift sft --config cfg.yaml [--method cpi|multitask|multistage-random|multistage-heuristic]
               [--address RAY_ADDRESS] [--no-ray] [--plan] [--prepare-stage K]
+    cpift run [CONFIG.yaml] [--preset default|tiny] [--address RAY_ADDRESS] [--from STAGE]
+              [key=value ...]
     cpift data make-suite --out DIR [--seed S] [--n-train N] [--n-eval N]
     cpift demo [--runs-dir runs]
 
@@ -70,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--task", action="append", default=[], help="only these tasks (repeat)")
     _add_exec_args(ft)
     ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+    r = sub.add_parser("run", help="the whole pipeline: finetune, analyze, group, fuse, sft, "
+                                   "baselines, eval, report (resumable)")
+    r.add_argument("config", nargs="?", type=Path, help="run config YAML (default: --preset)")
+    r.add_argument("--preset", choices=["default", "tiny"],
+                   help="a shipped config: default (SmolLM2-135M + suite) or tiny")
+    r.add_argument("--from", dest="from_stage", metavar="STAGE",
+                   help="restart from this stage (its outputs and later ones are redone)")
+    _add_exec_args(r)
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     sf = sub.add_parser("sft", help="the final SFT: CPI-FT masked stages or a baseline")
     sf.add_argument("--config", type=Path, required=True, help="run config YAML")
@@ -239,6 +251,33 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def preset_path(name: str) -> Path:
+    return Path(__file__).parent / "presets" / f"{name}.yaml"
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+
+    from cpift_dist.config import load_config
+    from cpift_dist.pipeline import Pipeline
+
+    if args.config and "=" in str(args.config) and not args.config.exists():
+        args.overrides.insert(0, str(args.config))  # `cpift run --preset tiny key=value`
+        args.config = None
+    if args.config and args.preset:
+        raise CpiftError("give a config file or --preset, not both")
+    path = args.config or preset_path(args.preset or "default")
+    data: dict = {}
+    _exec_overrides(data, args)
+    cfg = load_config(path, [*args.overrides, *(f"ray.{k}={v}" for k, v in data["ray"].items())])
+    console = Console(soft_wrap=True)
+    console.print(f"[bold]cpift run[/bold] {path} -> {cfg.run_dir}")
+    res = Pipeline(cfg, args.from_stage, progress=not args.quiet, log=console.print).run()
+    console.print(res["table"])
+    console.print(f"report: {res['path']} and {res['html']}")
+    return 0
+
+
 def cmd_sft(args) -> int:
     import json
 
@@ -325,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
-                "finetune": cmd_finetune, "sft": cmd_sft, "data": cmd_data,
+                "finetune": cmd_finetune, "sft": cmd_sft, "run": cmd_run, "data": cmd_data,
                 "demo": cmd_demo}[args.command](args)
     except CpiftError as e:
         print(f"cpift: error: {e}", file=sys.stderr)

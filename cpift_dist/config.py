@@ -160,6 +160,33 @@ class TaskConfig(_Model):
     """Shape of the task's records (auto: messages if a 'messages' field exists)."""
     columns: dict[str, str] = {}
     """File field -> shape field renames, e.g. {question: instruction, answer: output}."""
+    eval_data: Path | None = None
+    """This task's held-out file (same shapes), scored by ``scorer`` in the eval stage."""
+    scorer: Literal["arithmetic", "strings", "logic", "format", "exact", "contains"] | None = None
+    """How a response is scored: a suite scorer, 'exact' (the reference answer, stripped) or
+    'contains'; default: the task's name when it is a suite task, else 'exact'."""
+
+
+class SuiteConfig(_Model):
+    """The bundled generated task suite as the run's data (written to ``<run>/data/suite``)."""
+
+    n_train: int = Field(512, ge=1)
+    """Training examples per task."""
+    n_eval: int = Field(64, ge=1)
+    """Held-out examples per task."""
+    seed: int = 0
+    """Generation seed."""
+
+
+class EvalConfig(_Model):
+    """Scoring every model of the run on every task's held-out split."""
+
+    max_new_tokens: int = Field(48, ge=1)
+    """Tokens generated per answer (greedy)."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts per generate() call."""
+    limit: int | None = Field(None, ge=1)
+    """Score at most this many held-out examples per task (default: all)."""
 
 
 class RayConfig(_Model):
@@ -181,7 +208,8 @@ class RunConfig(_Model):
     runs_dir: Path = Path("runs")
     """Directory that holds runs (shared storage on a cluster)."""
     base: Path
-    """Base checkpoint (theta0): an HF directory with safetensors weights."""
+    """Base checkpoint (theta0): an HF directory with safetensors weights, or a built-in model
+    (``builtin:tiny``, ``builtin:smollm2-135m-instruct``; see cpift_dist.models)."""
     tasks: list[TaskConfig] = Field(min_length=1)
     """The tasks, in task order (order breaks overlap ties and folds SLERP)."""
     analysis: AnalysisConfig = AnalysisConfig()
@@ -196,6 +224,13 @@ class RunConfig(_Model):
     """Ray scheduling of each DeepSpeed job (the per-task fine-tunes and the SFT stages)."""
     sft: SFTConfig = SFTConfig()
     """The final SFT (CPI-FT stages or a baseline)."""
+    baselines: list[Literal["multitask", "multistage-random", "multistage-heuristic"]] = \
+        ["multitask"]
+    """Baselines that ``cpift run`` trains with the same loop and budget as CPI-FT."""
+    suite: SuiteConfig | None = None
+    """Use the bundled suite: tasks named after its tasks get its train and eval files."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation settings."""
     ray: RayConfig = RayConfig()
     """Ray settings."""
 

@@ -20,14 +20,15 @@ _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 FIELDS = {"alpaca": ("instruction", "input", "output"), "messages": ("messages",)}
 
 
-def load_records(path: str | Path, shape: str = "auto",
-                 columns: dict[str, str] | None = None) -> list[list[dict]]:
+def load_records(path: str | Path, shape: str = "auto", columns: dict[str, str] | None = None,
+                 rows: list | None = None) -> list[list[dict]]:
     """Reads a task file and returns its examples as conversations (lists of messages).
 
     Args:
         path: a ``.jsonl``, ``.json`` or ``.parquet`` file.
         shape: ``alpaca``, ``messages`` or ``auto`` (from the fields present).
         columns: file field -> shape field (e.g. ``{"question": "instruction"}``).
+        rows: when given, receives the raw records (after renames), in file order (scorers).
 
     Raises:
         CpiftError: a missing or unreadable file, an empty dataset, or records without the
@@ -81,6 +82,8 @@ def load_records(path: str | Path, shape: str = "auto",
                 raise CpiftError(f"{path}: record {i}: 'messages' must be role/content turns "
                                  f"ending with an assistant turn")
             out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+        if rows is not None:
+            rows.append(dict(rec))
     return out
 
 

@@ -1,0 +1,179 @@
+"""The run report: ``report/report.md`` and a self-contained ``report/report.html``.
+
+Sections: the seesaw table (per-task score of every method, the average, the worst drop
+against each task's single-task model), per-task scores per method (bar plot), the Jaccard
+heatmap with the groups, the core-region share per layer and per module type, and training
+loss curves per SFT stage and baseline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cpift_dist.evaluate import format_table, seesaw_table  # noqa: E402
+from cpift_dist.io import atomic_dir  # noqa: E402
+
+
+def _methods(scores: dict, tasks: list[str], sft_method: str) -> tuple[dict, dict]:
+    """(method -> task scores, task -> its single-task model's score)."""
+    single = {t: scores[f"single:{t}"][t] for t in tasks if f"single:{t}" in scores}
+    rows = {}
+    if "base" in scores:
+        rows["base"] = scores["base"]
+    if single:
+        rows["single-task (own model)"] = single
+    if "fused" in scores:
+        rows["fused backbone"] = scores["fused"]
+    stages = sorted((k for k in scores if k.startswith(f"{sft_method}:stage-")),
+                    key=lambda k: int(k.rsplit("-", 1)[1]))
+    for k in stages:
+        rows[k] = scores[k]
+    if stages:
+        rows[f"{sft_method} (final)"] = scores[stages[-1]]
+    for k, v in scores.items():
+        if ":" not in k and k not in ("base", "fused"):
+            rows[k] = v
+    return rows, single
+
+
+def _plot_scores(rows: dict, tasks: list[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+    n = len(rows)
+    width = 0.8 / max(1, n)
+    for i, (m, s) in enumerate(rows.items()):
+        ax.bar([j + i * width for j in range(len(tasks))], [s.get(t) or 0 for t in tasks],
+               width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylabel("held-out score")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("per-task scores per method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_core_share(stats: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "per_layer", "core share per layer"),
+                           (axes[1], "per_module", "core share per module type")):
+        names = sorted({k for s in stats.values() for k in s.get(key, {})},
+                       key=lambda k: (len(k), k))
+        width = 0.8 / max(1, len(stats))
+        for i, (task, s) in enumerate(stats.items()):
+            vals = [s.get(key, {}).get(k, {}).get("share_of_core", 0) for k in names]
+            ax.bar([j + i * width for j in range(len(names))], vals, width, label=task)
+        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+        ax.set_title(title)
+        ax.set_ylabel("share of the task's core region")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_losses(run_dir: Path, path: Path) -> bool:
+    curves = {}
+    for metrics in sorted(run_dir.glob("sft/stage-*/metrics.jsonl")) + sorted(
+            run_dir.glob("baselines/*/stage-*/metrics.jsonl")):
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        label = str(metrics.parent.relative_to(run_dir))
+        curves[label] = ([r["step"] for r in rows], [r["loss"] for r in rows])
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = {}
+    for label, (steps, losses) in curves.items():  # stages of one method follow each other
+        method = label.rsplit("/", 1)[0]
+        start = offset.get(method, 0)
+        ax.plot([s + start for s in steps], losses, marker=".", label=label)
+        offset[method] = start + (steps[-1] if steps else 0)
+    ax.set_xlabel("optimizer step (stages of a method in sequence)")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=7)
+    ax.set_title("training loss per SFT stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: str | Path, cfg) -> dict:
+    """Writes the report; returns {path, html, table (markdown), rows}."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    scores_file = run_dir / "eval" / "scores.json"
+    data = json.loads(scores_file.read_text()) if scores_file.is_file() else None
+    tasks = [t.name for t in cfg.tasks]
+    with atomic_dir(out, overwrite=True) as tmp:
+        figures, table, rows = [], "(no evaluation: no task has eval_data)", []
+        if data:
+            scores = {m: {t: v for t, v in s.items() if not t.startswith("_")}
+                      for m, s in data["scores"].items()}
+            by_method, single = _methods(scores, tasks, cfg.sft.method)
+            rows = seesaw_table(by_method, single, tasks)
+            table = format_table(rows, tasks)
+            _plot_scores(by_method, tasks, tmp / "scores.png")
+            figures.append(("Per-task scores per method", "scores.png"))
+        groups_png = run_dir / "groups.jaccard.png"
+        if groups_png.is_file():
+            (tmp / "jaccard.png").write_bytes(groups_png.read_bytes())
+            figures.append(("Jaccard overlap of core regions, with the groups", "jaccard.png"))
+        stats_file = run_dir / "analysis" / "stats.json"
+        if stats_file.is_file():
+            _plot_core_share(json.loads(stats_file.read_text()), tmp / "core-share.png")
+            figures.append(("Core-region share per layer and module type", "core-share.png"))
+        if _plot_losses(run_dir, tmp / "losses.png"):
+            figures.append(("Training loss per SFT stage", "losses.png"))
+        groups = json.loads((run_dir / "groups.json").read_text()) \
+            if (run_dir / "groups.json").is_file() else {"stages": []}
+        stages = "\n".join(f"- stage {s['stage']}: {', '.join(s['tasks'])}"
+                           for s in groups["stages"])
+        md = [f"# CPI-FT run `{cfg.name}`", "",
+              f"Base: `{cfg.base}`; tasks: {', '.join(tasks)}; p = {cfg.analysis.p}, "
+              f"tau = {cfg.grouping.tau}; SFT: {cfg.sft.method}, {cfg.sft.steps} steps; "
+              f"baselines: {', '.join(cfg.baselines) or 'none'}.", "",
+              "## Seesaw table", "",
+              "Held-out score per task; worst drop = the largest loss against a task's own "
+              "single-task model (lower is better).", "", table, "",
+              "## Stages (groups)", "", stages or "-", ""]
+        for title, f in figures:
+            md += [f"## {title}", "", f"![{title}]({f})", ""]
+        (tmp / "report.md").write_text("\n".join(md))
+        body = [f"<h1>CPI-FT run <code>{html.escape(cfg.name)}</code></h1>",
+                f"<p>{html.escape(md[2])}</p>", "<h2>Seesaw table</h2>", _html_table(rows, tasks),
+                "<h2>Stages (groups)</h2><ul>" + "".join(
+                    f"<li>stage {s['stage']}: {html.escape(', '.join(s['tasks']))}</li>"
+                    for s in groups["stages"]) + "</ul>"]
+        for title, f in figures:
+            b64 = base64.b64encode((tmp / f).read_bytes()).decode()
+            body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+                        f"src='data:image/png;base64,{b64}' style='max-width:100%'>")
+        (tmp / "report.html").write_text(
+            "<!doctype html><html><head><meta charset='utf-8'><title>cpift report</title>"
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+            "td,th{border:1px solid #ccc;padding:3px 8px}table{border-collapse:collapse}"
+            "</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    return {"path": out / "report.md", "html": out / "report.html", "table": table, "rows": rows}
+
+
+def _html_table(rows: list[dict], tasks: list[str]) -> str:
+    if not rows:
+        return "<p>(no evaluation)</p>"
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in [*tasks, "average", "worst drop"])
+    out = [f"<table><tr><th>method</th>{head}</tr>"]
+    for r in rows:
+        cells = [f"{r[t]:.3f}" if r[t] is not None else "-" for t in tasks]
+        cells.append(f"{r['average']:.3f}" if r["average"] is not None else "-")
+        cells.append(f"{r['worst_drop']:+.3f}" if r["worst_drop"] is not None else "-")
+        out.append(f"<tr><td>{html.escape(r['method'])}</td>"
+                   + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return "".join(out) + "</table>"
