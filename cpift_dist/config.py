@@ -132,6 +132,8 @@ class SFTConfig(_Model):
     stage from ``steps``."""
     keep_checkpoints: bool = False
     """Keep each finished stage's DeepSpeed checkpoints (optimizer state); default: delete."""
+    workers: int | None = Field(None, ge=1)
+    """Rank workers of each stage's DeepSpeed job (default: finetune.workers_per_task)."""
 
 
 class FinetuneConfig(_Model):
@@ -187,6 +189,8 @@ class EvalConfig(_Model):
     """Prompts per generate() call."""
     limit: int | None = Field(None, ge=1)
     """Score at most this many held-out examples per task (default: all)."""
+    every_stage: bool = False
+    """Also score every intermediate stage of the baselines (CPI-FT's stages always are)."""
 
 
 class RayConfig(_Model):

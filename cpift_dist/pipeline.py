@@ -312,7 +312,11 @@ class Pipeline:
             out[f"{s.method}:stage-{s.index}"] = s.out / "model"
         for m in self.cfg.baselines:
             if m != self.cfg.sft.method:
-                out[m] = plan_stages(self.cfg, m)[-1].out / "model"
+                stages = plan_stages(self.cfg, m)
+                if self.cfg.eval.every_stage:
+                    for s in stages[:-1]:
+                        out[f"{m}:stage-{s.index}"] = s.out / "model"
+                out[m] = stages[-1].out / "model"
         return out
 
     def stage_eval(self) -> None:

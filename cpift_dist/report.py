@@ -39,7 +39,7 @@ def _methods(scores: dict, tasks: list[str], sft_method: str) -> tuple[dict, dic
     if stages:
         rows[f"{sft_method} (final)"] = scores[stages[-1]]
     for k, v in scores.items():
-        if ":" not in k and k not in ("base", "fused"):
+        if k.split(":")[0] not in ("base", "fused", "single", sft_method):
             rows[k] = v
     return rows, single
 
@@ -51,7 +51,7 @@ def _plot_scores(rows: dict, tasks: list[str], path: Path) -> None:
     for i, (m, s) in enumerate(rows.items()):
         ax.bar([j + i * width for j in range(len(tasks))], [s.get(t) or 0 for t in tasks],
                width, label=m)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    ax.set_xticks([j + (n - 1) * width / 2 for j in range(len(tasks))], tasks)
     ax.set_ylabel("held-out score")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, ncol=2)
@@ -71,7 +71,8 @@ def _plot_core_share(stats: dict, path: Path) -> None:
         for i, (task, s) in enumerate(stats.items()):
             vals = [s.get(key, {}).get(k, {}).get("share_of_core", 0) for k in names]
             ax.bar([j + i * width for j in range(len(names))], vals, width, label=task)
-        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+        ax.set_xticks([j + (len(stats) - 1) * width / 2 for j in range(len(names))], names,
+                      rotation=60, fontsize=7)
         ax.set_title(title)
         ax.set_ylabel("share of the task's core region")
     axes[1].legend(fontsize=7)

@@ -72,7 +72,6 @@ def oracle_masks(base: Path, tuned: Path, p: float) -> dict[str, torch.Tensor]:
     return out
 
 
-from cpift_dist.models import CHATML  # noqa: E402,F401
 from cpift_dist.models import char_tokenizer as make_chat_tokenizer  # noqa: E402,F401
 
 

@@ -92,16 +92,20 @@ def test_digest_changes_with_weights(models, tmp_path):
 
 def test_every_shipped_config_validates():
     configs = sorted((ROOT / "configs").rglob("*.yaml"))
-    assert configs, "no shipped configs found"
-    for c in configs:
+    presets = sorted((ROOT / "cpift_dist" / "presets").glob("*.yaml"))
+    assert configs and {p.stem for p in presets} == {"default", "tiny"}
+    for c in configs + presets:
         cfg = load_config(c)
         assert isinstance(cfg, RunConfig)
+        assert c.read_text().startswith("# "), f"{c}: no command line at the top"
 
 
 def test_overrides_and_schema_docs(tmp_path):
     c = load_config(ROOT / "configs" / "analyze-example.yaml",
                     ["analysis.p=0.02", "analysis.selection=per-layer", "ray.num_cpus=2"])
     assert c.analysis.p == 0.02 and c.analysis.selection == "per-layer" and c.ray.num_cpus == 2
-    for model in (RunConfig, type(c.analysis), type(c.ray), type(c.tasks[0])):
+    from cpift_dist.config import EvalConfig, SFTConfig, SuiteConfig
+    for model in (RunConfig, type(c.analysis), type(c.ray), type(c.tasks[0]), SFTConfig,
+                  EvalConfig, SuiteConfig, type(c.train), type(c.fusion), type(c.finetune)):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no docstring"

@@ -190,7 +190,8 @@ def _spec(cfg: RunConfig, stage: Stage, job: SFTJob) -> tuple[dict, dict]:
     config = {"method": stage.method, "stage": stage.index, "tasks": stage.tasks,
               "frozen_tasks": stage.frozen_tasks, "samples": job.samples,
               "train": job.cfg.model_dump(mode="json", exclude={"progress"}),
-              "formats": {t: list(v) for t, v in job.formats.items()}}
+              "formats": {t: list(v) for t, v in job.formats.items()},
+              "workers": cfg.sft.workers or cfg.finetune.workers_per_task}
     inputs = {"init": checkpoint_digest(stage.init),
               **{f"data:{t}": sha256_file(p) for t, p in job.data.items()},
               **{f"mask:{Path(p).stem}": sha256_file(p) for p in job.freeze}}
@@ -258,20 +259,21 @@ def run_stage(cfg: RunConfig, stage: Stage, progress: bool = True) -> dict:
     job = prepare_stage(cfg, stage)
     job.cfg = job.cfg.model_copy(update={"progress": progress and job.cfg.progress})
     fc = cfg.finetune
+    workers = cfg.sft.workers or fc.workers_per_task
     if cfg.ray.enabled:
         from cpift_dist.ray_utils import init_ray
         from cpift_dist.training.ray_finetune import train_on_ray
 
         init_ray(cfg.ray.address or os.environ.get("RAY_ADDRESS"), cfg.ray.num_cpus)
         try:
-            train_on_ray(f"sft-{stage.name}", job, fc.workers_per_task, fc.max_failures,
+            train_on_ray(f"sft-{stage.name}", job, workers, fc.max_failures,
                          use_gpu=fc.use_gpu, placement=fc.placement)
         except Exception as e:  # Ray Train wraps the worker's error: its last line is the cause
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             raise CpiftError(f"SFT stage {stage.index} ({stage.method}) failed: "
                              f"{lines[-1][:300] if lines else type(e).__name__}") from None
     else:
-        _torchrun_stage(cfg, stage, fc.workers_per_task)
+        _torchrun_stage(cfg, stage, workers)
     return finish_stage(cfg, stage, job)
 
 

@@ -1,0 +1,180 @@
+"""`cpift run` end to end (tiny preset, local Ray, CPU): outputs, freeze, resume, reruns."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cpift_dist.cli import preset_path
+from cpift_dist.config import load_config
+from cpift_dist.io import Checkpoint
+from cpift_dist.pipeline import STAGES, Pipeline
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, ray_local):
+    d = tmp_path_factory.mktemp("pipeline")
+    cfg = load_config(preset_path("tiny"), [f"runs_dir={d}", "train.max_steps=2",
+                                            "train.progress=false"])
+    logs = []
+    res = Pipeline(cfg, progress=False, log=logs.append).run()
+    return cfg, res, logs
+
+
+def test_every_stage_writes_outputs_that_load(tiny_run):
+    from transformers import AutoModelForCausalLM
+
+    cfg, res, logs = tiny_run
+    run = cfg.run_dir
+    assert [line.split()[0] for line in logs] == list(STAGES)
+    for t in ("arithmetic", "strings", "logic", "format"):
+        assert (run / "finetune" / t / "model" / "config.json").is_file()
+        assert (run / "analysis" / "masks" / f"{t}.safetensors").is_file()
+    groups = json.loads((run / "groups.json").read_text())
+    stages = [s["tasks"] for s in groups["stages"]]
+    assert sorted(sum(stages, [])) == sorted(t.name for t in cfg.tasks)
+    finals = [run / "fusion" / "backbone", *(run / "sft" / f"stage-{k}" / "model"
+                                             for k in range(1, len(stages) + 1)),
+              run / "baselines" / "multitask" / "stage-1" / "model"]
+    for p in finals:
+        model = AutoModelForCausalLM.from_pretrained(p)
+        assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2).shape == (1, 5)
+    scores = json.loads((run / "eval" / "scores.json").read_text())
+    assert set(scores["scores"]) >= {"base", "fused", "multitask", "single:logic",
+                                     f"cpi:stage-{len(stages)}"}
+    for s in scores["scores"].values():
+        assert all(0 <= s[t] <= 1 for t in scores["tasks"])
+    md = (run / "report" / "report.md").read_text()
+    assert "| method |" in md and "worst drop" in md
+    page = (run / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "src='http" not in page
+    assert res["table"].splitlines()[0].startswith("| method |")
+
+
+def test_frozen_elements_hold_across_the_stages(tiny_run):
+    from cpift_dist.training.freeze import CoreUnion
+
+    cfg, _, _ = tiny_run
+    run = cfg.run_dir
+    groups = [s["tasks"] for s in json.loads((run / "groups.json").read_text())["stages"]]
+    models = [Checkpoint(run / "fusion" / "backbone")] + [
+        Checkpoint(run / "sft" / f"stage-{k}" / "model") for k in range(1, len(groups) + 1)]
+    checked = 0
+    for k in range(2, len(groups) + 1):  # stage k keeps the cores of stages 1..k-1
+        union = CoreUnion([run / "analysis" / "masks" / f"{t}.safetensors"
+                           for g in groups[:k - 1] for t in g])
+        before, after = models[k - 1], models[k]
+        man = json.loads((run / "sft" / f"stage-{k}" / "manifest.json").read_text())
+        n = 0
+        for name in union.names():
+            m = torch.from_numpy(union.bits(name))
+            assert torch.equal(before.read(name).reshape(-1)[m], after.read(name).reshape(-1)[m])
+            n += int(m.sum())
+        assert n == man["frozen_elements"] == man["checked_elements"] > 0
+        checked += n
+        # the final model still holds the cores of stage 1 as stage 1 left them
+    if len(groups) >= 2:
+        last = models[-1]
+        union = CoreUnion([run / "analysis" / "masks" / f"{t}.safetensors" for t in groups[0]])
+        for name in union.names():
+            m = torch.from_numpy(union.bits(name))
+            assert torch.equal(models[1].read(name).reshape(-1)[m], last.read(name).reshape(-1)[m])
+    assert checked > 0 or len(groups) == 1
+
+
+def test_rerun_skips_and_reruns_exactly_what_changed(tiny_run):
+    cfg, _, _ = tiny_run
+    run = cfg.run_dir
+    stamp = {p: p.stat().st_mtime_ns for p in (run / "groups.json",
+                                               run / "sft" / "stage-1" / "manifest.json")}
+
+    def rerun(*overrides, from_stage=None):
+        logs = []
+        c = load_config(preset_path("tiny"), [f"runs_dir={cfg.runs_dir}", "train.max_steps=2",
+                                              "train.progress=false", *overrides])
+        Pipeline(c, from_stage, progress=False, log=logs.append).run()
+        return {line.split()[0]: "skipped" not in line for line in logs}
+
+    ran = rerun()
+    assert not any(ran[s] for s in STAGES[:-1]), ran  # everything complete: only the report
+    shutil.rmtree(run / "eval")
+    ran = rerun()
+    assert [s for s in STAGES if ran[s]] == ["eval", "report"]
+    # a changed fusion field: the backbone changes, so cpi's stages and the eval re-run;
+    # the multitask baseline starts from the base and is kept
+    ran = rerun("fusion.omega=0.5")
+    assert [s for s in STAGES if ran[s]] == ["fuse", "sft", "eval", "report"], ran
+    assert (run / "groups.json").stat().st_mtime_ns == stamp[run / "groups.json"]
+    assert (run / "sft" / "stage-1" / "manifest.json").stat().st_mtime_ns != \
+        stamp[run / "sft" / "stage-1" / "manifest.json"]
+    ran = rerun("fusion.omega=0.5", from_stage="baselines")
+    assert [s for s in STAGES if ran[s]] == ["baselines", "eval", "report"], ran
+
+
+def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
+    """`ray job submit --working-dir . -- python ray_jobs/run.py ...` on a head on 127.0.0.1
+    (token authentication, as Ray 2.60 requires): the job re-runs the eval on that cluster."""
+    import os
+    import secrets
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import free_port
+
+    cfg, _, _ = tiny_run
+    root = Path(__file__).resolve().parents[1]
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    token = tmp_path / "token"
+    token.write_text(secrets.token_hex(16))
+    token.chmod(0o600)
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_TMPDIR": str(tmp_path / "ray")}
+    env.pop("RAY_ADDRESS", None)
+    # --block in its own session: the test stops this head alone (`ray stop` would stop every
+    # Ray on the machine, the session's own included)
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address",
+                             "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
+                             "--dashboard-port", str(dash), "--num-cpus", "2",
+                             "--temp-dir", str(tmp_path / "ray")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        import socket
+        import time
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", dash)) == 0:
+                    break
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(1)
+        else:
+            pytest.fail("the Ray head's dashboard did not come up in 120 s")
+        excludes = '{"excludes": ["runs/", ".git/", ".venv/", "bench/_data/", "__pycache__/"]}'
+        job = subprocess.run(
+            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+             "--working-dir", str(root), "--runtime-env-json", excludes, "--",
+             "python", "ray_jobs/run.py", "--preset", "tiny", f"runs_dir={cfg.runs_dir}",
+             "train.max_steps=2", "train.progress=false", "--from", "eval", "--quiet"],
+            env=env, capture_output=True, text=True, timeout=400, cwd=root)
+        out = job.stdout + job.stderr
+        assert job.returncode == 0 and "succeeded" in out, out[-3000:]
+        assert "eval      done" in out and "finetune  complete: skipped" in out
+        assert (cfg.run_dir / "eval" / "scores.json").is_file()
+    finally:
+        import signal
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(timeout=20)
+                break
+            except subprocess.TimeoutExpired:
+                continue
