@@ -82,6 +82,7 @@ def main() -> None:
         cfg = _cfg(args, f"seesaw-s{seed}", seed, tasks, first)
         per_seed[seed] = _run(cfg)
         first = first or cfg.run_dir
+        (args.out / "replication-seeds.json").write_text(json.dumps(per_seed, indent=1))
     rows = {"single-task": {t: [per_seed[s][f"single:{t}"][t] for s in seeds] for t in tasks},
             "base": {t: [per_seed[s]["base"][t] for s in seeds] for t in tasks},
             "fused backbone": {t: [per_seed[s]["fused"][t] for s in seeds] for t in tasks}}

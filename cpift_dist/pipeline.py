@@ -282,10 +282,16 @@ class Pipeline:
 
         # the SFT keeps its own per-stage manifests (inputs, masks, data): the ledger key is
         # their upstream inputs, and a stage is re-run by run_sft itself when they changed
-        key = {"groups": sha256_file(self.run_dir / "groups.json"),
-               "backbone": output_digest(self.run_dir / "fusion" / "backbone"),
-               "sft": self.cfg.sft.model_dump(mode="json"), "methods": methods,
-               "train": self.cfg.train.model_dump(mode="json", exclude={"progress"})}
+        key = {"sft": self.cfg.sft.model_dump(mode="json"), "methods": methods,
+               "train": self.cfg.train.model_dump(mode="json", exclude={"progress"}),
+               "base": checkpoint_digest(self.base),
+               "data": {t.name: sha256_file(t.train_data) for t in self.cfg.tasks
+                        if t.train_data is not None}}
+        if {"cpi", "multistage-heuristic"} & set(methods):  # they read the groups
+            key["groups"] = sha256_file(self.run_dir / "groups.json")
+        if "cpi" in methods:  # starts from the backbone, freezes the masks
+            key["backbone"] = output_digest(self.run_dir / "fusion" / "backbone")
+            key["analysis"] = output_digest(self.run_dir / "analysis")
         complete = all(stage_complete(self.cfg, s) for m in methods
                        for s in plan_stages(self.cfg, m))
         if not complete:

@@ -128,19 +128,21 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
     cfg, _, _ = tiny_run
     root = Path(__file__).resolve().parents[1]
     ray_bin = str(Path(sys.executable).parent / "ray")
+    import tempfile
+    short = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # Ray's socket paths must be short
     token = tmp_path / "token"
     token.write_text(secrets.token_hex(16))
     token.chmod(0o600)
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "RAY_TMPDIR": str(tmp_path / "ray")}
+           "RAY_TMPDIR": str(short)}
     env.pop("RAY_ADDRESS", None)
     # --block in its own session: the test stops this head alone (`ray stop` would stop every
     # Ray on the machine, the session's own included)
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address",
                              "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
                              "--dashboard-port", str(dash), "--num-cpus", "2",
-                             "--temp-dir", str(tmp_path / "ray")], env=env,
+                             "--temp-dir", str(short)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -156,25 +158,25 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
         else:
             pytest.fail("the Ray head's dashboard did not come up in 120 s")
         excludes = '{"excludes": ["runs/", ".git/", ".venv/", "bench/_data/", "__pycache__/"]}'
-        job = subprocess.run(
-            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-             "--working-dir", str(root), "--runtime-env-json", excludes, "--",
-             "python", "ray_jobs/run.py", "--preset", "tiny", f"runs_dir={cfg.runs_dir}",
-             "train.max_steps=2", "train.progress=false", "--from", "eval", "--quiet"],
-            env=env, capture_output=True, text=True, timeout=400, cwd=root)
-        out = job.stdout + job.stderr
+        for _ in range(30):  # the job agent comes up a little after the dashboard
+            job = subprocess.run(
+                [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                 "--working-dir", str(root), "--runtime-env-json", excludes, "--",
+                 "python", "ray_jobs/run.py", "--preset", "tiny", f"runs_dir={cfg.runs_dir}",
+                 "train.max_steps=2", "train.progress=false", "--from", "eval", "--quiet"],
+                env=env, capture_output=True, text=True, timeout=400, cwd=root)
+            out = job.stdout + job.stderr
+            if "No available agent" not in out:
+                break
+            time.sleep(3)
         assert job.returncode == 0 and "succeeded" in out, out[-3000:]
         assert "eval      done" in out and "finetune  complete: skipped" in out
         assert (cfg.run_dir / "eval" / "scores.json").is_file()
     finally:
         import signal
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                head.wait(timeout=20)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        try:  # the head and its GCS, raylet and workers share its process group
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=60)
+        shutil.rmtree(short, ignore_errors=True)

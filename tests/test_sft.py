@@ -246,3 +246,22 @@ def test_cpift_sft_stages_on_ray_freeze_resume_and_a_baseline(tmp_path, train_se
     man = json.loads((mt / "manifest.json").read_text())
     assert man["steps"] == 4 and man["tasks"] == [t.name for t in cfg.tasks]
     assert Checkpoint(mt / "model").names() == a.names()
+    # the SLURM script (stand-in srun/scontrol on this node): plan, prepare, srun torchrun
+    import stat
+    for name, body in (("srun", 'while [[ $1 == --* ]]; do shift; done\nexec "$@"'),
+                       ("scontrol", "echo 127.0.0.1")):
+        f = tmp_path / name
+        f.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PATH": f"{tmp_path}:{BIN}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_NNODES": "1", "SLURM_JOB_ID": "9", "NPROC_PER_NODE": "2",
+           "MASTER_PORT": str(free_port())}
+    r = subprocess.run(["bash", str(root / "launch" / "slurm_sft.sbatch"), str(cfg_file),
+                        "multistage-heuristic", "sft.num_stages=1"],
+                       capture_output=True, text=True, env=env, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    heur = cfg.run_dir / "baselines" / "multistage-heuristic" / "stage-1"
+    assert json.loads((heur / "manifest.json").read_text())["status"] == "complete"
+    assert "stage 1 (multistage-heuristic): 4 steps" in r.stdout
