@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--pair", default="arithmetic,logic")
     ap.add_argument("--out", type=Path, default=HERE / "_data" / "replication")
+    ap.add_argument("--tuned-from", type=Path,
+                    help="a finished run whose finetune/<task>/model to reuse (same base)")
     args = ap.parse_args()
     args.out = args.out.resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -77,7 +79,7 @@ def main() -> None:
     from cpift_dist.ray_utils import init_ray
 
     init_ray(None)
-    per_seed, first = {}, None
+    per_seed, first = {}, (args.tuned_from.resolve() if args.tuned_from else None)
     for seed in seeds:
         cfg = _cfg(args, f"seesaw-s{seed}", seed, tasks, first)
         per_seed[seed] = _run(cfg)
@@ -90,7 +92,7 @@ def main() -> None:
         label = {"cpi": "CPI-FT"}.get(m, m)
         rows[label] = {t: [_final(per_seed[s], m)[t] for s in seeds] for t in tasks}
     lines = [f"## Seesaw table: mean +- std over seeds {seeds} (base {args.base}, "
-             f"fine-tunes {args.ft_steps} steps, SFT budget {args.sft_steps} steps, "
+             f"fine-tunes {'from ' + str(args.tuned_from) if args.tuned_from else str(args.ft_steps) + ' steps'}, SFT budget {args.sft_steps} steps, "
              f"{args.limit} held-out examples per task)", "",
              "| method | " + " | ".join(tasks) + " | average | worst drop vs single-task |",
              "|" + "---|" * (len(tasks) + 3)]

@@ -135,13 +135,20 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
     token.chmod(0o600)
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "RAY_TMPDIR": str(short)}
+           "RAY_TMPDIR": str(short),  # the job's `python` is this environment's
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     # --block in its own session: the test stops this head alone (`ray stop` would stop every
     # Ray on the machine, the session's own included)
+    # every port its own: the session's Ray already holds the defaults (e.g. the dashboard
+    # agent's 52365), and a second agent that cannot bind leaves job submission without one
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "node-manager-port",
+        "object-manager-port")]
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address",
                              "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                             "--dashboard-port", str(dash), "--num-cpus", "2",
+                             "--dashboard-port", str(dash), "--num-cpus", "2", *ports,
                              "--temp-dir", str(short)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -164,9 +171,9 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
                  "--working-dir", str(root), "--runtime-env-json", excludes, "--",
                  "python", "ray_jobs/run.py", "--preset", "tiny", f"runs_dir={cfg.runs_dir}",
                  "train.max_steps=2", "train.progress=false", "--from", "eval", "--quiet"],
-                env=env, capture_output=True, text=True, timeout=400, cwd=root)
+                env=env, capture_output=True, text=True, timeout=300, cwd=root)
             out = job.stdout + job.stderr
-            if "No available agent" not in out:
+            if "No available agent" not in out and "Agent info not found" not in out:
                 break
             time.sleep(3)
         assert job.returncode == 0 and "succeeded" in out, out[-3000:]
