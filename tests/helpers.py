@@ -97,3 +97,43 @@ def write_mask(path: Path, model: Path, select, task: str = "t") -> dict[str, to
         masks[n] = m
     w.close({"task": task, "p": "0", "k": str(sum(int(m.sum()) for m in masks.values()))})
     return masks
+
+
+def run(cmd, timeout: float, **kw):
+    """``subprocess.run(capture_output=True, text=True)`` that, on timeout, kills the command's
+    whole process group (launchers, torchrun, their ranks), so a hung run cannot outlive its
+    test and hold ports, locks or CPUs for the tests after it."""
+    import os
+    import signal
+    import subprocess
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, **kw)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {cmd}\n{(err or '')[-3000:]}") from None
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def torchrun_train(setup: Path, out: Path, tasks, *overrides, freeze=(), env=None,
+                   timeout: float = 500):
+    """The training entry point on 2 gloo ranks under torchrun, on ``setup``'s tiny model."""
+    import os
+    import sys
+
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "cpift_dist.training.run", "--model", str(setup / "model"), "--out", str(out)]
+    for t in tasks:
+        cmd += ["--data", f"{t}={setup / 'suite' / t / 'train.jsonl'}"]
+    cmd += ["max_length=320", "micro_batch=2", "lr=3e-3", "progress=false", *overrides]
+    for m in freeze:
+        cmd += ["--freeze", str(m)]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    return run(cmd, timeout, env=full_env)

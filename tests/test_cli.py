@@ -2,11 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -14,7 +15,7 @@ BIN = Path(sys.executable).parent
 
 def _run(args, **kw):
     env = {**os.environ, "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", "/tmp")}
-    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+    return run(args, kw.pop("timeout", 280), env=env, cwd=ROOT, **kw)
 
 
 @pytest.mark.slow

@@ -2,13 +2,12 @@
 
 import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import free_port, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +27,10 @@ def _env(tmp_path, **extra):
 
 
 def test_deepspeed_launcher_script(setup, tmp_path):
-    r = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed_multinode.sh"), "-",
-                        "arithmetic", str(setup / "suite" / "arithmetic" / "train.jsonl"),
-                        str(setup / "model"), str(tmp_path / "out"), *ARGS],
-                       capture_output=True, text=True, env=_env(tmp_path, NPROC="2"), timeout=300)
+    r = run(["bash", str(ROOT / "launch" / "deepspeed_multinode.sh"), "-",
+             "arithmetic", str(setup / "suite" / "arithmetic" / "train.jsonl"),
+             str(setup / "model"), str(tmp_path / "out"), *ARGS],
+            300, env=_env(tmp_path, NPROC="2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained 2 steps" in r.stdout
     assert (tmp_path / "out" / "model" / "config.json").exists()
@@ -46,9 +45,8 @@ def test_slurm_script_under_stand_in_srun(setup, tmp_path):
         f.chmod(f.stat().st_mode | stat.S_IEXEC)
     env = _env(tmp_path, SLURM_JOB_NODELIST="n1", SLURM_NNODES="1", SLURM_JOB_ID="7",
                NPROC_PER_NODE="2")
-    r = subprocess.run(["bash", str(ROOT / "launch" / "slurm_finetune.sbatch"), "logic",
-                        str(setup / "suite" / "logic" / "train.jsonl"), str(setup / "model"),
-                        str(tmp_path / "out"), *ARGS],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = run(["bash", str(ROOT / "launch" / "slurm_finetune.sbatch"), "logic",
+             str(setup / "suite" / "logic" / "train.jsonl"), str(setup / "model"),
+             str(tmp_path / "out"), *ARGS], 300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained 2 steps" in r.stdout and (tmp_path / "out" / "model").is_dir()

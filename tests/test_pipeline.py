@@ -123,7 +123,7 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
     import sys
     from pathlib import Path
 
-    from helpers import free_port
+    from helpers import free_port, run
 
     cfg, _, _ = tiny_run
     root = Path(__file__).resolve().parents[1]
@@ -166,12 +166,12 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
             pytest.fail("the Ray head's dashboard did not come up in 120 s")
         excludes = '{"excludes": ["runs/", ".git/", ".venv/", "bench/_data/", "__pycache__/"]}'
         for _ in range(30):  # the job agent comes up a little after the dashboard
-            job = subprocess.run(
+            job = run(
                 [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                  "--working-dir", str(root), "--runtime-env-json", excludes, "--",
                  "python", "ray_jobs/run.py", "--preset", "tiny", f"runs_dir={cfg.runs_dir}",
                  "train.max_steps=2", "train.progress=false", "--from", "eval", "--quiet"],
-                env=env, capture_output=True, text=True, timeout=300, cwd=root)
+                300, env=env, cwd=root)
             out = job.stdout + job.stderr
             if "No available agent" not in out and "Agent info not found" not in out:
                 break

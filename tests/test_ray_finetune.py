@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from cpift_dist.config import TrainConfig
 from cpift_dist.errors import CpiftError
 from cpift_dist.training import SFTJob
 from cpift_dist.training.loop import FAULT_ENV
+from helpers import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 BIN = Path(sys.executable).parent
@@ -38,9 +38,8 @@ def test_two_tasks_on_a_two_node_cluster_with_a_worker_crash(setup, tmp_path):
     try:
         cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
         env = {**os.environ, FAULT_ENV: "2", "OMP_NUM_THREADS": "1"}  # every rank dies once
-        r = subprocess.run([str(BIN / "cpift"), "finetune", "--config", str(tmp_path / "cfg.yaml"),
-                            "--address", cluster.address], capture_output=True, text=True,
-                           env=env, timeout=540)
+        r = run([str(BIN / "cpift"), "finetune", "--config", str(tmp_path / "cfg.yaml"),
+                 "--address", cluster.address], 540, env=env)
     finally:
         cluster.shutdown()
     assert r.returncode == 0, r.stderr[-4000:]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from cpift_dist.errors import CpiftError
 from cpift_dist.io import Checkpoint
 from cpift_dist.training.sft import (plan_stages, random_split, similarity_split, split_budget,
                                      stage_job)
-from helpers import free_port, write_mask
+from helpers import free_port, run, torchrun_train, write_mask
 
 BIN = Path(sys.executable).parent
 WHOLE = "model.norm.weight"                          # entirely frozen
@@ -43,17 +42,9 @@ def masks(train_setup, tmp_path_factory):
 
 
 def train(setup, out, *overrides, freeze=(), env=None):
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "cpift_dist.training.run",
-           "--model", str(setup / "model"), "--out", str(out),
-           "--data", f"arithmetic={setup / 'suite' / 'arithmetic' / 'train.jsonl'}",
-           "--data", f"strings={setup / 'suite' / 'strings' / 'train.jsonl'}",
-           "max_length=320", "micro_batch=2", "lr=3e-3", "weight_decay=0.05", "progress=false",
-           "max_steps=6", "save_every=3", "grad_accum=2", *overrides]
-    for m in freeze:
-        cmd += ["--freeze", str(m)]
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=400)
+    return torchrun_train(setup, out, ("arithmetic", "strings"), "weight_decay=0.05",
+                          "max_steps=6", "save_every=3", "grad_accum=2", *overrides,
+                          freeze=freeze, env=env, timeout=400)
 
 
 def _flat(ck: Checkpoint, name: str, dtype) -> torch.Tensor:
@@ -258,9 +249,8 @@ def test_cpift_sft_stages_on_ray_freeze_resume_and_a_baseline(tmp_path, train_se
            "PATH": f"{tmp_path}:{BIN}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n1",
            "SLURM_NNODES": "1", "SLURM_JOB_ID": "9", "NPROC_PER_NODE": "2",
            "MASTER_PORT": str(free_port())}
-    r = subprocess.run(["bash", str(root / "launch" / "slurm_sft.sbatch"), str(cfg_file),
-                        "multistage-heuristic", "sft.num_stages=1"],
-                       capture_output=True, text=True, env=env, timeout=400)
+    r = run(["bash", str(root / "launch" / "slurm_sft.sbatch"), str(cfg_file),
+             "multistage-heuristic", "sft.num_stages=1"], 400, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     heur = cfg.run_dir / "baselines" / "multistage-heuristic" / "stage-1"
     assert json.loads((heur / "manifest.json").read_text())["status"] == "complete"

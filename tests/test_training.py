@@ -1,19 +1,14 @@
 """The DeepSpeed loop with 2 real gloo ranks (torchrun): ZeRO-3 and ZeRO-2, crash and resume."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from cpift_dist.io import Checkpoint
-from helpers import free_port
+from helpers import torchrun_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -23,15 +18,8 @@ def setup(train_setup):
 
 
 def train(setup, out, *overrides, env=None):
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "cpift_dist.training.run",
-           "--model", str(setup / "model"), "--out", str(out),
-           "--data", f"arithmetic={setup / 'suite' / 'arithmetic' / 'train.jsonl'}",
-           "--data", f"logic={setup / 'suite' / 'logic' / 'train.jsonl'}",
-           "max_length=320", "micro_batch=2", "lr=3e-3", "weight_decay=0.01", "progress=false",
-           *overrides]
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=500)
+    return torchrun_train(setup, out, ("arithmetic", "logic"), "weight_decay=0.01", *overrides,
+                          env=env)
 
 
 def losses(out):

@@ -66,6 +66,21 @@ def _ds_config(cfg: TrainConfig, world: int) -> dict:
     return ds
 
 
+def _skip_shm_comm_op() -> None:
+    """Keeps DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
+
+    On CPU, ``deepspeed.init_distributed`` g++-compiles ``deepspeed_shm_comm`` into
+    ``~/.cache/torch_extensions`` (about a minute on 2 cores), under torch's ``FileBaton`` lock.
+    Only DeepSpeed's inference all-reduce uses that op, never training; and a process killed
+    while holding the lock (a stopped job, a timed-out test) leaves the lock file behind, so
+    that every later start on the machine waits on it forever. DeepSpeed's own compatibility
+    table is the switch that turns it off.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class SFTLoop:
     """Setup, train, save: a DeepSpeed SFT run you can read top to bottom."""
 
@@ -82,6 +97,8 @@ class SFTLoop:
         from transformers.integrations import HfDeepSpeedConfig
 
         cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+        if not cuda:
+            _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
