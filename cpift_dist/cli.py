@@ -224,7 +224,7 @@ def cmd_finetune(args) -> int:
     import os
 
     from cpift_dist.config import load_config
-    from cpift_dist.ray_utils import init_ray
+    from cpift_dist.ray_utils import init_ray, resolve_use_gpu
     from cpift_dist.training import SFTJob
     from cpift_dist.training.ray_finetune import finetune_all
 
@@ -244,7 +244,8 @@ def cmd_finetune(args) -> int:
     jobs = {t.name: SFTJob(cfg.base, {t.name: t.train_data}, cfg.run_dir / "finetune" / t.name,
                            cfg.train, {t.name: (t.data_shape, t.columns)}) for t in tasks}
     fc = cfg.finetune
-    finetune_all(jobs, fc.workers_per_task, fc.max_failures, use_gpu=fc.use_gpu,
+    finetune_all(jobs, fc.workers_per_task, fc.max_failures,
+                 use_gpu=resolve_use_gpu(fc.use_gpu, fc.workers_per_task),
                  placement=fc.placement)
     for t, j in jobs.items():
         print(f"{t}: {j.out / 'model'}")

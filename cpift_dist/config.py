@@ -145,8 +145,9 @@ class FinetuneConfig(_Model):
     """Restarts of a task's job after a worker dies (it resumes from its last checkpoint)."""
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement of a job's rank bundles across nodes."""
-    use_gpu: bool = False
-    """One GPU per rank worker (NCCL) instead of CPU (gloo)."""
+    use_gpu: bool | None = None
+    """One GPU per rank worker (NCCL) instead of CPU (gloo); unset: yes where the Ray cluster
+    (without Ray, this machine) has a GPU for every rank, else CPU."""
 
 
 class TaskConfig(_Model):

@@ -55,7 +55,8 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int,
     for i in range(0, len(prompts), batch_size):
         texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                  for p in prompts[i:i + batch_size]]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False
+                  ).to(model.device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=stop, pad_token_id=tok.pad_token_id)
         for row in gen[:, enc["input_ids"].shape[1]:]:
@@ -76,7 +77,9 @@ def evaluate_model(model_dir: str | Path, tasks: dict[str, EvalTask], cfg: EvalC
     tok = AutoTokenizer.from_pretrained(model_dir)
     if not tok.chat_template:
         raise CpiftError(f"{model_dir}: the tokenizer has no chat template")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU the task was given
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval().to(device)
     results = {}
     for name, t in tasks.items():
         rows: list[dict] = []

@@ -7,10 +7,36 @@ driver never holds all results at once.
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from cpift_dist.errors import CpiftError
+
+FAULT_TASK_ENV = "CPIFT_FAULT_TASK"
+"""Fault injection for tests: ``<function name>:<directory>`` makes the first Ray task of that
+function SIGKILL its own worker process once its work is done, before the result is returned
+(the directory records that it happened, so the retry lives)."""
+
+
+def _dies_once(fn: Callable) -> Callable:
+    name, _, where = os.environ.get(FAULT_TASK_ENV, "").partition(":")
+    if name != fn.__name__ or not where:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        result = fn(*args)
+        try:
+            (Path(where) / f"{name}.killed").touch(exist_ok=False)
+        except FileExistsError:
+            return result
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return wrapped
 
 
 class InProcessExecutor:
@@ -68,7 +94,7 @@ class RayExecutor:
         import ray
 
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                            max_retries=self.max_retries, retry_exceptions=False)(fn)
+                            max_retries=self.max_retries, retry_exceptions=False)(_dies_once(fn))
         limit = self.max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
         shared_ref = ray.put(shared)
         todo = iter(enumerate(items))

@@ -24,6 +24,7 @@ from typing import Callable
 from cpift_dist.config import RunConfig, TaskConfig
 from cpift_dist.errors import CpiftError
 from cpift_dist.io.manifest import checkpoint_digest, read_manifest, sha256_file, sha256_json
+from cpift_dist.ray_utils import resolve_use_gpu
 
 STAGES = ("finetune", "analyze", "group", "fuse", "sft", "baselines", "eval", "report")
 
@@ -72,7 +73,12 @@ class Pipeline:
             entry = json.loads((self.ledger / f"{stage}.json").read_text())
         except (OSError, ValueError):
             return False
-        return entry.get("key") == key and all(p.exists() for p in self.outputs(stage))
+        if stage == "finetune":  # every task's model, not just the directory that holds them
+            wanted = [self.run_dir / "finetune" / t.name / "model" / "config.json"
+                      for t in self.cfg.tasks if t.tuned is None]
+        else:
+            wanted = self.outputs(stage)
+        return entry.get("key") == key and all(p.exists() for p in wanted)
 
     def _record(self, stage: str, key: str, seconds: float) -> None:
         self.ledger.mkdir(parents=True, exist_ok=True)
@@ -196,7 +202,8 @@ class Pipeline:
             if jobs:
                 self._ray()
                 fc = cfg.finetune
-                finetune_all(jobs, fc.workers_per_task, fc.max_failures, use_gpu=fc.use_gpu,
+                finetune_all(jobs, fc.workers_per_task, fc.max_failures,
+                             use_gpu=resolve_use_gpu(fc.use_gpu, fc.workers_per_task),
                              placement=fc.placement)
             for name in jobs:
                 shutil.rmtree(self.run_dir / "finetune" / name / "checkpoints",
@@ -214,6 +221,12 @@ class Pipeline:
 
             init_ray(self.cfg.ray.address or os.environ.get("RAY_ADDRESS"),
                      self.cfg.ray.num_cpus)
+
+    def _gpus(self) -> int:
+        from cpift_dist.ray_utils import gpus_available
+
+        self._ray()
+        return gpus_available()
 
     def _executor(self, num_gpus: float = 0):
         from cpift_dist.cli import make_executor
@@ -258,7 +271,8 @@ class Pipeline:
         def run() -> str:
             from cpift_dist.fusion import fuse
 
-            gpu = 1 if cfg.fusion.device == "cuda" else 0
+            gpu = 1 if cfg.fusion.device == "cuda" or (
+                cfg.fusion.device == "auto" and cfg.ray.enabled and self._gpus()) else 0
             man = fuse(self.base, tuned, self.run_dir / "analysis" / "masks",
                        self.run_dir / "fusion" / "backbone", cfg.fusion,
                        executor=self._executor(gpu), overwrite=True, progress=self.progress)
@@ -348,7 +362,8 @@ class Pipeline:
         def run() -> str:
             from cpift_dist.io import atomic_dir
 
-            results = evaluate_all(models, tasks, cfg, self._executor())
+            results = evaluate_all(models, tasks, cfg,
+                                   self._executor(1 if cfg.ray.enabled and self._gpus() else 0))
             with atomic_dir(self.run_dir / "eval", overwrite=True) as tmp:
                 (tmp / "scores.json").write_text(json.dumps(
                     {"tasks": list(tasks), "models": {m: str(p) for m, p in models.items()},

@@ -69,3 +69,24 @@ def _probe(address: str, host: str, port: int, timeout: float = 5.0) -> None:
     except OSError as e:
         raise CpiftError(f"--address {address}: no Ray cluster answers "
                          f"({e.strerror or e})") from None
+
+
+def gpus_available() -> int:
+    """GPUs the work can use: the connected Ray cluster's, else this machine's CUDA devices."""
+    import ray
+
+    if ray.is_initialized():
+        return int(ray.cluster_resources().get("GPU", 0))
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_use_gpu(use_gpu: bool | None, ranks: int) -> bool:
+    """``finetune.use_gpu`` made definite: unset means yes where there is a GPU for every rank."""
+    if use_gpu is not None:
+        if use_gpu and gpus_available() < ranks:
+            raise CpiftError(f"finetune.use_gpu: {ranks} rank(s) need a GPU each; "
+                             f"{gpus_available()} available")
+        return use_gpu
+    return gpus_available() >= ranks

@@ -56,3 +56,23 @@ def train_setup(tmp_path_factory) -> Path:
     make_chat_tokenizer(d / "model")
     make_suite(d / "suite", n_train=48, n_eval=8)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, ray_local):
+    """``cpift run --preset tiny`` (2 fine-tune steps) on the session's Ray, once: (config,
+    result, log lines, a pristine copy of its runs dir for tests that change a run)."""
+    import shutil
+
+    from cpift_dist.cli import preset_path
+    from cpift_dist.config import load_config
+    from cpift_dist.pipeline import Pipeline
+    from helpers import TINY
+
+    d = tmp_path_factory.mktemp("pipeline")
+    cfg = load_config(preset_path("tiny"), [f"runs_dir={d}", *TINY])
+    logs = []
+    res = Pipeline(cfg, progress=False, log=logs.append).run()
+    pristine = tmp_path_factory.mktemp("pristine") / "runs"
+    shutil.copytree(d, pristine)
+    return cfg, res, logs, pristine

@@ -74,6 +74,9 @@ def oracle_masks(base: Path, tuned: Path, p: float) -> dict[str, torch.Tensor]:
 
 from cpift_dist.models import char_tokenizer as make_chat_tokenizer  # noqa: E402,F401
 
+# the tiny preset as the pipeline tests run it: 2 fine-tune steps, a checkpoint every step
+TINY = ("train.max_steps=2", "train.save_every=1", "train.progress=false")
+
 
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for a rendezvous)."""

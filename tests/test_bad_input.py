@@ -189,3 +189,40 @@ def test_config_errors(tmp_path, capsys, models):
                    f"analysis:\n  p: 0.01\n  tau: 3\n")
     assert main(["analyze", "--config", str(bad), "--no-ray"]) == 2
     assert "bad.yaml: field 'analysis.tau': unknown key" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_a_clear_error_and_touches_nothing_earlier(models, tmp_path):
+    """The output's file system refuses writes past 40 kB (RLIMIT_FSIZE: EFBIG, as a full disk
+    gives ENOSPC) halfway through a fusion: one line naming the output, exit 2, no partial
+    directory, and an earlier output in the same place left as it was."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cpift_dist.analysis import analyze
+    from cpift_dist.config import AnalysisConfig
+
+    analyze(models["base"], {"a": models["a"], "b": models["b"]}, tmp_path / "analysis",
+            AnalysisConfig(p=0.05), progress=False)
+    out = tmp_path / "backbone"
+    out.mkdir()
+    (out / "earlier.txt").write_text("an earlier output")
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    cli = Path(sys.executable).parent / "cpift"
+    r = subprocess.run([str(cli), "fuse", "--base", str(models["base"]),
+                        "--tuned", f"a={models['a']}", "--tuned", f"b={models['b']}",
+                        "--masks", str(tmp_path / "analysis" / "masks"), "--out", str(out),
+                        "--overwrite", "--no-ray", "--quiet"],
+                       capture_output=True, text=True, preexec_fn=small_disk, timeout=100)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(lines) == 1 and f"{out}: File too large while writing" in lines[0], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis", "backbone"]
+    assert [p.name for p in out.iterdir()] == ["earlier.txt"]
+    assert (out / "earlier.txt").read_text() == "an earlier output"

@@ -109,3 +109,15 @@ def test_overrides_and_schema_docs(tmp_path):
                   EvalConfig, SuiteConfig, type(c.train), type(c.fusion), type(c.finetune)):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no docstring"
+
+
+def test_use_gpu_resolves_to_what_the_machine_has(monkeypatch):
+    from cpift_dist import ray_utils
+
+    monkeypatch.setattr(ray_utils, "gpus_available", lambda: 0)
+    assert not ray_utils.resolve_use_gpu(None, 2) and not ray_utils.resolve_use_gpu(False, 2)
+    with pytest.raises(CpiftError, match=r"finetune.use_gpu: 2 rank\(s\) need a GPU each; 0"):
+        ray_utils.resolve_use_gpu(True, 2)
+    monkeypatch.setattr(ray_utils, "gpus_available", lambda: 2)
+    assert ray_utils.resolve_use_gpu(None, 2) and not ray_utils.resolve_use_gpu(None, 3)
+    assert ray_utils.resolve_use_gpu(False, 2) is False

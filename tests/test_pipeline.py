@@ -10,24 +10,15 @@ from cpift_dist.cli import preset_path
 from cpift_dist.config import load_config
 from cpift_dist.io import Checkpoint
 from cpift_dist.pipeline import STAGES, Pipeline
+from helpers import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, ray_local):
-    d = tmp_path_factory.mktemp("pipeline")
-    cfg = load_config(preset_path("tiny"), [f"runs_dir={d}", "train.max_steps=2",
-                                            "train.progress=false"])
-    logs = []
-    res = Pipeline(cfg, progress=False, log=logs.append).run()
-    return cfg, res, logs
 
 
 def test_every_stage_writes_outputs_that_load(tiny_run):
     from transformers import AutoModelForCausalLM
 
-    cfg, res, logs = tiny_run
+    cfg, res, logs, _ = tiny_run
     run = cfg.run_dir
     assert [line.split()[0] for line in logs] == list(STAGES)
     for t in ("arithmetic", "strings", "logic", "format"):
@@ -41,7 +32,8 @@ def test_every_stage_writes_outputs_that_load(tiny_run):
               run / "baselines" / "multitask" / "stage-1" / "model"]
     for p in finals:
         model = AutoModelForCausalLM.from_pretrained(p)
-        assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2).shape == (1, 5)
+        out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, min_new_tokens=2)
+        assert out.shape == (1, 5)
     scores = json.loads((run / "eval" / "scores.json").read_text())
     assert set(scores["scores"]) >= {"base", "fused", "multitask", "single:logic",
                                      f"cpi:stage-{len(stages)}"}
@@ -57,7 +49,7 @@ def test_every_stage_writes_outputs_that_load(tiny_run):
 def test_frozen_elements_hold_across_the_stages(tiny_run):
     from cpift_dist.training.freeze import CoreUnion
 
-    cfg, _, _ = tiny_run
+    cfg, _, _, _ = tiny_run
     run = cfg.run_dir
     groups = [s["tasks"] for s in json.loads((run / "groups.json").read_text())["stages"]]
     models = [Checkpoint(run / "fusion" / "backbone")] + [
@@ -86,15 +78,14 @@ def test_frozen_elements_hold_across_the_stages(tiny_run):
 
 
 def test_rerun_skips_and_reruns_exactly_what_changed(tiny_run):
-    cfg, _, _ = tiny_run
+    cfg, _, _, _ = tiny_run
     run = cfg.run_dir
     stamp = {p: p.stat().st_mtime_ns for p in (run / "groups.json",
                                                run / "sft" / "stage-1" / "manifest.json")}
 
     def rerun(*overrides, from_stage=None):
         logs = []
-        c = load_config(preset_path("tiny"), [f"runs_dir={cfg.runs_dir}", "train.max_steps=2",
-                                              "train.progress=false", *overrides])
+        c = load_config(preset_path("tiny"), [f"runs_dir={cfg.runs_dir}", *TINY, *overrides])
         Pipeline(c, from_stage, progress=False, log=logs.append).run()
         return {line.split()[0]: "skipped" not in line for line in logs}
 
@@ -125,7 +116,7 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
 
     from helpers import free_port, run
 
-    cfg, _, _ = tiny_run
+    cfg, _, _, _ = tiny_run
     root = Path(__file__).resolve().parents[1]
     ray_bin = str(Path(sys.executable).parent / "ray")
     import tempfile
@@ -170,8 +161,8 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
                 [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                  "--working-dir", str(root), "--runtime-env-json", excludes, "--",
                  "python", "ray_jobs/run.py", "--preset", "tiny", f"runs_dir={cfg.runs_dir}",
-                 "train.max_steps=2", "train.progress=false", "--from", "eval", "--quiet"],
-                300, env=env, cwd=root)
+                 *TINY, "eval.limit=4", "--from", "eval", "--quiet"],
+                540, env=env, cwd=root)
             out = job.stdout + job.stderr
             if "No available agent" not in out and "Agent info not found" not in out:
                 break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -10,6 +11,9 @@ from pathlib import Path
 from typing import Iterator
 
 from cpift_dist.errors import CpiftError
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # the disk said no
 
 
 @contextmanager
@@ -35,6 +39,12 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise CpiftError(f"{parent}: cannot create output directory ({e.strerror})") from None
     try:
         yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _NO_SPACE:
+            raise CpiftError(f"{final}: {e.strerror} while writing; nothing was written and "
+                             "earlier outputs are untouched") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,6 +25,7 @@ import torch
 from cpift_dist.config import TrainConfig
 from cpift_dist.data import IGNORE_INDEX, Encoded, TaskMixture, encode_all, load_records
 from cpift_dist.errors import CpiftError
+from cpift_dist.io.manifest import checkpoint_digest, sha256_file, write_manifest
 from cpift_dist.training.freeze import CoreUnion, ElementFreezer, check_frozen
 
 FAULT_ENV = "CPIFT_FAULT_AFTER_STEP"  # tests: die right after this step's checkpoint
@@ -222,6 +223,12 @@ class SFTLoop:
             for f in Path(self.job.model).iterdir():
                 if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                     shutil.copy(f, tmp / f.name)
+            # each file's sha256, hashed once here: later stages' keys then name this model by
+            # its content, so a retrained, bit-identical model re-runs nothing downstream
+            write_manifest(tmp, "train", self.cfg.model_dump(mode="json", exclude={"progress"}),
+                           {"init": checkpoint_digest(self.job.model),
+                            **{f"data:{t}": sha256_file(p) for t, p in self.job.data.items()}},
+                           extra={"steps": self.step})
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
         torch.distributed.barrier()

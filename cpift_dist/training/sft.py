@@ -40,6 +40,7 @@ from cpift_dist.config import RunConfig, TrainConfig
 from cpift_dist.errors import CpiftError
 from cpift_dist.io.manifest import (checkpoint_digest, read_manifest, sha256_file, sha256_json,
                                     write_manifest)
+from cpift_dist.ray_utils import resolve_use_gpu
 from cpift_dist.training.loop import SFTJob
 
 METHODS = ("cpi", "multitask", "multistage-random", "multistage-heuristic")
@@ -267,7 +268,7 @@ def run_stage(cfg: RunConfig, stage: Stage, progress: bool = True) -> dict:
         init_ray(cfg.ray.address or os.environ.get("RAY_ADDRESS"), cfg.ray.num_cpus)
         try:
             train_on_ray(f"sft-{stage.name}", job, workers, fc.max_failures,
-                         use_gpu=fc.use_gpu, placement=fc.placement)
+                         use_gpu=resolve_use_gpu(fc.use_gpu, workers), placement=fc.placement)
         except Exception as e:  # Ray Train wraps the worker's error: its last line is the cause
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             raise CpiftError(f"SFT stage {stage.index} ({stage.method}) failed: "
@@ -291,7 +292,7 @@ def _torchrun_stage(cfg: RunConfig, stage: Stage, nproc: int) -> None:
            "-m", "cpift_dist.training.run", "--run-config", str(spec),
            "--method", stage.method, "--stage", str(stage.index)]
     env = dict(os.environ)
-    if not cfg.finetune.use_gpu:
+    if not resolve_use_gpu(cfg.finetune.use_gpu, nproc):
         env.setdefault("DS_ACCELERATOR", "cpu")
     r = subprocess.run(cmd, env=env)
     if r.returncode:
