@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "_data" / "replication")
     ap.add_argument("--tuned-from", type=Path,
                     help="a finished run whose finetune/<task>/model to reuse (same base)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="print the seesaw table of the seeds in replication-seeds.json; run nothing")
     args = ap.parse_args()
     args.out = args.out.resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -78,31 +80,20 @@ def main() -> None:
 
     from cpift_dist.ray_utils import init_ray
 
-    init_ray(None)
     per_seed, first = {}, (args.tuned_from.resolve() if args.tuned_from else None)
+    if args.table_only:
+        saved = json.loads((args.out / "replication-seeds.json").read_text())
+        per_seed = {int(k): v for k, v in saved.items() if int(k) in seeds}
+        seeds = sorted(per_seed)
+        print("\n".join(_seesaw(args, seeds, tasks, per_seed)))
+        return
+    init_ray(None)
     for seed in seeds:
         cfg = _cfg(args, f"seesaw-s{seed}", seed, tasks, first)
         per_seed[seed] = _run(cfg)
         first = first or cfg.run_dir
         (args.out / "replication-seeds.json").write_text(json.dumps(per_seed, indent=1))
-    rows = {"single-task": {t: [per_seed[s][f"single:{t}"][t] for s in seeds] for t in tasks},
-            "base": {t: [per_seed[s]["base"][t] for s in seeds] for t in tasks},
-            "fused backbone": {t: [per_seed[s]["fused"][t] for s in seeds] for t in tasks}}
-    for m in METHODS:
-        label = {"cpi": "CPI-FT"}.get(m, m)
-        rows[label] = {t: [_final(per_seed[s], m)[t] for s in seeds] for t in tasks}
-    lines = [f"## Seesaw table: mean +- std over seeds {seeds} (base {args.base}, "
-             f"fine-tunes {'from ' + str(args.tuned_from) if args.tuned_from else str(args.ft_steps) + ' steps'}, SFT budget {args.sft_steps} steps, "
-             f"{args.limit} held-out examples per task)", "",
-             "| method | " + " | ".join(tasks) + " | average | worst drop vs single-task |",
-             "|" + "---|" * (len(tasks) + 3)]
-    for label, per in rows.items():
-        avg = [statistics.mean(per[t][i] for t in tasks) for i in range(len(seeds))]
-        drop = [max(rows["single-task"][t][i] - per[t][i] for t in tasks)
-                for i in range(len(seeds))]
-        lines.append(f"| {label} | " + " | ".join(_ms(per[t]) for t in tasks)
-                     + f" | {_ms(avg)} | {_ms(drop, sign=True)} |")
-
+    lines = _seesaw(args, seeds, tasks, per_seed)
     a, b = args.pair.split(",")
     cfg = _cfg(args, f"forgetting-{a}-{b}", 0, [a, b], first,
                grouping__tau=1.0, grouping__order="task-order", sft__num_stages=2,
@@ -125,6 +116,28 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     (args.out / "replication.md").write_text(text)
     print("\n" + text)
+
+
+def _seesaw(args, seeds: list[int], tasks: list[str], per_seed: dict) -> list[str]:
+    rows = {"single-task": {t: [per_seed[s][f"single:{t}"][t] for s in seeds] for t in tasks},
+            "base": {t: [per_seed[s]["base"][t] for s in seeds] for t in tasks},
+            "fused backbone": {t: [per_seed[s]["fused"][t] for s in seeds] for t in tasks}}
+    for m in METHODS:
+        label = {"cpi": "CPI-FT"}.get(m, m)
+        rows[label] = {t: [_final(per_seed[s], m)[t] for s in seeds] for t in tasks}
+    lines = [f"## Seesaw table: mean +- std over seeds {seeds} (base {args.base}, "
+             f"fine-tunes {'from ' + str(args.tuned_from) if args.tuned_from else str(args.ft_steps) + ' steps'}, SFT budget {args.sft_steps} steps, "
+             f"{args.limit} held-out examples per task)", "",
+             "| method | " + " | ".join(tasks) + " | average | worst drop vs single-task |",
+             "|" + "---|" * (len(tasks) + 3)]
+    for label, per in rows.items():
+        avg = [statistics.mean(per[t][i] for t in tasks) for i in range(len(seeds))]
+        drop = [max(rows["single-task"][t][i] - per[t][i] for t in tasks)
+                for i in range(len(seeds))]
+        lines.append(f"| {label} | " + " | ".join(_ms(per[t]) for t in tasks)
+                     + f" | {_ms(avg)} | {_ms(drop, sign=True)} |")
+
+    return lines
 
 
 def _final(scores: dict, method: str) -> dict:
