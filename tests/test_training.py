@@ -1,6 +1,9 @@
 """The DeepSpeed loop with 2 real gloo ranks (torchrun): ZeRO-3 and ZeRO-2, crash and resume."""
 
 import json
+import os
+import pickle
+import shutil
 
 import pytest
 import torch
@@ -20,6 +23,16 @@ def setup(train_setup):
 def train(setup, out, *overrides, env=None):
     return torchrun_train(setup, out, ("arithmetic", "logic"), "weight_decay=0.01", *overrides,
                           env=env)
+
+
+class _Planted:
+    """Unpickling this runs ``touch marker``: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 def losses(out):
@@ -45,7 +58,8 @@ def test_two_ranks_lower_the_loss_and_export_loads(setup, tmp_path, stage, dtype
     changed = [n for n in base.names()
                if not torch.equal(out.read(n).float(), base.read(n).to(want).float())]
     assert len(changed) == len(base.names())  # every tensor trained
-    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3).shape == (1, 6)
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3,
+                          min_new_tokens=3).shape == (1, 6)
     assert list((tmp_path / "o" / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -56,6 +70,17 @@ def test_crash_after_checkpoint_then_resume_equals_uninterrupted(setup, tmp_path
     r = train(setup, tmp_path / "crash", *args, env={"CPIFT_FAULT_AFTER_STEP": "6"})
     assert r.returncode != 0  # both ranks died right after step 6's checkpoint
     assert len(losses(tmp_path / "crash")) == 6 and not (tmp_path / "crash" / "model").exists()
+    # a pickle planted in a copy's checkpoint is refused on resume, and its code never runs
+    shutil.copytree(tmp_path / "crash", tmp_path / "planted")
+    marker = tmp_path / "pwned"
+    targets = list((tmp_path / "planted" / "checkpoints" / "step-6").glob("*model_states.pt"))
+    assert len(targets) == 2  # one per rank (ZeRO-3)
+    for f in targets:
+        f.write_bytes(pickle.dumps(_Planted(marker)))
+    r = train(setup, tmp_path / "planted", *args)
+    assert r.returncode != 0 and "refusing to resume from a checkpoint" in r.stderr, \
+        r.stderr[-3000:]
+    assert not marker.exists() and not (tmp_path / "planted" / "model").exists()
     r = train(setup, tmp_path / "crash", *args)  # the same command resumes
     assert r.returncode == 0, r.stderr[-4000:]
     assert losses(tmp_path / "crash") == losses(tmp_path / "full")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -82,6 +83,27 @@ def _skip_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def _weights_only_resume(engine) -> None:
+    """Makes DeepSpeed read its resume state with ``torch.load(weights_only=True)``.
+
+    DeepSpeed's checkpoint engine unpickles with ``weights_only=False``: a checkpoint planted in
+    a run's ``checkpoints/`` would run code on resume. Its files hold tensors, plain containers
+    and three DeepSpeed types (checked on ZeRO-2/3 fp32/bf16 checkpoints), which alone are
+    allowed here; anything else fails to load.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [ZeroStageEnum, LossScaler, fragment_address]
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
+
+
 class SFTLoop:
     """Setup, train, save: a DeepSpeed SFT run you can read top to bottom."""
 
@@ -131,7 +153,13 @@ class SFTLoop:
             lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, self._lr_factor))
         self.ckpt_dir = self.job.out / "checkpoints"
         if (self.ckpt_dir / "latest").is_file():
-            _, state = self.engine.load_checkpoint(str(self.ckpt_dir))
+            _weights_only_resume(self.engine)
+            try:
+                _, state = self.engine.load_checkpoint(str(self.ckpt_dir))
+            except pickle.UnpicklingError as e:
+                raise CpiftError(f"{self.ckpt_dir}: refusing to resume from a checkpoint that "
+                                 f"is not plain tensors and DeepSpeed state "
+                                 f"({str(e).splitlines()[0][:200]})") from None
             self.step = state["step"]
             self.mixture.load_state_dict(state["mixture"])
         self.freezer = None
