@@ -19,10 +19,10 @@ def _run(args, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_demo_runs_on_local_ray(tmp_path):
+@pytest.mark.timeout(500)
+def test_demo_runs_on_local_ray(tmp_path):  # ~70 s alone; minutes on a shared CPU
     r = _run([str(BIN / "cpift"), "demo", "--runs-dir", str(tmp_path), "--quiet",
-              "--num-cpus", "2"], timeout=280)
+              "--num-cpus", "2"], timeout=480)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "demo" / "analysis"
     man = json.loads((out / "manifest.json").read_text())
