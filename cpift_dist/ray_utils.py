@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -29,26 +30,45 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
         root = os.environ.get("RAY_TMPDIR", "/tmp")
         os.makedirs(root, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="cpift-ray-", dir=root)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", _temp_dir=tmp, runtime_env=env,
-                 log_to_driver=False, configure_logging=False)
+        with _loopback_node(ray):
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     _temp_dir=tmp, runtime_env=env, log_to_driver=False,
+                     configure_logging=False)
         return "local"
-    kwargs = {}
+    kwargs, loopback = {}, False
     host, port = _host_port(address)
     if host is not None:
         _probe(address, host, port)
         if host in ("127.0.0.1", "localhost", "::1"):
-            # Ray rewrites a loopback address to this machine's IP, where a head bound to
-            # 127.0.0.1 does not listen (the join then hangs). Its loopback-only switch,
-            # read when ray is imported, keeps the address as given.
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-            ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+            # Ray would rewrite a loopback address to this machine's IP, where a head bound
+            # to 127.0.0.1 does not listen (the join then hangs)
             kwargs["_node_ip_address"] = "127.0.0.1"
+            loopback = True
     try:
-        ray.init(address=address, runtime_env=env, log_to_driver=False, **kwargs)
+        with _loopback_node(ray) if loopback else contextlib.nullcontext():
+            ray.init(address=address, runtime_env=env, log_to_driver=False, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise CpiftError(f"--address {address}: no Ray cluster answers ({e})") from None
     return address
+
+
+@contextlib.contextmanager
+def _loopback_node(ray):
+    """While Ray starts or joins: this node's IP is 127.0.0.1.
+
+    Ray ignores ``_node_ip_address`` for ``address="local"`` (and ``--node-ip-address`` in
+    ``ray start``) and takes the machine's IP, so GCS, raylet and workers listen on every
+    interface. With its single-machine switch off (the macOS and Windows default; the env var
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) the node IP is 127.0.0.1 and every Ray server
+    listens there alone (tests/test_cli.py checks the sockets). The switch is restored after,
+    so nothing started later (``ray start --address``) inherits it.
+    """
+    constants = ray._private.ray_constants
+    multi_node, constants.ENABLE_RAY_CLUSTER = constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = multi_node
 
 
 def _host_port(address: str) -> tuple[str | None, int | None]:

@@ -94,3 +94,20 @@ def test_address_where_no_cluster_answers_fails_fast(models, tmp_path):
               "--address", "127.0.0.1:1"], timeout=50)
     assert r.returncode == 2 and "no Ray cluster answers" in r.stderr
     assert time.monotonic() - t0 < 40 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(120)
+def test_the_embedded_ray_listens_on_loopback_only(ray_local):
+    """Every socket the private local Ray listens on (GCS, raylet, workers, agents) is 127.0.0.1."""
+    import psutil
+
+    from helpers import listening_beyond_loopback
+
+    @ray_local.remote
+    def node_ip():
+        return ray_local.util.get_node_ip_address()
+
+    assert ray_local.get(node_ip.remote()) == "127.0.0.1"  # a worker is up, its server too
+    names, exposed = listening_beyond_loopback(psutil.Process().children(recursive=True))
+    assert {"gcs_server", "raylet"} <= names, names
+    assert not exposed, f"listening beyond loopback: {exposed}"
