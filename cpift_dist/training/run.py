@@ -63,6 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     except CpiftError as e:
         print(f"cpift-train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroys the process group before the interpreter finalises.
+
+    Left alive, gloo's worker threads can still hold tensors while Python tears down: the rank
+    then dies with SIGABRT ("terminate called without an active exception") after a run that
+    succeeded (pytorch/pytorch#190489; seen once in CI on a ZeRO-3 torchrun job). Ray Train's
+    workers need no such call: its torch backend destroys the group on shutdown.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _stage(args) -> int:
