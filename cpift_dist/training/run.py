@@ -16,6 +16,7 @@ On CPU set DS_ACCELERATOR=cpu (gloo); with CUDA it uses NCCL.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -68,17 +69,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _leave_process_group() -> None:
-    """Destroys the process group before the interpreter finalises.
-
-    Left alive, gloo's worker threads can still hold tensors while Python tears down: the rank
-    then dies with SIGABRT ("terminate called without an active exception") after a run that
-    succeeded (pytorch/pytorch#190489; seen once in CI on a ZeRO-3 torchrun job). Ray Train's
-    workers need no such call: its torch backend destroys the group on shutdown.
-    """
+    """Destroys the process group once the run is over (PyTorch asks every trainer to)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _exit(code: int) -> None:
+    """Ends the process without interpreter finalisation, output flushed first.
+
+    DeepSpeed keeps references to its gloo groups, so their worker threads outlive
+    ``destroy_process_group``; one of them may still be releasing a finished all-gather's
+    tensors when Python finalises. Taking the GIL then ends that thread by forced unwinding
+    through a noexcept destructor: ``terminate called without an active exception``, SIGABRT,
+    and torchrun fails a run whose outputs are all written (seen in CI; about 1 run in 30 on 2
+    busy cores; gdb on the core shows ``~AsyncAllgatherWork`` in ``ProcessGroupGloo::runLoop``
+    waiting for the GIL while the main thread is in ``Py_FinalizeEx``; pytorch/pytorch#190489).
+    Everything this entry point writes is closed before ``main`` returns.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _stage(args) -> int:
@@ -114,4 +129,4 @@ def _pairs(flag: str, items: list[str], form: str) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
