@@ -13,7 +13,6 @@ is ``python -m cpift_dist.training.run``, which ends with ``os._exit`` (see ``ru
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -22,22 +21,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from helpers import free_port, run  # noqa: E402
+from helpers import torchrun_train  # noqa: E402
 
 SHIM = "import sys\nfrom cpift_dist.training.run import main\nsys.exit(main())\n"
 
 
 def one(setup: Path, out: Path, entry: list[str]) -> tuple[bool, bool]:
     """(ok, aborted) of one training run."""
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *entry,
-           "--model", str(setup / "model"), "--out", str(out)]
-    for t in ("arithmetic", "strings"):
-        cmd += ["--data", f"{t}={setup / 'suite' / t / 'train.jsonl'}"]
-    cmd += ["max_length=320", "micro_batch=2", "lr=3e-3", "progress=false", "max_steps=6",
-            "save_every=3", "grad_accum=2", "zero_stage=3"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    r = run(cmd, 400, env=env)
+    r = torchrun_train(setup, out, ("arithmetic", "strings"), "max_steps=6", "save_every=3",
+                       "grad_accum=2", "zero_stage=3", timeout=400, entry=entry)
     ok = r.returncode == 0 and "trained 6 steps" in r.stdout and (out / "model").is_dir()
     return ok, "terminate called" in r.stderr
 

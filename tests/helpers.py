@@ -127,14 +127,15 @@ def run(cmd, timeout: float, **kw):
 
 
 def torchrun_train(setup: Path, out: Path, tasks, *overrides, freeze=(), env=None,
-                   timeout: float = 500):
-    """The training entry point on 2 gloo ranks under torchrun, on ``setup``'s tiny model."""
+                   timeout: float = 500, entry=("-m", "cpift_dist.training.run")):
+    """The training entry point (``entry``: torchrun's program and its arguments) on 2 gloo
+    ranks under torchrun, on ``setup``'s tiny model."""
     import os
     import sys
 
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "cpift_dist.training.run", "--model", str(setup / "model"), "--out", str(out)]
+           *entry, "--model", str(setup / "model"), "--out", str(out)]
     for t in tasks:
         cmd += ["--data", f"{t}={setup / 'suite' / t / 'train.jsonl'}"]
     cmd += ["max_length=320", "micro_batch=2", "lr=3e-3", "progress=false", *overrides]

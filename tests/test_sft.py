@@ -142,7 +142,7 @@ def test_the_train_entry_point_leaves_its_process_group(argv):
 def test_the_train_entry_point_exits_without_finalising_python():
     """``python -m cpift_dist.training.run`` ends by ``os._exit`` with its output flushed:
     gloo worker threads that outlive the group abort a finished rank (SIGABRT) when they meet
-    interpreter finalisation, about 1 run in 30 on busy cores (see ``run._exit``)."""
+    interpreter finalisation (8 of 360 runs on busy cores; see ``run._exit``)."""
     probe = ("import atexit, runpy, sys; atexit.register(print, 'FINALISED', flush=True); "
              "sys.argv = ['cpift-train', '--out', 'x']; "
              "runpy.run_module('cpift_dist.training.run', run_name='__main__')")

@@ -83,8 +83,8 @@ def _exit(code: int) -> None:
     ``destroy_process_group``; one of them may still be releasing a finished all-gather's
     tensors when Python finalises. Taking the GIL then ends that thread by forced unwinding
     through a noexcept destructor: ``terminate called without an active exception``, SIGABRT,
-    and torchrun fails a run whose outputs are all written (seen in CI; about 1 run in 30 on 2
-    busy cores; gdb on the core shows ``~AsyncAllgatherWork`` in ``ProcessGroupGloo::runLoop``
+    and torchrun fails a run whose outputs are all written (seen in CI; 8 of 360 runs on 2 busy
+    cores, ``bench/exit_stress.py``; gdb on the core shows ``~AsyncAllgatherWork`` in ``ProcessGroupGloo::runLoop``
     waiting for the GIL while the main thread is in ``Py_FinalizeEx``; pytorch/pytorch#190489).
     Everything this entry point writes is closed before ``main`` returns.
     """
