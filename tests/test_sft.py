@@ -285,3 +285,56 @@ def test_cpift_sft_stages_on_ray_freeze_resume_and_a_baseline(tmp_path, train_se
     heur = cfg.run_dir / "baselines" / "multistage-heuristic" / "stage-1"
     assert json.loads((heur / "manifest.json").read_text())["status"] == "complete"
     assert "stage 1 (multistage-heuristic): 4 steps" in r.stdout
+
+
+def test_a_planted_freeze_report_mismatch_fails_the_stage(tmp_path, train_setup, masks):
+    """The stage's end-of-run check compares counts from three independent sources (the masks'
+    popcount, the elements compared bit for bit, those the partitions held) with the driver's
+    own popcount of the planned masks: any disagreement, or a changed tensor, fails the stage
+    and writes no manifest."""
+    import shutil
+
+    from cpift_dist.training.sft import finish_stage, prepare_stage
+
+    cfg = _run_cfg(tmp_path, train_setup)
+    mask_dir = cfg.run_dir / "analysis" / "masks"
+    mask_dir.mkdir(parents=True)
+    paths, union = masks
+    for t, p in zip(("logic", "format"), paths):  # stage 2 freezes stage 1's two tasks
+        shutil.copy(p, mask_dir / f"{t}.safetensors")
+    stage = plan_stages(cfg, "cpi")[1]
+    shutil.copytree(train_setup / "model", stage.init)
+    job = prepare_stage(cfg, stage)
+    shutil.copytree(train_setup / "model", stage.out / "model")
+    n = sum(int(m.sum()) for m in union.values())
+    good = {"frozen": n, "checked": n, "frozen_in_partitions": n, "mismatched_tensors": [],
+            "partition_mismatches": 0}
+    planted = [({"checked": n - 1}, "counts disagree"),
+               ({"frozen_in_partitions": n + 3}, "counts disagree"),
+               ({"frozen": n + 1, "checked": n + 1, "frozen_in_partitions": n + 1},
+                f"{n} planned"),
+               ({"mismatched_tensors": [BOUNDARY]}, BOUNDARY),
+               ({"partition_mismatches": 2}, "moved in the fp32 partitions")]
+    for change, why in planted:
+        (stage.out / "freeze.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(CpiftError, match=why):
+            finish_stage(cfg, stage, job)
+        assert not (stage.out / "manifest.json").exists()
+    (stage.out / "freeze.json").write_text(json.dumps(good))
+    man = finish_stage(cfg, stage, job)
+    assert man["frozen_elements"] == man["checked_elements"] == n
+
+
+def test_check_frozen_counts_what_it_compared(train_setup, masks):
+    """``check_frozen``'s count is of the values compared, independent of the mask's count: a
+    trained tensor missing elements (a wrong gather) is reported, not counted as checked."""
+    from cpift_dist.training.freeze import CoreUnion, check_frozen
+
+    paths, union = masks
+    ck = Checkpoint(train_setup / "model")
+    cu = CoreUnion(paths)
+    assert cu.popcount() == sum(int(m.sum()) for m in union.values())
+    state = {n: ck.read(n).clone() for n in ck.names()}
+    state[BOUNDARY] = state[BOUNDARY].reshape(-1)[:-200]  # a short, wrongly gathered tensor
+    checked, bad = check_frozen(state, ck, cu, torch.float32)
+    assert bad == [BOUNDARY] and checked < cu.popcount()

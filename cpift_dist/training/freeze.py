@@ -59,6 +59,24 @@ class CoreUnion:
             packed |= f.read_packed(name, b0, b1)
         return np.unpackbits(packed, bitorder="little")[lo - 8 * b0: hi - 8 * b0].astype(bool)
 
+    def popcount(self, block: int = 1 << 22) -> int:
+        """Elements in the union over the whole model: popcounts of the OR-ed packed bytes.
+
+        Counted from the mask files alone (no unpacking, no model): the independent number that
+        the end-of-stage check compares with the elements it actually compared and with those
+        the ranks' partitions hold.
+        """
+        total = 0
+        for name in self.names():
+            nbytes = (self.numel[name] + 7) // 8
+            for b0 in range(0, nbytes, block):
+                b1 = min(nbytes, b0 + block)
+                packed = np.zeros(b1 - b0, dtype=np.uint8)
+                for f in self.files:
+                    packed |= f.read_packed(name, b0, b1)
+                total += int(np.bitwise_count(packed).sum())
+        return total
+
     def close(self) -> None:
         for f in self.files:
             f.close()
@@ -208,17 +226,46 @@ def check_frozen(state: dict[str, torch.Tensor], reference, union: CoreUnion,
         dtype: the training dtype (the input as the model loaded it).
 
     Returns:
-        (number of elements checked, names of tensors with a mismatch).
+        (number of elements compared, names of tensors with a mismatch). The count is of the
+        values actually compared (the selected elements of the trained tensors), not of the
+        mask, so a caller can hold it against :meth:`CoreUnion.popcount`.
     """
     checked, bad = 0, []
+    as_int = torch.int16 if dtype.itemsize == 2 else torch.int32
     for name in union.names():
         mask = torch.from_numpy(union.bits(name))
         if not mask.any():
             continue
-        got = state[name].detach().cpu().reshape(-1)[mask]
-        want = reference.read(name).to(dtype).reshape(-1)[mask]
-        as_int = torch.int16 if dtype == torch.bfloat16 else torch.int32
-        if not torch.equal(got.view(as_int), want.view(as_int)):
+        flat = state[name].detach().cpu().reshape(-1)
+        if flat.numel() != mask.numel():  # not the tensor the mask was made for
             bad.append(name)
-        checked += int(mask.sum())
+            continue
+        got = flat[mask].view(as_int)
+        want = reference.read(name).to(dtype).reshape(-1)[mask].view(as_int)
+        if not torch.equal(got, want):
+            bad.append(name)
+        checked += int(got.numel())
     return checked, bad
+
+
+def freeze_problem(facts: dict, expected: int | None = None) -> str | None:
+    """What is wrong with an end-of-stage freeze report (``freeze.json``), or None.
+
+    Args:
+        facts: the report: ``frozen`` (the masks' popcount), ``checked`` (elements compared bit
+            for bit in the gathered weights), ``frozen_in_partitions`` (elements the ranks'
+            partitions kept), ``mismatched_tensors``, ``partition_mismatches``.
+        expected: the frozen count the caller computed itself from the stage's masks.
+    """
+    if facts.get("mismatched_tensors"):
+        return f"tensors {facts['mismatched_tensors'][:5]} differ from the stage input"
+    if facts.get("partition_mismatches"):
+        return f"{facts['partition_mismatches']} frozen elements moved in the fp32 partitions"
+    counts = {"in the masks": facts.get("frozen"), "compared": facts.get("checked"),
+              "held in partitions": facts.get("frozen_in_partitions")}
+    if expected is not None:
+        counts["planned"] = expected
+    if len(set(counts.values())) != 1:
+        return "frozen-element counts disagree: " + ", ".join(
+            f"{v} {k}" for k, v in counts.items())
+    return None

@@ -41,6 +41,7 @@ from cpift_dist.errors import CpiftError
 from cpift_dist.io.manifest import (checkpoint_digest, read_manifest, sha256_file, sha256_json,
                                     write_manifest)
 from cpift_dist.ray_utils import resolve_use_gpu
+from cpift_dist.training.freeze import CoreUnion, freeze_problem
 from cpift_dist.training.loop import SFTJob
 
 METHODS = ("cpi", "multitask", "multistage-random", "multistage-heuristic")
@@ -240,9 +241,17 @@ def finish_stage(cfg: RunConfig, stage: Stage, job: SFTJob) -> dict:
     extra = {"tasks": stage.tasks, "frozen_tasks": stage.frozen_tasks, "steps": stage.steps}
     freeze = stage.out / "freeze.json"
     if job.freeze:
-        facts = json.loads(freeze.read_text())
-        if facts["mismatched_tensors"] or facts["checked"] != facts["frozen"]:
-            raise CpiftError(f"{freeze}: frozen elements changed in stage {stage.index}")
+        try:
+            facts = json.loads(freeze.read_text())
+        except (OSError, ValueError) as e:
+            raise CpiftError(f"{freeze}: no readable freeze report ({e})") from None
+        union = CoreUnion(job.freeze)  # the driver's own count, from the planned masks
+        try:
+            problem = freeze_problem(facts, expected=union.popcount())
+        finally:
+            union.close()
+        if problem:
+            raise CpiftError(f"{freeze}: SFT stage {stage.index} ({stage.method}): {problem}")
         extra.update(frozen_elements=facts["frozen"], checked_elements=facts["checked"])
     if not cfg.sft.keep_checkpoints:
         shutil.rmtree(stage.out / "checkpoints", ignore_errors=True)
