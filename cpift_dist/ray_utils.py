@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import socket
 import tempfile
+import time
 
 from cpift_dist.errors import CpiftError
 
@@ -27,13 +30,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}} \
         if os.environ.get("DS_ACCELERATOR") else None
     if address in (None, "", "local"):
-        root = os.environ.get("RAY_TMPDIR", "/tmp")
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix="cpift-ray-", dir=root)
-        with _loopback_node(ray):
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     _temp_dir=tmp, runtime_env=env, log_to_driver=False,
-                     configure_logging=False)
+        _start_local(ray, num_cpus, env)
         return "local"
     kwargs, loopback = {}, False
     host, port = _host_port(address)
@@ -50,6 +47,44 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise CpiftError(f"--address {address}: no Ray cluster answers ({e})") from None
     return address
+
+
+LOCAL_START_ATTEMPTS = 3
+"""Tries to start the private local Ray: on a busy machine its processes can miss Ray's own
+start-up deadline (``The current node timed out during startup``); a fresh try usually works."""
+
+
+def _start_local(ray, num_cpus: int | None, env: dict | None,
+                 attempts: int = LOCAL_START_ATTEMPTS, pause: float = 2.0) -> None:
+    """Starts a private local Ray, each attempt in a fresh temp dir; a failed attempt's
+    processes are stopped and its dir removed before the next.
+
+    Raises:
+        CpiftError: every attempt failed (the last cause named).
+    """
+    root = os.environ.get("RAY_TMPDIR", "/tmp")
+    os.makedirs(root, exist_ok=True)
+    causes = []
+    for attempt in range(1, attempts + 1):
+        tmp = tempfile.mkdtemp(prefix="cpift-ray-", dir=root)
+        try:
+            with _loopback_node(ray):
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                         _temp_dir=tmp, runtime_env=env, log_to_driver=False,
+                         configure_logging=False)
+            return
+        except Exception as e:  # Ray raises plain Exception/RuntimeError/TimeoutError here
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            causes.append(cause)
+            logging.getLogger(__name__).warning(
+                "local Ray did not start (attempt %d of %d): %s", attempt, attempts, cause)
+            with contextlib.suppress(Exception):
+                ray.shutdown()  # stops whatever the failed attempt left running
+            shutil.rmtree(tmp, ignore_errors=True)
+            if attempt < attempts:
+                time.sleep(pause * attempt)
+    raise CpiftError(f"the local Ray did not start in {attempts} attempts (busy machine? "
+                     f"`--no-ray` runs without it); last cause: {causes[-1]}")
 
 
 @contextlib.contextmanager
