@@ -25,6 +25,34 @@ def make_llama(path: Path, dtype=torch.float32, seed: int = 0, shard_bytes: int 
     return path
 
 
+def make_tied(path: Path, kind: str = "llama", store_head: bool = True, seed: int = 0,
+              dtype=torch.float32) -> Path:
+    """A tiny model with tied input/output embeddings (``tie_word_embeddings``): Llama, or
+    Qwen2 (q/k/v biases). With ``store_head`` the checkpoint also stores ``lm_head.weight``, an
+    exact copy of ``model.embed_tokens.weight``, as some exports do; otherwise only the
+    embedding, as ``save_pretrained`` writes it."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    conf, cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    cfg = conf(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               tie_word_embeddings=True, bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    model = cls(cfg).to(dtype)
+    model.save_pretrained(path)
+    if store_head:
+        ck = Checkpoint(path)
+        sd = {n: ck.read(n) for n in ck.stored_names()}
+        assert "lm_head.weight" not in sd
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+        for f in path.glob("model*.safetensors*"):
+            f.unlink()
+        save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
 def perturb(base: Path, out: Path, seed: int, density: float = 0.2, scale: float = 1e-2,
             quantum: float | None = 2.0 ** -10, shard_bytes: int = 30_000,
             edit=None) -> Path:
@@ -47,6 +75,8 @@ def perturb(base: Path, out: Path, seed: int, density: float = 0.2, scale: float
         if edit is not None:
             new = edit(name, new)
         w.add(name, new)
+        for alias in sorted(a for a, src in ck.tied.items() if src == name):
+            w.add(alias, new)  # a stored tied copy stays a copy
     w.close()
     shutil.copy(base / "config.json", out / "config.json")
     return out

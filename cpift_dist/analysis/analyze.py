@@ -68,8 +68,10 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
     _check_task_names(tuned)
     base_ck = Checkpoint(base)
     tuned_ck = {t: Checkpoint(p) for t, p in tuned.items()}
+    base_ck.check_tied()  # a stored tied copy is one parameter: counted and masked once
     for ck in tuned_ck.values():
         compare_checkpoints(base_ck, ck)
+        ck.check_tied()
     params = [base_ck.tensors[n] for n in base_ck.names()
               if base_ck.tensors[n].dtype.is_floating_point]
     skipped = [n for n in base_ck.names() if not base_ck.tensors[n].dtype.is_floating_point]

@@ -54,16 +54,20 @@ class OutShard:
 
 
 def plan_shards(base: Checkpoint, max_shard_bytes: int) -> list[OutShard]:
-    """Tensors in name order, cut into files of at most ``max_shard_bytes`` (HF naming)."""
+    """Tensors in name order, cut into files of at most ``max_shard_bytes`` (HF naming).
+
+    A stored tied copy (``base.tied``) follows its parameter in the same file, so that it is
+    written as a byte copy of the fused value and the output stays tied.
+    """
     groups: list[list[str]] = [[]]
     size = 0
     for name in base.names():
-        info = base.info(name)
-        nbytes = info.numel * info.dtype.itemsize
+        names = [name] + sorted(a for a, src in base.tied.items() if src == name)
+        nbytes = sum(base.info(n).numel * base.info(n).dtype.itemsize for n in names)
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
-        groups[-1].append(name)
+        groups[-1] += names
         size += nbytes
     n = len(groups)
     return [OutShard(SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors",
@@ -105,6 +109,9 @@ def fuse_shard(ctx: FuseContext, shard: OutShard) -> dict:
     try:
         for name in shard.names:
             info = base.info(name)
+            if name in base.tied:  # a stored tied copy: the same bytes as its parameter
+                writer.repeat(base.tied[name], name)
+                continue
             if info.numel == 0:
                 continue
             if not info.dtype.is_floating_point:  # buffers such as position ids: the base's
@@ -183,7 +190,8 @@ def check_masks(base: Checkpoint, masks_dir: Path, tasks: list[str]) -> dict[str
     Raises:
         MaskError: a missing file, a mask of another task, or one made for another model.
     """
-    shapes = {n: i.shape for n, i in base.tensors.items() if i.dtype.is_floating_point}
+    shapes = {n: base.info(n).shape for n in base.names()
+              if base.info(n).dtype.is_floating_point}
     out = {}
     for t in tasks:
         path = Path(masks_dir) / f"{t}.safetensors"
@@ -219,8 +227,11 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
     if not tuned:
         raise CpiftError("no tuned checkpoints given (--tuned NAME=DIR)")
     base_ck = Checkpoint(base)
+    base_ck.check_tied()
     for p in tuned.values():
-        compare_checkpoints(base_ck, Checkpoint(p))
+        ck = Checkpoint(p)
+        compare_checkpoints(base_ck, ck)
+        ck.check_tied()
     mask_files = check_masks(base_ck, Path(masks_dir), list(tuned))
     shards = plan_shards(base_ck, cfg.max_shard_bytes)
     device, backend = _device_and_backend(cfg)

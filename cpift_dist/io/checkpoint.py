@@ -113,10 +113,38 @@ class Checkpoint:
                     raise CheckpointError(f"{file}: tensor {name!r} appears in two shards")
                 self.tensors[name] = TensorInfo(name, file, dtype, shape, offset)
         self.files = sorted({t.file for t in self.tensors.values()})
+        self.tied: dict[str, str] = tied_copies(self.path, self.tensors)
+        """Stored tied copies: alias (e.g. ``lm_head.weight``) -> the parameter it repeats
+        (``model.embed_tokens.weight``). One parameter: counted, masked and fused once."""
 
     def names(self) -> list[str]:
-        """Tensor names in the canonical (sorted) order used for ties and plans."""
+        """Parameter names in the canonical (sorted) order used for ties and plans: every
+        stored tensor except the tied copies in :attr:`tied`."""
+        return sorted(n for n in self.tensors if n not in self.tied)
+
+    def stored_names(self) -> list[str]:
+        """Every tensor the files hold, tied copies included (sorted)."""
         return sorted(self.tensors)
+
+    def check_tied(self, block_bytes: int = 1 << 24) -> None:
+        """Checks that every stored tied copy equals its parameter, byte for byte (streamed).
+
+        Raises:
+            CheckpointError: naming both tensors and their files.
+        """
+        for alias, name in sorted(self.tied.items()):
+            a, b = self.tensors[alias], self.tensors[name]
+            rows = max(1, block_bytes // max(1, b.row_numel * b.dtype.itemsize))
+            with self.reader() as ra, self.reader() as rb:
+                for r0 in range(0, b.rows, rows):
+                    r1 = min(b.rows, r0 + rows)
+                    if not torch.equal(ra.read_rows(alias, r0, r1).view(torch.uint8),
+                                       rb.read_rows(name, r0, r1).view(torch.uint8)):
+                        raise CheckpointError(
+                            f"{self.path}: tied tensors differ: {alias!r} ({a.file.name}) is "
+                            f"not equal to {name!r} ({b.file.name}), although the config "
+                            "ties them (tie_word_embeddings); re-export the checkpoint with "
+                            "one value, or untie it in config.json")
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -239,19 +267,75 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+               "tok_embeddings.weight")
+
+
+def tied_copies(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, str]:
+    """The tied tensors a checkpoint stores twice: alias -> the parameter it repeats.
+
+    Some exports store both ``lm_head.weight`` and a tied ``model.embed_tokens.weight``. They
+    are one parameter when ``config.json`` ties them (``tie_word_embeddings``, or the model
+    type's default when the key is absent). The pairs come from the model class's
+    ``_tied_weights_keys`` (transformers 5: alias -> source) where transformers knows the model
+    type, otherwise from the usual names of output heads and input embeddings. A checkpoint
+    that stores only one of the two has nothing to dedupe (empty result).
+    """
+    heads = [n for n in tensors if n.endswith(_HEADS)]
+    if not heads or not (path / "config.json").is_file():
+        return {}  # the common case: nothing to look up
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: unreadable model config ({e})") from None
+    if not isinstance(config, dict):
+        return {}
+    text = config.get("text_config")
+    tie = config.get("tie_word_embeddings",
+                     text.get("tie_word_embeddings") if isinstance(text, dict) else None)
+    if tie is False:
+        return {}  # an untied model (most Llamas): no transformers import needed
+    pairs = None
+    try:  # transformers names the pairs, and the model type's default when the key is absent
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        model_type = config.get("model_type")
+        if tie is None and model_type:
+            tie = getattr(transformers.AutoConfig.for_model(model_type), "tie_word_embeddings",
+                          None)
+        cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""), None)
+        keys = getattr(cls, "_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            pairs = dict(keys)
+    except Exception:  # an unknown model type, an older transformers: the names decide
+        pass
+    if not tie:
+        return {}
+    if pairs is None:
+        embeds = [n for n in tensors if n.endswith(_EMBEDDINGS)]
+        pairs = {h: embeds[0] for h in heads} if len(embeds) == 1 else {}
+    return {a: c for a, c in pairs.items() if a in tensors and c in tensors and a != c
+            and tensors[a].shape == tensors[c].shape and tensors[a].dtype == tensors[c].dtype}
+
+
 def compare_checkpoints(base: Checkpoint, tuned: Checkpoint) -> None:
-    """Checks that ``tuned`` has exactly ``base``'s tensors with the same shapes and dtypes.
+    """Checks that ``tuned`` has exactly ``base``'s parameters with the same shapes and dtypes.
+
+    Parameters, not stored tensors: a tied copy stored by one and not the other (see
+    :func:`tied_copies`) is the same model.
 
     Raises:
         CheckpointError: naming the first missing or extra tensor, or the tensor whose shape or
             dtype differs, with both files.
     """
-    missing = sorted(set(base.tensors) - set(tuned.tensors))
+    missing = sorted(set(base.names()) - set(tuned.names()))
     if missing:
         raise CheckpointError(
             f"{tuned.path}: missing tensor {missing[0]!r} present in base {base.path}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    extra = sorted(set(tuned.tensors) - set(base.tensors))
+    extra = sorted(set(tuned.names()) - set(base.names()))
     if extra:
         raise CheckpointError(
             f"{tuned.path}: extra tensor {extra[0]!r} not present in base {base.path}"

@@ -56,6 +56,7 @@ class SequentialWriter:
         self._order = list(self.entries)
         self._i, self._written = 0, 0
         self._sha = hashlib.sha256(header)
+        self._header_len = len(header)
         self._f = open(self.path, "wb")
         self._f.write(header)
 
@@ -75,6 +76,35 @@ class SequentialWriter:
         self._f.write(data)
         self._sha.update(data)
         self._written += data.nbytes
+
+    def repeat(self, source: str, name: str, block: int = 1 << 24) -> None:
+        """Writes tensor ``name`` as a byte copy of the already written tensor ``source`` (a
+        stored tied copy), read back from this file in blocks: no second computation, memory
+        bounded by ``block``."""
+        if self.entries[name] != self.entries[source]:
+            raise CpiftError(f"{self.path}: tensor {name!r} cannot repeat {source!r} "
+                             "(dtype or shape differ)")
+        self._f.flush()
+        off = self._header_len + self._offset(source)
+        done, size = 0, self._sizes[source]
+        with open(self.path, "rb") as f:
+            while done < size:
+                f.seek(off + done)
+                data = f.read(min(block, size - done))
+                if not data:
+                    raise CpiftError(f"{self.path}: tensor {source!r} not written before "
+                                     f"its copy {name!r}")
+                self.write(name, torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                           .view(self.entries[name][0]))
+                done += len(data)
+
+    def _offset(self, name: str) -> int:
+        off = 0
+        for n in self._order:
+            if n == name:
+                return off
+            off += self._sizes[n]
+        raise KeyError(name)
 
     def close(self) -> str:
         """Checks every tensor is complete; returns the file's sha256."""
