@@ -395,4 +395,5 @@ def evaluate_all(models: dict[str, Path], tasks: dict, cfg: RunConfig, executor)
     for _, (label, res) in executor.map(_eval_one, (tasks, cfg.eval), items):
         out[label] = {t: r["score"] for t, r in res.items()}
         out[label]["_examples"] = {t: r["examples"] for t, r in res.items()}
+        out[label]["_n"] = {t: r["n"] for t, r in res.items()}  # held-out examples scored
     return {label: out[label] for label, _ in items}

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -20,21 +21,31 @@ def _save(fig, path: Path) -> None:
 
 
 def jaccard_heatmap(tasks: list[str], jaccard: list[list[float]], groups: list[list[str]],
-                    tau: float, path: str | Path) -> None:
-    """Jaccard matrix with tasks ordered by stage; each group (stage) outlined and labelled."""
+                    tau: float, path: str | Path) -> tuple[float, float]:
+    """Jaccard matrix with tasks ordered by stage; each group (stage) outlined and labelled.
+
+    Returns:
+        The colour scale's (min, max): the range of the off-diagonal values.
+    """
     order = [t for g in groups for t in g]
     idx = [tasks.index(t) for t in order]
     mat = [[jaccard[i][j] for j in idx] for i in idx]
     n = len(order)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * n))
-    im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=max(1e-9, max(
-        mat[i][j] for i in range(n) for j in range(n) if i != j) if n > 1 else 1))
+    lo, hi = offdiagonal_range(mat)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.7 * n, 1.0 + 0.6 * n))
+    # The colour scale spans the off-diagonal values alone: overlaps of core regions are
+    # often a few percent, and a 0..1 scale (set by the diagonal's 1s) paints them all alike.
+    # The diagonal (a task with itself) is drawn grey, outside the scale.
+    masked = np.ma.masked_array(np.asarray(mat, dtype=float), mask=np.eye(n, dtype=bool))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d0d0d0")
+    im = ax.imshow(masked, cmap=cmap, vmin=lo, vmax=hi)
     ax.set_xticks(range(n), order, rotation=45, ha="right")
     ax.set_yticks(range(n), order)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{mat[i][j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if mat[i][j] < 0.5 else "black")
+            rel = 1.0 if i == j else (mat[i][j] - lo) / (hi - lo)
+            ax.text(j, i, f"{mat[i][j]:.3f}", ha="center", va="center", fontsize=8,
+                    color="black" if i == j or rel > 0.6 else "white")
     pos = 0
     for k, g in enumerate(groups):
         ax.add_patch(Rectangle((pos - 0.5, pos - 0.5), len(g), len(g), fill=False,
@@ -42,8 +53,21 @@ def jaccard_heatmap(tasks: list[str], jaccard: list[list[float]], groups: list[l
         ax.text(pos - 0.45, pos - 0.3, f"stage {k + 1}", color="red", fontsize=8)
         pos += len(g)
     ax.set_title(f"Jaccard of core regions (tau = {tau}); stages outlined")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046)
+    bar.set_label(f"Jaccard, scaled to the off-diagonal range {lo:.3f}-{hi:.3f}\n"
+                  "(diagonal = 1, grey)", fontsize=8)
     _save(fig, Path(path))
+    return lo, hi
+
+
+def offdiagonal_range(mat) -> tuple[float, float]:
+    """(min, max) of a square matrix's off-diagonal values; a non-empty range even when they
+    are all equal or there is only one task."""
+    vals = [mat[i][j] for i in range(len(mat)) for j in range(len(mat)) if i != j]
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    if hi - lo < 1e-9:
+        lo, hi = max(0.0, lo - 0.5e-3), hi + 0.5e-3
+    return lo, hi
 
 
 def core_location(stats: dict, tasks: list[str], path: str | Path) -> None:

@@ -1,8 +1,10 @@
 """The run report: ``report/report.md`` and a self-contained ``report/report.html``.
 
 Sections: the seesaw table (per-task score of every method, the average, the worst drop
-against each task's single-task model), per-task scores per method (bar plot), the Jaccard
-heatmap with the groups, the core-region share per layer and per module type, and training
+against each task's single-task model, and how many held-out examples each score rests on),
+the stages, the frozen-element check of every SFT stage (counts from three sources, verdict),
+per-task scores per method (bar plot), the Jaccard heatmap with the groups (colours scaled to
+the off-diagonal range), the core-region share per layer and per module type, and training
 loss curves per SFT stage and baseline.
 """
 
@@ -107,6 +109,69 @@ def _plot_losses(run_dir: Path, path: Path) -> bool:
     return True
 
 
+def examples_note(data: dict, tasks: list[str]) -> str:
+    """How many held-out examples each score rests on, and what one example weighs."""
+    counts = {t: min((s.get("_n", {}).get(t) for s in data["scores"].values()
+                      if s.get("_n", {}).get(t)), default=None) for t in tasks}
+    known = {t: n for t, n in counts.items() if n}
+    if not known:
+        return ""
+    if len(set(known.values())) == 1:
+        n = next(iter(known.values()))
+        return (f"Each score is the share of **{n} held-out examples** of its task: one "
+                f"example moves a score by 1/{n} = {1 / n:.3f}.")
+    return "Held-out examples per score: " + ", ".join(
+        f"{t} {n} (one example = {1 / n:.3f})" for t, n in known.items()) + "."
+
+
+def freeze_checks(run_dir: Path) -> list[dict]:
+    """The end-of-stage frozen-element check of every SFT stage that froze elements (from its
+    ``freeze.json`` and manifest): counts from the masks, compared bit for bit, held in the
+    ranks' partitions, and the verdict."""
+    rows = []
+    stages = sorted(run_dir.glob("sft/stage-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    for d in stages + sorted(run_dir.glob("baselines/*/stage-*")):
+        try:
+            man = json.loads((d / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        row = {"stage": str(d.relative_to(run_dir)), "tasks": man.get("tasks", []),
+               "frozen_tasks": man.get("frozen_tasks", [])}
+        try:
+            facts = json.loads((d / "freeze.json").read_text())
+        except (OSError, ValueError):
+            if row["frozen_tasks"]:
+                row["verdict"] = "no freeze report"
+                rows.append(row)
+            elif d.parent.name == "sft":
+                rows.append({**row, "verdict": "nothing frozen"})
+            continue
+        bad = facts.get("mismatched_tensors") or facts.get("partition_mismatches")
+        same = len({facts.get("frozen"), facts.get("checked"),
+                    facts.get("frozen_in_partitions")}) == 1
+        row.update(frozen=facts.get("frozen"), checked=facts.get("checked"),
+                   partitions=facts.get("frozen_in_partitions"),
+                   mismatches=len(facts.get("mismatched_tensors") or [])
+                   + int(facts.get("partition_mismatches") or 0),
+                   verdict="bit-identical" if same and not bad else "FAILED")
+        rows.append(row)
+    return rows
+
+
+def _freeze_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "(no SFT stage froze elements)"
+    out = ["| stage | trains | frozen cores of | frozen (masks) | compared bit for bit | "
+           "held in partitions | mismatches | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        num = [f"{r[k]:,}" if isinstance(r.get(k), int) else "-"
+               for k in ("frozen", "checked", "partitions", "mismatches")]
+        out.append(f"| {r['stage']} | {', '.join(r['tasks'])} | "
+                   f"{', '.join(r['frozen_tasks']) or '-'} | " + " | ".join(num)
+                   + f" | {r['verdict']} |")
+    return "\n".join(out)
+
+
 def write_report(run_dir: str | Path, cfg) -> dict:
     """Writes the report; returns {path, html, table (markdown), rows}."""
     run_dir = Path(run_dir)
@@ -115,13 +180,14 @@ def write_report(run_dir: str | Path, cfg) -> dict:
     data = json.loads(scores_file.read_text()) if scores_file.is_file() else None
     tasks = [t.name for t in cfg.tasks]
     with atomic_dir(out, overwrite=True) as tmp:
-        figures, table, rows = [], "(no evaluation: no task has eval_data)", []
+        figures, table, rows, note = [], "(no evaluation: no task has eval_data)", [], ""
         if data:
             scores = {m: {t: v for t, v in s.items() if not t.startswith("_")}
                       for m, s in data["scores"].items()}
             by_method, single = _methods(scores, tasks, cfg.sft.method)
             rows = seesaw_table(by_method, single, tasks)
             table = format_table(rows, tasks)
+            note = examples_note(data, tasks)
             _plot_scores(by_method, tasks, tmp / "scores.png")
             figures.append(("Per-task scores per method", "scores.png"))
         groups_png = run_dir / "groups.jaccard.png"
@@ -138,22 +204,33 @@ def write_report(run_dir: str | Path, cfg) -> dict:
             if (run_dir / "groups.json").is_file() else {"stages": []}
         stages = "\n".join(f"- stage {s['stage']}: {', '.join(s['tasks'])}"
                            for s in groups["stages"])
+        checks = freeze_checks(run_dir)
+        freeze_md = _freeze_markdown(checks)
         md = [f"# CPI-FT run `{cfg.name}`", "",
               f"Base: `{cfg.base}`; tasks: {', '.join(tasks)}; p = {cfg.analysis.p}, "
               f"tau = {cfg.grouping.tau}; SFT: {cfg.sft.method}, {cfg.sft.steps} steps; "
               f"baselines: {', '.join(cfg.baselines) or 'none'}.", "",
               "## Seesaw table", "",
               "Held-out score per task; worst drop = the largest loss against a task's own "
-              "single-task model (lower is better).", "", table, "",
-              "## Stages (groups)", "", stages or "-", ""]
+              "single-task model (lower is better).", "", *([note, ""] if note else []),
+              table, "",
+              "## Stages (groups)", "", stages or "-", "",
+              "## Frozen-element check of every stage", "",
+              "At the end of each stage the frozen elements (the union of earlier stages' core "
+              "masks) are compared with the stage input bit for bit; the stage fails unless "
+              "the masks' count, the elements compared and those held in the ranks' "
+              "partitions agree and nothing moved.", "", freeze_md, ""]
         for title, f in figures:
             md += [f"## {title}", "", f"![{title}]({f})", ""]
         (tmp / "report.md").write_text("\n".join(md))
         body = [f"<h1>CPI-FT run <code>{html.escape(cfg.name)}</code></h1>",
-                f"<p>{html.escape(md[2])}</p>", "<h2>Seesaw table</h2>", _html_table(rows, tasks),
+                f"<p>{html.escape(md[2])}</p>", "<h2>Seesaw table</h2>",
+                f"<p>{html.escape(note.replace('**', ''))}</p>" if note else "",
+                _html_table(rows, tasks),
                 "<h2>Stages (groups)</h2><ul>" + "".join(
                     f"<li>stage {s['stage']}: {html.escape(', '.join(s['tasks']))}</li>"
-                    for s in groups["stages"]) + "</ul>"]
+                    for s in groups["stages"]) + "</ul>",
+                "<h2>Frozen-element check of every stage</h2>" + _freeze_html(checks)]
         for title, f in figures:
             b64 = base64.b64encode((tmp / f).read_bytes()).decode()
             body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
@@ -177,4 +254,19 @@ def _html_table(rows: list[dict], tasks: list[str]) -> str:
         cells.append(f"{r['worst_drop']:+.3f}" if r["worst_drop"] is not None else "-")
         out.append(f"<tr><td>{html.escape(r['method'])}</td>"
                    + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def _freeze_html(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>(no SFT stage froze elements)</p>"
+    head = "".join(f"<th>{h}</th>" for h in ("stage", "trains", "frozen cores of",
+                                              "frozen (masks)", "compared bit for bit",
+                                              "held in partitions", "mismatches", "verdict"))
+    out = [f"<table><tr>{head}</tr>"]
+    for r in rows:
+        cells = [r["stage"], ", ".join(r["tasks"]), ", ".join(r["frozen_tasks"]) or "-",
+                 *(f"{r[k]:,}" if isinstance(r.get(k), int) else "-"
+                   for k in ("frozen", "checked", "partitions", "mismatches")), r["verdict"]]
+        out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return "".join(out) + "</table>"

@@ -194,3 +194,44 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
             pass
         head.wait(timeout=60)
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_the_report_shows_example_counts_and_every_stage_freeze_check(tiny_run):
+    cfg, _, _, _ = tiny_run
+    run = cfg.run_dir
+    md = (run / "report" / "report.md").read_text()
+    scores = json.loads((run / "eval" / "scores.json").read_text())["scores"]
+    n = scores["base"]["_n"]  # held-out examples scored per task, the same for every model
+    assert all(s["_n"] == n for s in scores.values()) and set(n) == set(scores["base"]) - {
+        "_n", "_examples"}
+    assert all(1 <= k <= cfg.eval.limit for k in n.values())
+    if len(set(n.values())) == 1:
+        k = next(iter(n.values()))
+        assert f"share of **{k} held-out examples**" in md and f"1/{k} = {1 / k:.3f}" in md
+    else:
+        assert all(f"{t} {k} (one example = {1 / k:.3f})" in md for t, k in n.items())
+    section = md.split("## Frozen-element check of every stage")[1].split("\n## ")[0]
+    stages = sorted(run.glob("sft/stage-*"))
+    assert len(stages) >= 2
+    for d in stages[1:]:  # every stage after the first froze earlier cores
+        man = json.loads((d / "manifest.json").read_text())
+        row = [ln for ln in section.splitlines() if ln.startswith(f"| sft/{d.name} |")]
+        assert len(row) == 1, section
+        assert f"| {man['frozen_elements']:,} | {man['checked_elements']:,} |" in row[0]
+        assert row[0].endswith("| 0 | bit-identical |")
+    assert "| sft/stage-1 |" in section and "nothing frozen" in section
+    page = (run / "report" / "report.html").read_text()
+    assert "Frozen-element check of every stage" in page and "bit-identical" in page
+
+
+def test_the_heatmap_scale_spans_the_off_diagonal_overlaps(tmp_path):
+    from cpift_dist.plots import jaccard_heatmap, offdiagonal_range
+
+    jac = [[1, .012, .020, .031], [.012, 1, .015, .018], [.020, .015, 1, .025],
+           [.031, .018, .025, 1]]
+    lo, hi = jaccard_heatmap(list("abcd"), jac, [["a", "d"], ["b"], ["c"]], 0.03,
+                             tmp_path / "j.png")
+    assert (lo, hi) == (.012, .031) and (tmp_path / "j.png").stat().st_size > 0
+    assert offdiagonal_range([[1]]) == (0.0, 1.0)
+    lo, hi = offdiagonal_range([[1, .05], [.05, 1]])  # all equal: still a non-empty range
+    assert lo < .05 < hi
