@@ -12,7 +12,6 @@
     cpift run [CONFIG.yaml] [--preset default|tiny] [--address RAY_ADDRESS] [--from STAGE]
               [key=value ...]
     cpift data make-suite --out DIR [--seed S] [--n-train N] [--n-eval N]
-    cpift demo [--runs-dir runs]
 
 Every error on bad input is one line naming the culprit; the exit status is 2 and no partial
 output is left behind.
@@ -103,9 +102,6 @@ def _parser() -> argparse.ArgumentParser:
     ms.add_argument("--n-eval", type=int, default=64, help="held-out examples per task")
     ms.add_argument("--overwrite", action="store_true", help="replace an existing suite")
 
-    d = sub.add_parser("demo", help="the embedded default: bundled example analysed on local Ray")
-    d.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where runs/demo goes")
-    _add_exec_args(d)
     return p
 
 
@@ -155,24 +151,12 @@ def _exec_overrides(data: dict, args) -> None:
         ray["enabled"] = False
 
 
-def make_executor(ray_cfg, num_gpus: float = 0):
-    """The executor a run config asks for (starting or joining Ray when enabled)."""
-    import os
-
-    from cpift_dist.executor import InProcessExecutor, RayExecutor
-    from cpift_dist.ray_utils import init_ray
-
-    if not ray_cfg.enabled:
-        return InProcessExecutor(threads=ray_cfg.num_cpus or os.cpu_count() or 1)
-    init_ray(ray_cfg.address or os.environ.get("RAY_ADDRESS"), ray_cfg.num_cpus)
-    return RayExecutor(num_gpus=num_gpus)
-
-
 def cmd_analyze(args) -> int:
     from rich.console import Console
 
     from cpift_dist.analysis import analyze
     from cpift_dist.analysis.stats import summary_table
+    from cpift_dist.executor import make_executor
 
     cfg = _run_config(args, "analysis")
     out = args.out or cfg.run_dir / "analysis"
@@ -207,6 +191,7 @@ def cmd_group(args) -> int:
 def cmd_fuse(args) -> int:
     from rich.console import Console
 
+    from cpift_dist.executor import make_executor
     from cpift_dist.fusion import fuse
 
     cfg = _run_config(args, "fusion")
@@ -324,49 +309,12 @@ def cmd_data(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from rich.console import Console
-
-    from cpift_dist.analysis import analyze
-    from cpift_dist.analysis.stats import summary_table
-    from cpift_dist.config import AnalysisConfig, FusionConfig, GroupingConfig, RayConfig
-    from cpift_dist.example import ensure_example
-    from cpift_dist.fusion import fuse
-    from cpift_dist.grouping import group
-
-    console = Console()
-    run = args.runs_dir / "demo"
-    console.print(f"[bold]cpift demo[/bold]: bundled example in {run}/models")
-    models = ensure_example(run / "models", progress=not args.quiet)
-    tuned = {t: p for t, p in models.items() if t != "base"}
-    data: dict = {}
-    _exec_overrides(data, args)
-    executor = make_executor(RayConfig(**data["ray"]))
-    console.print(f"1/3 delta analysis on {executor.name} (p=0.01, global top-k)")
-    res = analyze(models["base"], tuned, run / "analysis",
-                  AnalysisConfig(p=0.01, chunk_elements=8192, unit_elements=32768),
-                  executor=executor, overwrite=True, progress=not args.quiet)
-    console.print(summary_table(res.stats, res.overlap))
-    groups = group(run / "analysis", GroupingConfig(tau=0.1, order="random", seed=0),
-                   run / "groups.json")
-    console.print("2/3 groups (Jaccard >= 0.1, seeded random stage order): " + "; ".join(
-        f"stage {s['stage']}: {', '.join(s['tasks'])}" for s in groups["stages"]))
-    man = fuse(models["base"], tuned, run / "analysis" / "masks", run / "fusion" / "backbone",
-               FusionConfig(max_shard_bytes=200_000), executor=executor, overwrite=True,
-               progress=not args.quiet)
-    console.print(f"3/3 fused backbone ({man['backend']} on {man['device']}): "
-                  f"{man['core_elements']:,} core elements transplanted, "
-                  f"{man['overlap_elements']:,} claimed by several tasks")
-    console.print(f"wrote {run}/analysis, {run}/groups.json (+ PNGs), {run}/fusion/backbone")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
-                "finetune": cmd_finetune, "sft": cmd_sft, "run": cmd_run, "data": cmd_data,
-                "demo": cmd_demo}[args.command](args)
+                "finetune": cmd_finetune, "sft": cmd_sft, "run": cmd_run,
+                "data": cmd_data}[args.command](args)
     except CpiftError as e:
         print(f"cpift: error: {e}", file=sys.stderr)
         return 2

@@ -123,3 +123,14 @@ class RayExecutor:
         finally:
             for ref in pending:
                 ray.cancel(ref)
+
+
+def make_executor(ray_cfg, num_gpus: float = 0):
+    """The executor a run config's ``ray`` section asks for: threads in this process when Ray
+    is off, else Ray tasks (starting a private local Ray or joining ``ray.address``)."""
+    from cpift_dist.ray_utils import init_ray
+
+    if not ray_cfg.enabled:
+        return InProcessExecutor(threads=ray_cfg.num_cpus or os.cpu_count() or 1)
+    init_ray(ray_cfg.address or os.environ.get("RAY_ADDRESS"), ray_cfg.num_cpus)
+    return RayExecutor(num_gpus=num_gpus)

@@ -229,7 +229,7 @@ class Pipeline:
         return gpus_available()
 
     def _executor(self, num_gpus: float = 0):
-        from cpift_dist.cli import make_executor
+        from cpift_dist.executor import make_executor
 
         return make_executor(self.cfg.ray, num_gpus)
 
