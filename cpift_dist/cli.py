@@ -310,7 +310,14 @@ def cmd_data(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options too (`cpift run CFG --no-ray --quiet a.b=1`)
+    if extra and hasattr(args, "overrides") and all(
+            "=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
                 "finetune": cmd_finetune, "sft": cmd_sft, "run": cmd_run,

@@ -148,6 +148,17 @@ class FinetuneConfig(_Model):
     use_gpu: bool | None = None
     """One GPU per rank worker (NCCL) instead of CPU (gloo); unset: yes where the Ray cluster
     (without Ray, this machine) has a GPU for every rank, else CPU."""
+    launcher: Literal["auto", "ray", "torchrun", "slurm"] = "auto"
+    """What starts the DeepSpeed jobs (fine-tunes and SFT stages): Ray Train, torchrun on this
+    node, or srun + torchrun steps inside a SLURM allocation; auto: Ray when ``ray.enabled``,
+    else torchrun."""
+    local_jobs: int | None = Field(None, ge=1)
+    """torchrun launcher: fine-tunes at once on this node; unset: floor(GPUs /
+    workers_per_task) with CUDA (each job its own GPUs), floor(CPU cores / workers_per_task)
+    on CPU; at least 1."""
+    nodes_per_task: int = Field(1, ge=1)
+    """slurm launcher: nodes of each task's fine-tune (NPROC_PER_NODE ranks on each); tasks
+    run at once on disjoint nodes of the allocation while enough are free."""
 
 
 class TaskConfig(_Model):

@@ -148,7 +148,13 @@ class Pipeline:
 
     # ---- stages ----------------------------------------------------------------------------
     def run(self) -> dict:
+        from cpift_dist.launchers import check_launcher
+
+        check_launcher(self.cfg)  # e.g. SLURM without srun: before anything is written
         self._prepare()
+        self.config_file = self.ledger / "run-config.json"  # the prepared config, for ranks
+        self.ledger.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(self.cfg.model_dump_json())
         if self.from_stage:
             for stage in STAGES[STAGES.index(self.from_stage):]:
                 for p in self.outputs(stage):
@@ -177,8 +183,8 @@ class Pipeline:
                          "workers": cfg.finetune.workers_per_task} for t in todo}
 
         def run() -> str:
-            from cpift_dist.training import SFTJob
-            from cpift_dist.training.ray_finetune import finetune_all
+            from cpift_dist.launchers import resolve_launcher
+            from cpift_dist.training.sft import finetune_job
 
             jobs = {}
             for t in todo:
@@ -195,16 +201,19 @@ class Pipeline:
                     shutil.rmtree(out, ignore_errors=True)  # other inputs: no stale resume
                 out.mkdir(parents=True, exist_ok=True)
                 spec.write_text(json.dumps(keys[t.name]))
-                train = cfg.train.model_copy(update={"progress": self.progress
-                                                     and cfg.train.progress})
-                jobs[t.name] = SFTJob(self.base, {t.name: t.train_data}, out, train,
-                                      {t.name: (t.data_shape, t.columns)})
-            if jobs:
+                jobs[t.name] = finetune_job(cfg, t.name)
+                jobs[t.name].cfg = cfg.train.model_copy(update={"progress": self.progress
+                                                                and cfg.train.progress})
+            fc = cfg.finetune
+            if jobs and resolve_launcher(cfg) == "ray":
+                from cpift_dist.training.ray_finetune import finetune_all
+
                 self._ray()
-                fc = cfg.finetune
                 finetune_all(jobs, fc.workers_per_task, fc.max_failures,
                              use_gpu=resolve_use_gpu(fc.use_gpu, fc.workers_per_task),
                              placement=fc.placement)
+            elif jobs:
+                self._launch_finetunes(list(jobs))
             for name in jobs:
                 shutil.rmtree(self.run_dir / "finetune" / name / "checkpoints",
                               ignore_errors=True)
@@ -214,6 +223,23 @@ class Pipeline:
             self._stage("finetune", keys, run)
         else:
             self.log("finetune  every task has a tuned checkpoint: nothing to do")
+
+    def _launch_finetunes(self, tasks: list[str]) -> None:
+        """Fine-tunes without Ray: torchrun jobs on this node or srun steps on the SLURM
+        allocation's nodes, as many at once as the node's devices or the allocation allow."""
+        from cpift_dist.launchers import Job, run_jobs
+
+        fc = self.cfg.finetune
+        quiet = [] if self.progress else ["train.progress=false"]
+        jobs = [Job(f"fine-tune of task {t!r}", ["--run-config", str(self.config_file),
+                                                 "--finetune", t, *quiet],
+                    self.run_dir / "finetune" / t) for t in tasks]
+        failed = run_jobs(self.cfg, jobs, fc.workers_per_task,
+                          resolve_use_gpu(fc.use_gpu, fc.workers_per_task), log=self.log)
+        if failed:
+            done = [t for t, j in zip(tasks, jobs) if j.label not in failed]
+            raise CpiftError("; ".join(f"{label} failed ({why})" for label, why in failed.items())
+                             + (f" (finished: {', '.join(done)})" if done else ""))
 
     def _ray(self) -> None:
         if self.cfg.ray.enabled:

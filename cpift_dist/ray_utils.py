@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 
@@ -127,10 +128,12 @@ def _probe(address: str, host: str, port: int, timeout: float = 5.0) -> None:
 
 
 def gpus_available() -> int:
-    """GPUs the work can use: the connected Ray cluster's, else this machine's CUDA devices."""
-    import ray
+    """GPUs the work can use: the connected Ray cluster's, else this machine's CUDA devices.
 
-    if ray.is_initialized():
+    Ray is only asked when this process already imported and started it: the Ray-free paths
+    never import it."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         return int(ray.cluster_resources().get("GPU", 0))
     import torch
 

@@ -195,3 +195,35 @@ def listening_beyond_loopback(procs) -> tuple[set[str], dict[str, list[str]]]:
             if not ipaddress.ip_address(c.laddr.ip.removeprefix("::ffff:")).is_loopback:
                 exposed.setdefault(name, []).append(f"{c.laddr.ip}:{c.laddr.port}")
     return names, exposed
+
+
+def slurm_standins(bindir: Path, hosts: list[str], log: Path | None = None) -> dict[str, str]:
+    """Stand-in ``srun`` and ``scontrol`` for an allocation of ``hosts`` on this machine.
+
+    ``srun --nodes=K [--flags] CMD`` starts CMD K times at once (one per simulated node, with
+    SLURM_NODEID / SLURM_PROCID set), waits for all and fails if any failed, appending
+    ``start``/``end`` lines with times to ``log``. ``scontrol show hostnames`` prints ``hosts``.
+    Returns the environment of such an allocation (PATH first)."""
+    import os
+    import stat
+    import sys
+
+    bindir.mkdir(parents=True, exist_ok=True)
+    srun = r'''n=1
+while [[ $1 == -* ]]; do case $1 in --nodes=*) n=${1#--nodes=};; esac; shift; done
+id=$$
+[ -n "$SRUN_LOG" ] && echo "start $id $(date +%s.%N) $n $*" >> "$SRUN_LOG"
+pids=()
+for i in $(seq 0 $((n - 1))); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+[ -n "$SRUN_LOG" ] && echo "end $id $(date +%s.%N) $rc" >> "$SRUN_LOG"
+exit $rc'''
+    scontrol = "printf '%s\\n' " + " ".join(hosts)
+    for name, body in (("srun", srun), ("scontrol", scontrol)):
+        f = bindir / name
+        f.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    return {"PATH": f"{bindir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "SLURM_JOB_NODELIST": f"sim[1-{len(hosts)}]", "SLURM_NNODES": str(len(hosts)),
+            "SLURM_JOB_ID": "77", "SRUN_LOG": str(log or bindir / "srun.log")}

@@ -10,6 +10,11 @@ stage manifest at the end):
     torchrun --nproc_per_node 2 -m cpift_dist.training.run \
         --run-config configs/tiny.yaml --method cpi --stage 1 [sft.steps=40 ...]
 
+One task's fine-tune of a run (what ``cpift run`` starts without Ray, per task):
+
+    torchrun --nproc_per_node 2 -m cpift_dist.training.run \
+        --run-config runs/tiny/.pipeline/run-config.json --finetune arithmetic
+
 On CPU set DS_ACCELERATOR=cpu (gloo); with CUDA it uses NCCL.
 """
 
@@ -38,12 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-config", type=Path, help="a run config: train one of its SFT stages")
     ap.add_argument("--method", help="SFT method of the stage (default: the config's)")
     ap.add_argument("--stage", type=int, help="1-based SFT stage number")
+    ap.add_argument("--finetune", metavar="TASK",
+                    help="with --run-config: fine-tune this task of the run instead of a stage")
     ap.add_argument("--local_rank", "--local-rank", type=int,
                     help=argparse.SUPPRESS)  # the deepspeed launcher adds it; LOCAL_RANK is read
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="TrainConfig fields (run-config fields with --run-config)")
     args = ap.parse_args(argv)
     try:
+        if args.run_config and args.finetune:
+            return _finetune(args)
         if args.run_config:
             return _stage(args)
         if not args.model or not args.out:
@@ -115,6 +124,18 @@ def _stage(args) -> int:
         finish_stage(cfg, stage, job)
         print(f"stage {stage.index} ({stage.method}): {loop.step} steps; wrote "
               f"{stage.out / 'model'}", flush=True)
+    return 0
+
+
+def _finetune(args) -> int:
+    """One task's fine-tune, exactly as the pipeline plans it (same job, same output)."""
+    from cpift_dist.training.sft import finetune_job
+
+    cfg = load_config(args.run_config, args.overrides)
+    loop = run(finetune_job(cfg, args.finetune))
+    if loop.rank == 0:
+        print(f"fine-tune {args.finetune}: {loop.step} steps; wrote {loop.job.out / 'model'}",
+              flush=True)
     return 0
 
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from cpift_dist.config import RunConfig, TrainConfig
 from cpift_dist.errors import CpiftError
 from cpift_dist.io.manifest import (checkpoint_digest, read_manifest, sha256_file, sha256_json,
                                     write_manifest)
+from cpift_dist.launchers import resolve_launcher
 from cpift_dist.ray_utils import resolve_use_gpu
 from cpift_dist.training.freeze import CoreUnion, freeze_problem
 from cpift_dist.training.loop import SFTJob
@@ -180,6 +179,19 @@ def stage_job(cfg: RunConfig, stage: Stage) -> SFTJob:
                   samples={t: n for t, n in samples.items() if n}, freeze=masks)
 
 
+def finetune_job(cfg: RunConfig, task: str) -> SFTJob:
+    """The fine-tune of one task of the run: from the base, on its own data, into
+    ``<run>/finetune/<task>/`` (the same job whatever starts it: Ray Train, torchrun, srun)."""
+    tasks = {t.name: t for t in cfg.tasks}
+    if task not in tasks:
+        raise CpiftError(f"no task named {task!r} in the run config (tasks: {', '.join(tasks)})")
+    t = tasks[task]
+    if t.train_data is None:
+        raise CpiftError(f"task {task!r} has no train_data to fine-tune on")
+    return SFTJob(cfg.base, {task: t.train_data}, cfg.run_dir / "finetune" / task, cfg.train,
+                  {task: (t.data_shape, t.columns)})
+
+
 # ---- state on disk ----------------------------------------------------------------------------
 def _spec(cfg: RunConfig, stage: Stage, job: SFTJob) -> tuple[dict, dict]:
     """(the stage's configuration, its inputs' digests): what decides whether it must re-run."""
@@ -270,7 +282,7 @@ def run_stage(cfg: RunConfig, stage: Stage, progress: bool = True) -> dict:
     job.cfg = job.cfg.model_copy(update={"progress": progress and job.cfg.progress})
     fc = cfg.finetune
     workers = cfg.sft.workers or fc.workers_per_task
-    if cfg.ray.enabled:
+    if resolve_launcher(cfg) == "ray":
         from cpift_dist.ray_utils import init_ray
         from cpift_dist.training.ray_finetune import train_on_ray
 
@@ -283,30 +295,26 @@ def run_stage(cfg: RunConfig, stage: Stage, progress: bool = True) -> dict:
             raise CpiftError(f"SFT stage {stage.index} ({stage.method}) failed: "
                              f"{lines[-1][:300] if lines else type(e).__name__}") from None
     else:
-        _torchrun_stage(cfg, stage, workers)
+        _launch_stage(cfg, stage, workers, progress)
     return finish_stage(cfg, stage, job)
 
 
-def _torchrun_stage(cfg: RunConfig, stage: Stage, nproc: int) -> None:
-    """Runs a stage with torchrun on this node (``ray.enabled: false``)."""
-    import socket
+def _launch_stage(cfg: RunConfig, stage: Stage, nproc: int, progress: bool = True) -> None:
+    """Runs a stage without Ray: torchrun on this node, or an srun step over the whole SLURM
+    allocation (``finetune.launcher``)."""
+    from cpift_dist.launchers import Job, run_jobs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     spec = stage.out / "run-config.json"
     spec.write_text(cfg.model_dump_json())  # JSON is YAML: the entry reads it with load_config
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(port),
-           "-m", "cpift_dist.training.run", "--run-config", str(spec),
-           "--method", stage.method, "--stage", str(stage.index)]
-    env = dict(os.environ)
-    if not resolve_use_gpu(cfg.finetune.use_gpu, nproc):
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    r = subprocess.run(cmd, env=env)
-    if r.returncode:
-        raise CpiftError(f"SFT stage {stage.index} ({stage.method}) failed (torchrun exit "
-                         f"{r.returncode}); rerun to resume from its last checkpoint")
+    label = f"SFT stage {stage.index} ({stage.method})"
+    quiet = [] if progress else ["train.progress=false", "sft.train.progress=false"] \
+        if cfg.sft.train else ["train.progress=false"]
+    failed = run_jobs(cfg, [Job(label, ["--run-config", str(spec), "--method", stage.method,
+                                        "--stage", str(stage.index), *quiet], stage.out)],
+                      nproc, resolve_use_gpu(cfg.finetune.use_gpu, nproc),
+                      whole_allocation=True)
+    if failed:
+        raise CpiftError(f"{label} failed ({failed[label]})")
 
 
 def run_sft(cfg: RunConfig, method: str | None = None, progress: bool = True) -> list[dict]:

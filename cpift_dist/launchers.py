@@ -1,0 +1,220 @@
+"""Starting DeepSpeed jobs without Ray: torchrun on this node, or srun + torchrun steps in a
+SLURM allocation.
+
+Every job runs the one training entry point (``python -m cpift_dist.training.run``) with the
+arguments the caller gives, under the torchrun environment; this module only decides where and
+when. Jobs are queued on *slots* and run as slots free up:
+
+* ``torchrun``: a slot is a share of this node: with CUDA, ``workers_per_task`` GPUs of its own
+  (``CUDA_VISIBLE_DEVICES``), floor(GPUs / workers_per_task) slots; on CPU, floor(cores /
+  workers_per_task) slots (``finetune.local_jobs`` overrides both).
+* ``slurm``: a slot is ``finetune.nodes_per_task`` nodes of the allocation (disjoint), an srun
+  step starts one torchrun per node, and the ranks meet at the slot's first node (c10d
+  rendezvous). ``NPROC_PER_NODE`` (default ``SLURM_GPUS_ON_NODE``, else 1) ranks per node.
+
+Each job leaves ``launch.json`` in its output directory (command, slot, start, end, exit
+status). Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cpift_dist.errors import CpiftError
+
+ENTRY = ("-m", "cpift_dist.training.run")
+
+
+@dataclass
+class Job:
+    """One DeepSpeed job: what the training entry point gets, where it reports."""
+
+    label: str
+    """How failures name it (``fine-tune of task 'logic'``, ``SFT stage 2 (cpi)``)."""
+    args: list[str]
+    """Arguments of ``cpift_dist.training.run``."""
+    out: Path
+    """Its output directory (``launch.json`` goes there)."""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_launcher(cfg) -> str:
+    """``finetune.launcher`` made definite: auto is Ray when ``ray.enabled``, else torchrun."""
+    launcher = cfg.finetune.launcher
+    if launcher == "auto":
+        return "ray" if cfg.ray.enabled else "torchrun"
+    return launcher
+
+
+def cuda_devices() -> int:
+    """CUDA devices on this node (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def slurm_nodes() -> list[str]:
+    """The allocation's host names, first node first (``scontrol show hostnames``).
+
+    Raises:
+        CpiftError: not inside an allocation, or ``scontrol`` missing or failing.
+    """
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise CpiftError("finetune.launcher=slurm: not inside a SLURM allocation "
+                         "(SLURM_JOB_NODELIST is unset; submit with sbatch launch/slurm_run.sbatch)")
+    if shutil.which("scontrol") is None:
+        raise CpiftError("finetune.launcher=slurm: scontrol is not on PATH")
+    r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                       text=True)
+    hosts = r.stdout.split()
+    if r.returncode or not hosts:
+        raise CpiftError(f"scontrol show hostnames {nodelist} failed: "
+                         f"{(r.stderr.strip() or 'no hosts')[:200]}")
+    return hosts
+
+
+def ranks_per_node() -> int:
+    """SLURM: ranks each node starts (``NPROC_PER_NODE``, else ``SLURM_GPUS_ON_NODE``, else 1)."""
+    for var in ("NPROC_PER_NODE", "SLURM_GPUS_ON_NODE"):
+        v = os.environ.get(var, "")
+        if v.isdigit() and int(v) >= 1:
+            return int(v)
+    return 1
+
+
+def check_launcher(cfg) -> None:
+    """Refuses a configuration the launcher cannot run, before anything is written.
+
+    Raises:
+        CpiftError: slurm without ``srun``, outside an allocation, with fewer nodes than
+            ``finetune.nodes_per_task``, or with a relative ``runs_dir`` or input path (every
+            node must find the same files: shared storage, absolute paths).
+    """
+    if resolve_launcher(cfg) != "slurm":
+        return
+    if shutil.which("srun") is None:
+        raise CpiftError("finetune.launcher=slurm: srun is not on PATH (run inside a SLURM "
+                         "allocation: sbatch launch/slurm_run.sbatch CONFIG)")
+    if not Path(cfg.runs_dir).is_absolute():
+        raise CpiftError(f"runs_dir: {cfg.runs_dir} is relative; under SLURM every node must "
+                         "read and write the same files: give an absolute path on shared storage")
+    for t in cfg.tasks:
+        for what in ("train_data", "eval_data", "tuned"):
+            p = getattr(t, what)
+            if p is not None and not Path(p).is_absolute():
+                raise CpiftError(f"tasks[{t.name}].{what}: {p} is relative; under SLURM give an "
+                                 "absolute path on shared storage")
+    if not str(cfg.base).startswith("builtin:") and not Path(cfg.base).is_absolute():
+        raise CpiftError(f"base: {cfg.base} is relative; under SLURM give an absolute path on "
+                         "shared storage")
+    nodes = slurm_nodes()
+    if len(nodes) < cfg.finetune.nodes_per_task:
+        raise CpiftError(f"finetune.nodes_per_task={cfg.finetune.nodes_per_task} but the "
+                         f"allocation has {len(nodes)} node(s) ({', '.join(nodes)})")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_slots(cfg, ranks: int, use_gpu: bool, jobs: int | None = None) -> list[dict]:
+    """Per slot, the environment that confines a job to its share of this node."""
+    if use_gpu:
+        n = cuda_devices()
+        count = max(1, min(jobs or n // ranks, n // ranks))
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in range(i * ranks,
+                                                                        (i + 1) * ranks))}
+                for i in range(count)]
+    count = max(1, jobs or (os.cpu_count() or 1) // ranks)
+    threads = max(1, (os.cpu_count() or 1) // (count * ranks))
+    return [{"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", str(threads))} for _ in range(count)]
+
+
+def _command(launcher: str, slot, ranks: int, args: list[str], rdzv_id: str) -> list[str]:
+    port = str(_free_port())
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                "--master_addr", "127.0.0.1", "--master_port", port, *ENTRY, *args]
+    nodes = slot
+    return ["srun", f"--nodes={len(nodes)}", f"--ntasks={len(nodes)}", "--ntasks-per-node=1",
+            f"--nodelist={','.join(nodes)}", "--kill-on-bad-exit=1",
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(nodes)),
+            "--nproc_per_node", str(ranks), "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"{nodes[0]}:{port}", "--rdzv_id", rdzv_id, *ENTRY, *args]
+
+
+def run_jobs(cfg, jobs: list[Job], ranks: int, use_gpu: bool, whole_allocation: bool = False,
+             log=None) -> dict[str, str]:
+    """Runs ``jobs`` with the configured launcher (torchrun or slurm), as slots allow.
+
+    Args:
+        cfg: the run config (``finetune.*`` decides slots).
+        jobs: what to run.
+        ranks: torchrun: ranks of each job on this node; slurm: ranks per node are
+            :func:`ranks_per_node` and this is ignored.
+        use_gpu: torchrun: give each job GPUs of its own.
+        whole_allocation: slurm: each job spans every node (an SFT stage) instead of
+            ``nodes_per_task`` of them.
+        log: a one-line reporter (``print``-like), or None.
+
+    Returns:
+        label -> a one-line cause, for every job that failed (empty when all succeeded).
+    """
+    launcher = resolve_launcher(cfg)
+    if launcher == "slurm":
+        hosts = slurm_nodes()
+        per = len(hosts) if whole_allocation else cfg.finetune.nodes_per_task
+        slots = [hosts[i:i + per] for i in range(0, len(hosts) - per + 1, per)]
+        ranks = ranks_per_node()
+        envs = [{} for _ in slots]
+        if not use_gpu:
+            envs = [{"DS_ACCELERATOR": "cpu"} for _ in slots]
+    elif launcher == "torchrun":
+        envs = _local_slots(cfg, ranks, use_gpu, cfg.finetune.local_jobs)
+        slots = list(range(len(envs)))
+    else:
+        raise CpiftError(f"launcher {launcher!r} does not start jobs through this module")
+    free: queue.Queue = queue.Queue()
+    for i in range(len(slots)):
+        free.put(i)
+
+    def one(job: Job) -> str | None:
+        i = free.get()
+        try:
+            cmd = _command(launcher, slots[i], ranks, job.args,
+                           f"{os.environ.get('SLURM_JOB_ID', 'local')}-{job.out.name}-{time.time_ns()}")
+            env = {**os.environ, **envs[i], **job.env}
+            job.out.mkdir(parents=True, exist_ok=True)
+            record = {"label": job.label, "launcher": launcher, "slot": slots[i], "cmd": cmd,
+                      "env": {**envs[i], **job.env}, "start": time.time()}
+            if log:
+                where = (f"nodes {','.join(slots[i])}" if launcher == "slurm" else
+                         f"slot {i}" + (f" (GPUs {envs[i]['CUDA_VISIBLE_DEVICES']})"
+                                        if "CUDA_VISIBLE_DEVICES" in envs[i] else ""))
+                log(f"  {job.label}: {launcher}, {where}")
+            r = subprocess.run(cmd, env=env)
+            record.update(end=time.time(), returncode=r.returncode)
+            (job.out / "launch.json").write_text(json.dumps(record, indent=2) + "\n")
+            if r.returncode:
+                return f"{launcher} exit {r.returncode}; rerun to resume from its last checkpoint"
+            return None
+        finally:
+            free.put(i)
+
+    with ThreadPoolExecutor(max(1, min(len(slots), len(jobs)))) as pool:
+        results = dict(zip([j.label for j in jobs], pool.map(one, jobs)))
+    return {label: why for label, why in results.items() if why}
