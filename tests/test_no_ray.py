@@ -1,0 +1,173 @@
+"""The pipeline without Ray: `cpift run --no-ray` (torchrun on this node) and one `sbatch` for
+all of it (srun steps, under stand-in srun/scontrol with 2 simulated nodes on this machine).
+
+Every process these runs start finds a stand-in ``ray`` package first on its path, which
+records any import of it: the Ray-free paths must never import Ray.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY, run, slurm_standins
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# the tiny preset as the tests run it, without the baseline (the launchers are the point here)
+ARGS = [*TINY, "baselines=[]"]
+NEVER_RAY = '''import os
+with open(os.environ["RAY_IMPORT_MARKER"], "a") as f:
+    f.write(str(os.getpid()) + "\\n")
+raise ImportError("ray was imported on a Ray-free path (tests/test_no_ray.py)")
+'''
+
+
+def _env(tmp: Path, **extra) -> dict:
+    block = tmp / "no-ray-site"
+    (block / "ray").mkdir(parents=True, exist_ok=True)
+    (block / "ray" / "__init__.py").write_text(NEVER_RAY)
+    return {**os.environ, "PYTHONPATH": str(block), "RAY_IMPORT_MARKER": str(tmp / "ray-imported"),
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def _cpift_run(runs: Path, env: dict, *more, timeout=600):
+    return run([str(BIN / "cpift"), "run", "--preset", "tiny", "--no-ray", "--quiet",
+                f"runs_dir={runs}", *ARGS, *more], timeout, env=env, cwd=runs.parent)
+
+
+@pytest.fixture(scope="module")
+def no_ray_run(tmp_path_factory):
+    """A `cpift run --preset tiny --no-ray` whose fine-tune ranks die after their step-1
+    checkpoint, then the rerun that resumes them, then a rerun that skips everything:
+    (runs dir, the three results, env)."""
+    d = tmp_path_factory.mktemp("noray")
+    runs = d / "runs"
+    env = _env(d)
+    crashed = _cpift_run(runs, {**env, "CPIFT_FAULT_AFTER_STEP": "1"})
+    resumed = _cpift_run(runs, env)
+    again = _cpift_run(runs, env, timeout=200)
+    return runs / "tiny", (crashed, resumed, again), d
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_cpift_run_without_ray_resumes_a_killed_fine_tune_and_skips_when_done(no_ray_run):
+    from transformers import AutoModelForCausalLM
+
+    from cpift_dist.io import Checkpoint
+    from cpift_dist.training.freeze import CoreUnion
+
+    run_dir, (crashed, resumed, again), d = no_ray_run
+    tasks = ["arithmetic", "strings", "logic", "format"]
+    # the first run: every fine-tune rank dies after its step-1 checkpoint; failures by task
+    lines = [ln for ln in crashed.stderr.splitlines() if ln.startswith("cpift: error:")]
+    assert crashed.returncode == 2 and len(lines) == 1, crashed.stderr[-3000:]
+    assert all(f"fine-tune of task {t!r} failed" in lines[0] for t in tasks)
+    # the rerun resumed each from step 1 (a restart from scratch would log step 1 twice)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    for t in tasks:
+        steps = [json.loads(x)["step"] for x in
+                 (run_dir / "finetune" / t / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2], (t, steps)
+        launch = json.loads((run_dir / "finetune" / t / "launch.json").read_text())
+        assert launch["launcher"] == "torchrun" and launch["returncode"] == 0
+    assert not (d / "ray-imported").exists(), "a Ray-free run imported ray"
+    # every output exists and loads; the frozen elements held bit for bit
+    stages = sorted(run_dir.glob("sft/stage-*/model"))
+    assert len(stages) >= 2
+    for p in [run_dir / "fusion" / "backbone", *stages]:
+        AutoModelForCausalLM.from_pretrained(p)
+    groups = [s["tasks"] for s in json.loads((run_dir / "groups.json").read_text())["stages"]]
+    union = CoreUnion([run_dir / "analysis" / "masks" / f"{t}.safetensors" for t in groups[0]])
+    a, b = Checkpoint(run_dir / "sft" / "stage-1" / "model"), Checkpoint(stages[-1])
+    for n in a.names():
+        m = torch.from_numpy(union.bits(n))
+        assert torch.equal(a.read(n).reshape(-1)[m], b.read(n).reshape(-1)[m]), n
+    facts = json.loads((run_dir / "sft" / "stage-2" / "freeze.json").read_text())
+    assert facts["frozen"] == facts["checked"] == facts["frozen_in_partitions"] > 0
+    assert (run_dir / "eval" / "scores.json").is_file()
+    assert "bit-identical" in (run_dir / "report" / "report.md").read_text()
+    # a rerun skips every stage
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("finetune", "analyze", "group", "fuse", "sft", "eval"):
+        assert f"{stage:9s} complete: skipped" in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_one_sbatch_runs_the_pipeline_and_equals_the_local_run(no_ray_run, tmp_path):
+    local, _, _ = no_ray_run
+    env = _env(tmp_path, **slurm_standins(tmp_path / "bin", ["127.0.0.1", "127.0.0.2"],
+                                          tmp_path / "srun.log"), NPROC_PER_NODE="1")
+    r = run(["bash", str(ROOT / "launch" / "slurm_run.sbatch"), str(ROOT / "cpift_dist" /
+             "presets" / "tiny.yaml"), "--quiet", f"runs_dir={tmp_path / 'runs'}", *ARGS],
+            800, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert not (tmp_path / "ray-imported").exists(), "the SLURM path imported ray"
+    slurm = tmp_path / "runs" / "tiny"
+    # fine-tunes ran as srun steps on one node each, two tasks at a time on disjoint nodes
+    events = [ln.split() for ln in (tmp_path / "srun.log").read_text().splitlines()]
+    steps = {e[1]: {"start": float(e[2]), "cmd": e} for e in events if e[0] == "start"}
+    for e in events:
+        if e[0] == "end":
+            steps[e[1]]["end"] = float(e[2])
+    ft = [s for s in steps.values() if "--finetune" in s["cmd"]]
+    assert len(ft) == 4 and all(s["cmd"][3] == "1" for s in ft)  # --nodes=1 each
+    assert any(a["start"] < b["end"] and b["start"] < a["end"]
+               for i, a in enumerate(ft) for b in ft[i + 1:]), "no two fine-tunes overlapped"
+    sft = [s for s in steps.values() if "--stage" in s["cmd"]]
+    assert sft and all(s["cmd"][3] == "2" for s in sft)  # SFT stages span both nodes
+    nodes = {json.loads((slurm / "finetune" / t / "launch.json").read_text())["slot"][0]
+             for t in ("arithmetic", "strings", "logic", "format")}
+    assert nodes == {"127.0.0.1", "127.0.0.2"}
+    # the same outputs as `cpift run --no-ray` on one node: masks, backbone, SFT weights
+    same = [p.relative_to(local) for p in sorted(local.glob("analysis/masks/*.safetensors"))
+            + sorted(local.glob("fusion/backbone/*.safetensors"))
+            + sorted(local.glob("sft/stage-*/model/*.safetensors"))]
+    assert len(same) >= 7
+    for rel in same:  # ranks meet across 2 agents instead of 1: still bit-identical here
+        assert (slurm / rel).read_bytes() == (local / rel).read_bytes(), rel
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", ["too-few-nodes", "relative-runs-dir", "no-srun"])
+def test_slurm_run_refuses_what_it_cannot_run(tmp_path, case):
+    env = {**os.environ, **slurm_standins(tmp_path / "bin", ["127.0.0.1", "127.0.0.2"])}
+    runs = tmp_path / "runs"
+    more, want = {"too-few-nodes": (["finetune.nodes_per_task=3"],
+                                    "finetune.nodes_per_task=3 but the allocation has 2 node(s)"),
+                  "relative-runs-dir": (["runs_dir=rel/runs"], "runs_dir: rel/runs is relative"),
+                  "no-srun": ([], "srun is not on PATH")}[case]
+    if case == "no-srun":
+        (tmp_path / "bin" / "srun").unlink()
+    r = run(["bash", str(ROOT / "launch" / "slurm_run.sbatch"),
+             str(ROOT / "cpift_dist" / "presets" / "tiny.yaml"), f"runs_dir={runs}", *more],
+            100, env=env, cwd=tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and want in lines[0], r.stderr[-2000:]
+    assert not runs.exists() and not (tmp_path / "rel").exists()  # nothing written
+
+
+def test_local_slots_partition_the_gpus_and_the_cores(monkeypatch):
+    from cpift_dist import launchers
+    from cpift_dist.config import RunConfig
+
+    cfg = RunConfig.model_validate({"base": "b", "tasks": [{"name": "a"}]})
+    monkeypatch.setattr(launchers, "cuda_devices", lambda: 8)
+    slots = launchers._local_slots(cfg, ranks=2, use_gpu=True)
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1", "2,3", "4,5", "6,7"]
+    assert len(launchers._local_slots(cfg, ranks=3, use_gpu=True)) == 2  # floor(8 / 3)
+    assert len(launchers._local_slots(cfg, ranks=2, use_gpu=True, jobs=3)) == 3
+    monkeypatch.setattr(launchers.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu = launchers._local_slots(cfg, ranks=2, use_gpu=False)
+    assert len(cpu) == 8 and cpu[0] == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cpu = launchers._local_slots(cfg, ranks=2, use_gpu=False, jobs=2)
+    assert len(cpu) == 2 and cpu[0]["OMP_NUM_THREADS"] == "4"  # 16 cores / (2 jobs x 2 ranks)
+    assert launchers.resolve_launcher(cfg) == "ray"
+    cfg.ray.enabled = False
+    assert launchers.resolve_launcher(cfg) == "torchrun"
