@@ -1,15 +1,20 @@
 """Delta-analysis benchmark: cpift analyze against a naive whole-model analysis and a raw read.
 
-    .venv/bin/python bench/analyze_bench.py [--sizes 348m,90m] [--data bench/_data]
+    .venv/bin/python bench/analyze_bench.py [--sizes 348m,90m] [--dtype bf16|fp32]
+        [--threads 1,2] [--data bench/_data] [--no-ray]
 
-Builds (once, cached under --data) fp32 Llama-shaped checkpoints: a base and 3 tuned variants
-per size (sparse deltas on 20% of the elements). Then, in one run, each measurement in a fresh
-process (peak RSS from the kernel's ru_maxrss; for Ray, sampled over the whole process tree):
+Builds (once, cached under --data) Llama-shaped checkpoints in ``--dtype`` (bf16 by default,
+as real checkpoints are): a base and 3 tuned variants per size, with sparse deltas on 20% of
+the elements and, as real fine-tunes do, larger updates concentrated in a band of rows of
+every matrix (a sample of the first rows of each chunk misses them). Then, in one run, each
+measurement in a fresh process (peak RSS from VmHWM; for Ray, sampled over the process tree):
   raw       sequential read of the files from page cache (16 MiB blocks)
   naive     load base and one tuned model whole, torch.topk on the concatenated magnitudes
-  cpift     cpift's analysis of 1 and of 3 tasks, in-process (2 threads) and on a local Ray
-and prints the ratios the issue's targets are stated in. Raw reads are the best of 3 runs,
-cpift runs the best of 2, the naive analysis runs once.
+  cpift     cpift's analysis of 1 and of 3 tasks, in-process on each of --threads threads,
+            and on a local Ray
+and prints the ratios the targets are stated in (throughput against the raw read, the thread
+speed-up) and how each selection was resolved (sample-window: one full pass). Raw reads are
+the best of 3 runs, cpift runs the best of 2, the naive analysis runs once.
 """
 
 from __future__ import annotations
@@ -31,14 +36,15 @@ SIZES = {  # name -> (hidden, layers, intermediate, vocab)
 }
 
 
-def build(root: Path, size: str) -> dict[str, Path]:
+def build(root: Path, size: str, dtype: str = "bf16") -> dict[str, Path]:
     """Base + 3 tuned checkpoints (cached); tensors written one at a time (bounded memory)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cpift_dist.io import ShardWriter, write_manifest
 
-    d = root / size
+    d = root / size if dtype == "fp32" else root / f"{size}-{dtype}"
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     paths = {"base": d / "base", **{t: d / t for t in ("t1", "t2", "t3")}}
     if all((p / "manifest.json").exists() for p in paths.values()):
         for p in paths.values():  # older caches lacked `architectures` (mergekit needs it)
@@ -64,7 +70,11 @@ def build(root: Path, size: str) -> dict[str, Path]:
                 gt = torch.Generator().manual_seed(1000 * j + i)
                 delta = torch.randn(shape, generator=gt) * 1e-3
                 t += delta * (torch.rand(shape, generator=gt) < 0.2)
-            w.add(n, t)
+                if dtype != "fp32" and len(shape) == 2:  # a band of rows takes large updates
+                    band = max(1, shape[0] // 20)
+                    r0 = int(torch.randint(0, shape[0] - band + 1, (1,), generator=gt))
+                    t[r0:r0 + band] += torch.randn(band, shape[1], generator=gt) * 2e-2
+            w.add(n, t.to(tdtype))
         digests = w.close()
         cfg.save_pretrained(path)
         write_manifest(path, "bench-model", {"size": size}, {}, outputs=digests)
@@ -107,7 +117,8 @@ def m_naive(base: str, tuned: str, p: float) -> dict:
     return {"seconds": time.perf_counter() - t0, "k": k}
 
 
-def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str) -> dict:
+def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str,
+            threads: int = 2) -> dict:
     from cpift_dist.analysis import analyze
     from cpift_dist.config import AnalysisConfig
     from cpift_dist.executor import InProcessExecutor, RayExecutor
@@ -120,13 +131,15 @@ def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str) -> d
         stop = threading.Event()
         threading.Thread(target=_sample_tree, args=(tree_peak, stop), daemon=True).start()
     else:
-        ex = InProcessExecutor(threads=2)
+        ex = InProcessExecutor(threads=threads)
     baseline = _tree_rss()
     t0 = time.perf_counter()
     res = analyze(base, {Path(t).name: t for t in tuned}, out, AnalysisConfig(p=p),
                   executor=ex, overwrite=True, progress=False)
     dt = time.perf_counter() - t0
-    out_d = {"seconds": dt, "k": next(iter(res.stats.values()))["k"]}
+    out_d = {"seconds": dt, "k": next(iter(res.stats.values()))["k"],
+             "methods": sorted({g["method"] for s in res.stats.values()
+                                for g in s["groups"].values()})}
     if executor == "ray":
         stop.set()
         out_d["tree_peak_rss"] = tree_peak[0]
@@ -189,6 +202,9 @@ def _vm_hwm() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="348m,90m")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--threads", default="1,2", help="in-process thread counts to sweep")
+    ap.add_argument("--no-ray", action="store_true", help="skip the local-Ray measurement")
     ap.add_argument("--data", type=Path, default=Path(__file__).parent / "_data")
     ap.add_argument("--p", type=float, default=0.01)
     ap.add_argument("--measure")
@@ -198,16 +214,18 @@ def main() -> None:
     if a.measure:
         return _measure(a.measure, json.loads(a.args))
     if a.build:
-        build(a.data, a.build)
+        build(a.data, a.build, a.dtype)
         return None
     gib = 1 << 30
     rows = []
     for size in a.sizes.split(","):  # build in a child: keeps this process (and so it) small
-        subprocess.run([sys.executable, __file__, "--build", size, "--data", str(a.data)],
-                       check=True)
-        paths = {k: str(v) for k, v in build(a.data, size).items()}
+        subprocess.run([sys.executable, __file__, "--build", size, "--data", str(a.data),
+                        "--dtype", a.dtype], check=True)
+        paths = {k: str(v) for k, v in build(a.data, size, a.dtype).items()}
         tuned3 = [paths["t1"], paths["t2"], paths["t3"]]
         out = str(a.data / f"out-{size}")
+        threads = [int(x) for x in a.threads.split(",")]
+
         def warm(*ps):  # every measurement reads from page cache, as the raw read does
             child("raw", list(ps))
             return paths["base"]
@@ -217,29 +235,35 @@ def main() -> None:
         raw3 = child("raw", [paths["base"], *tuned3], best_of=3)
         naive = child("naive", warm(paths["base"], paths["t1"]), paths["t1"], a.p)
         c1 = child("cpift", warm(paths["base"], paths["t1"]), [paths["t1"]], a.p, "in-process",
-                   out, best_of=2)
-        c3 = child("cpift", warm(paths["base"], *tuned3), tuned3, a.p, "in-process", out,
-                   best_of=2)
-        r3 = child("cpift", warm(paths["base"], *tuned3), tuned3, a.p, "ray", out, best_of=2)
+                   out, max(threads), best_of=2)
+        c3 = {n: child("cpift", warm(paths["base"], *tuned3), tuned3, a.p, "in-process", out, n,
+                       best_of=2) for n in threads}
+        r3 = None if a.no_ray else child("cpift", warm(paths["base"], *tuned3), tuned3, a.p,
+                                         "ray", out, best_of=2)
         assert naive["k"] == c1["k"]
-        rows.append((size, raw1, raw3, naive, c1, c3, r3))
-        print(f"\n== {size}: {raw1['bytes'] / 2 / 1e9:.2f} GB per checkpoint, p={a.p}, "
-              f"{os.cpu_count()} cores ==")
+        rows.append((size, raw1, raw3, naive, c1, c3[max(threads)], r3))
+        print(f"\n== {size} {a.dtype}: {raw1['bytes'] / 2 / 1e9:.2f} GB per checkpoint, "
+              f"p={a.p}, {os.cpu_count()} cores ==")
         print(f"raw read, base+1 tuned       {raw1['seconds']:7.2f} s")
         print(f"raw read, base+3 tuned       {raw3['seconds']:7.2f} s")
         print(f"naive 1 task (load+topk)     {naive['seconds']:7.2f} s  peak RSS "
               f"{naive['peak_rss'] / gib:5.2f} GiB")
-        print(f"cpift 1 task, in-process     {c1['seconds']:7.2f} s  peak RSS "
+        print(f"cpift 1 task, {max(threads)} threads     {c1['seconds']:7.2f} s  peak RSS "
               f"{c1['peak_rss'] / gib:5.2f} GiB   speed-up vs naive {naive['seconds'] / c1['seconds']:5.1f}x"
               f"   throughput vs raw read {raw1['seconds'] / c1['seconds']:.2f}x")
-        print(f"cpift 3 tasks, in-process    {c3['seconds']:7.2f} s  peak RSS "
-              f"{c3['peak_rss'] / gib:5.2f} GiB   per task vs naive "
-              f"{naive['seconds'] / (c3['seconds'] / 3):5.1f}x   throughput vs raw read "
-              f"{raw3['seconds'] / c3['seconds']:.2f}x")
-        print(f"cpift 3 tasks, local Ray     {r3['seconds']:7.2f} s  driver RSS "
-              f"{r3['peak_rss'] / gib:5.2f} GiB, process tree peak "
-              f"{r3['tree_peak_rss'] / gib:5.2f} GiB (Ray alone {r3['tree_rss_before'] / gib:.2f})"
-              f"   throughput vs raw read {raw3['seconds'] / r3['seconds']:.2f}x")
+        for n, c in c3.items():
+            print(f"cpift 3 tasks, {n:2d} thread(s) {c['seconds']:7.2f} s  peak RSS "
+                  f"{c['peak_rss'] / gib:5.2f} GiB   per task vs naive "
+                  f"{naive['seconds'] / (c['seconds'] / 3):5.1f}x   throughput vs raw read "
+                  f"{raw3['seconds'] / c['seconds']:.2f}x   speed-up vs {min(threads)} thread(s) "
+                  f"{c3[min(threads)]['seconds'] / c['seconds']:.2f}x   resolved by "
+                  f"{', '.join(c['methods'])}")
+        if r3:
+            print(f"cpift 3 tasks, local Ray     {r3['seconds']:7.2f} s  driver RSS "
+                  f"{r3['peak_rss'] / gib:5.2f} GiB, process tree peak "
+                  f"{r3['tree_peak_rss'] / gib:5.2f} GiB (Ray alone "
+                  f"{r3['tree_rss_before'] / gib:.2f})   throughput vs raw read "
+                  f"{raw3['seconds'] / r3['seconds']:.2f}x")
     if len(rows) > 1:
         print("\npeak RSS of the 3-task in-process analysis by model size: " + ", ".join(
             f"{r[0]}: {r[5]['peak_rss'] / gib:.2f} GiB" for r in rows))

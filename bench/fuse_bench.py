@@ -1,6 +1,7 @@
 """Fusion benchmark: cpift fuse against a naive load-everything SLERP and mergekit-yaml.
 
-    .venv/bin/python bench/fuse_bench.py [--size 348m] [--data bench/_data]
+    .venv/bin/python bench/fuse_bench.py [--size 348m] [--dtype bf16|fp32] [--threads 1,2]
+        [--data bench/_data] [--no-mergekit]
 
 Uses the checkpoints of bench/analyze_bench.py (built if missing). In one run, each in a fresh
 process reading from page cache, with peak RSS from the process's own high-water mark:
@@ -9,6 +10,8 @@ process reading from page cache, with peak RSS from the process's own high-water
             whole, SLERP per tensor, save) vs `mergekit-yaml` (when installed; default shards
             and 200 MB shards).
   3-task    t1..t3 with their p = 1% core masks, task-vector space, uniform omega.
+  raw       a sequential read of the pair's inputs (page cache): fusion's target is 2x it.
+  threads   the pair on each of --threads threads (one output shard per thread at most).
 On a CUDA machine it also times the Triton apply kernel against a device-to-device copy and
 against torch eager SLERP of the same tensors.
 """
@@ -31,15 +34,15 @@ from analyze_bench import _vm_hwm, build, warm_read  # noqa: E402
 SHARD = 200_000_000
 
 
-def m_cpift(base, tuned, masks, out, space, omega):
+def m_cpift(base, tuned, masks, out, space, omega, threads=2):
     from cpift_dist.config import FusionConfig
     from cpift_dist.executor import InProcessExecutor
     from cpift_dist.fusion import fuse
 
     t0 = time.perf_counter()
     fuse(base, {Path(t).name: t for t in tuned}, masks, out,
-         FusionConfig(space=space, omega=omega, max_shard_bytes=SHARD), InProcessExecutor(2),
-         overwrite=True, progress=False)
+         FusionConfig(space=space, omega=omega, max_shard_bytes=SHARD),
+         InProcessExecutor(threads), overwrite=True, progress=False)
     return {"seconds": time.perf_counter() - t0}
 
 
@@ -135,6 +138,9 @@ def mergekit(a, b, out, shard_params: str | None) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="348m")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--data", type=Path, default=HERE / "_data")
     ap.add_argument("--measure")
     ap.add_argument("args", nargs="?")
@@ -145,9 +151,9 @@ def main() -> None:
         print(json.dumps(res))
         return
     subprocess.run([sys.executable, str(HERE / "analyze_bench.py"), "--build", a.size,
-                    "--data", str(a.data)], check=True)
-    paths = {k: str(v) for k, v in build(a.data, a.size).items()}
-    d = a.data / f"fuse-{a.size}"
+                    "--data", str(a.data), "--dtype", a.dtype], check=True)
+    paths = {k: str(v) for k, v in build(a.data, a.size, a.dtype).items()}
+    d = a.data / f"fuse-{a.size}-{a.dtype}"
     d.mkdir(exist_ok=True)
     from cpift_dist.analysis import analyze
     from cpift_dist.config import AnalysisConfig
@@ -164,14 +170,34 @@ def main() -> None:
                  str(d / "out-pair"), "weights", 0.5)
     warm_read([paths["t1"], paths["t2"]])
     naive = child("naive", paths["t1"], paths["t2"], str(d / "out-naive"))
-    warm_read([paths["t1"], paths["t2"]])
-    mk_default = mergekit(paths["t1"], paths["t2"], str(d / "out-mk"), None)
-    warm_read([paths["t1"], paths["t2"]])
-    mk_200 = mergekit(paths["t1"], paths["t2"], str(d / "out-mk200"), "50M")
+    mk_default = mk_200 = None
+    if not a.no_mergekit:
+        warm_read([paths["t1"], paths["t2"]])
+        mk_default = mergekit(paths["t1"], paths["t2"], str(d / "out-mk"), None)
+        warm_read([paths["t1"], paths["t2"]])
+        mk_200 = mergekit(paths["t1"], paths["t2"], str(d / "out-mk200"), "50M")
+    from analyze_bench import child as raw_child
+
+    threads = [int(x) for x in a.threads.split(",")]
+    warm_read([paths["base"], paths["t1"], paths["t2"]])
+    raw = raw_child("raw", [paths["t1"], paths["t2"]], best_of=3)
+    sweep = {}
+    for n in threads:
+        warm_read([paths["t1"], paths["t2"]])
+        sweep[n] = min((child("cpift", paths["base"], list(pair.values()),
+                              str(d / "empty" / "masks"), str(d / f"out-pair-{n}"), "weights",
+                              0.5, n) for _ in range(2)), key=lambda r: r["seconds"])
+
     warm_read([paths["base"], *tuned3.values()])
     three = child("cpift", paths["base"], list(tuned3.values()), str(d / "masks3" / "masks"),
                   str(d / "out-3"), "task-vectors", "uniform")
-    print(f"\n== fuse, {a.size} fp32 ({os.cpu_count()} cores), output shards 200 MB ==")
+    print(f"\n== fuse, {a.size} {a.dtype} ({os.cpu_count()} cores), output shards 200 MB ==")
+    print(f"pair  raw read of its inputs {raw['seconds']:6.2f} s")
+    for n, r in sweep.items():
+        print(f"pair  cpift, {n:2d} thread(s)     {r['seconds']:6.2f} s   "
+              f"{r['seconds'] / raw['seconds']:.2f}x the raw read   speed-up vs "
+              f"{min(threads)} thread(s) {sweep[min(threads)]['seconds'] / r['seconds']:.2f}x")
+
     print(f"pair  cpift fuse            {ours['seconds']:6.2f} s  peak RSS "
           f"{ours['peak_rss'] / gib:5.2f} GiB")
     print(f"pair  naive torch SLERP     {naive['seconds']:6.2f} s  peak RSS "

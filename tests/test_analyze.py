@@ -12,7 +12,7 @@ from cpift_dist.analysis.plan import layer_of, selection_group
 from cpift_dist.config import AnalysisConfig
 from cpift_dist.executor import InProcessExecutor, RayExecutor
 from cpift_dist.io import Checkpoint, sha256_file
-from helpers import oracle_masks
+from helpers import make_llama, oracle_masks, perturb
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -194,3 +194,86 @@ def test_threaded_in_process_is_identical(models, tmp_path):
     for t in tuned:
         f = f"masks/{t}.safetensors"
         assert sha256_file(tmp_path / "one" / f) == sha256_file(tmp_path / "two" / f)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_loops_equal_the_whole_array_definitions(dtype):
+    """The compiled per-chunk loops against the torch/numpy definitions of each pass, with
+    zeros, negative zeros, ties, an Inf and a NaN, over 2 tasks and a size that is not a
+    multiple of the block."""
+    from cpift_dist.analysis import fused
+    from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, high_histogram,
+                                                  update_magnitude)
+    from cpift_dist.analysis.scan import _as_kernel_input
+
+    g = torch.Generator().manual_seed(7)
+    n = 4096 * 2 + 40
+    base = torch.randn(n, generator=g).to(dtype)
+    tuned = [(base.float() + torch.randn(n, generator=g) * 1e-2 *
+              (torch.rand(n, generator=g) < 0.5)).to(dtype) for _ in range(2)]
+    base[:3] = torch.tensor([0.0, -0.0, 1.0])
+    tuned[0][:3] = torch.tensor([-0.0, 0.0, 1.0])
+    tuned[1][10], tuned[1][11] = float("inf"), float("nan")
+    b = _as_kernel_input(base)
+    ts = tuple(_as_kernel_input(t) for t in tuned)
+    bf16 = dtype == torch.bfloat16
+    bits = [update_magnitude(base, t).view(torch.int32).numpy() for t in tuned]
+    active = np.array([True, True])
+    hist = np.zeros((2, HIGH_BINS), np.int64)
+    fused.high_histograms(b, ts, bf16, active, hist)
+    for k in range(2):
+        assert np.array_equal(hist[k], high_histogram(update_magnitude(base, tuned[k])).numpy())
+    high = np.array([bits[0][50] >> 16, bits[1][60] >> 16], np.int64)
+    low = np.zeros((2, LOW_BINS), np.int64)
+    fused.low_histograms(b, ts, bf16, active, high, low)
+    for k in range(2):
+        sel = bits[k][(bits[k] >> 16) == high[k]]
+        assert np.array_equal(low[k], np.bincount(sel & 0xFFFF, minlength=LOW_BINS))
+    lo = np.array([np.quantile(x, 0.9) for x in bits], np.int64)
+    hi = np.array([np.quantile(x, 0.95) for x in bits], np.int64)
+    packed = np.zeros((2, (n + 7) // 8), np.uint8)
+    above, bad = np.zeros(2, np.int64), np.zeros(2, bool)
+    c_task, c_idx, c_bits = fused.window(b, ts, bf16, active, lo, hi, packed, above, bad)
+    for k in range(2):
+        x = bits[k]
+        assert np.array_equal(packed[k], np.packbits(x >= hi[k], bitorder="little"))
+        assert above[k] == int((x >= hi[k]).sum()) and bad[k] == bool((x >= 0x7F800000).any())
+        want = np.flatnonzero((x >= lo[k]) & (x < hi[k]))
+        assert np.array_equal(c_idx[c_task == k], want)
+        assert np.array_equal(c_bits[c_task == k], x[want])
+    thr = np.array([bits[0][100], bits[1][200]], np.int64)
+    quota, taken = np.array([1, 0], np.int64), np.zeros(2, np.int64)
+    packed = np.zeros((2, (n + 7) // 8), np.uint8)
+    fused.threshold_masks(b, ts, bf16, active, thr, quota, taken, packed)
+    for k in range(2):
+        sel = bits[k] > thr[k]
+        sel[np.flatnonzero(bits[k] == thr[k])[:quota[k]]] = True
+        assert np.array_equal(packed[k], np.packbits(sel, bitorder="little"))
+
+
+def test_the_sample_is_spread_over_the_rows(tmp_path):
+    """Updates concentrated in a band of late rows (as real fine-tunes make them): the strided
+    sample still predicts the window, so one full pass resolves the selection (a sample of the
+    first rows of each chunk missed the band, and every selection fell back to radix)."""
+    from cpift_dist.analysis.scan import sample_ranges
+
+    assert sample_ranges(512, 2048, 64) == [(r, r + 1) for r in range(0, 512, 64)]
+    assert sample_ranges(3, 10_000, 64) == [(0, 1)]
+    assert sample_ranges(10_000, 1, 64) == [(0, 256)]  # a vector: 256-element segments
+    base = make_llama(tmp_path / "base", dtype=torch.bfloat16, seed=11, hidden=256,
+                      shard_bytes=2_000_000)
+
+    def band(name, t):
+        if t.ndim == 2 and t.shape[0] >= 64:
+            t = t.clone()
+            t[-t.shape[0] // 8:] += 0.05  # the last eighth of the rows: large updates
+        return t
+
+    tuned = perturb(base, tmp_path / "t", seed=3, scale=1e-3, edit=band)
+    res = analyze(base, {"t": tuned}, tmp_path / "out",
+                  AnalysisConfig(p=0.01, chunk_elements=65536, sample_every=8), progress=False)
+    assert res.stats["t"]["groups"]["all"]["method"] == "sample-window"
+    oracle = oracle_masks(base, tuned, 0.01)
+    m = MaskFile(tmp_path / "out" / "masks" / "t.safetensors")
+    for name in m.names():
+        assert torch.equal(m.read(name), oracle[name]), name

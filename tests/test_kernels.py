@@ -1,5 +1,7 @@
 """Triton kernels against the float64 definition (TRITON_INTERPRET=1 on CPU; CUDA when present)."""
 
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,13 @@ kernels = pytest.importorskip("cpift_dist.kernels.slerp", reason="triton is not 
 pytestmark = pytest.mark.timeout(240)
 
 CUDA = torch.cuda.is_available()
+# Triton runs kernels on CPU tensors only in its interpreter, which is chosen per process (when
+# the kernels are defined). conftest.py turns it on where there is no CUDA; on a CUDA machine
+# the CPU-tensor tests below run in a subprocess with it on (test_cpu_tests_under_the_interpreter)
+# and the CUDA tests run on the device here.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+on_cpu = pytest.mark.skipif(not INTERPRETED, reason="CPU-tensor kernel tests run under the "
+                            "interpreter in a subprocess (test_cpu_tests_under_the_interpreter)")
 
 
 def make(case: str, n_tasks: int, n: int, dtype, seed: int = 0):
@@ -67,6 +76,7 @@ def run_kernels(x, base, masks, segments, t, tv, overlap, device):
 CASES = ["random", "collinear", "anti-parallel", "zero", "nearly-collinear"]
 
 
+@on_cpu
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_tasks", [2, 3])
@@ -95,6 +105,7 @@ def test_kernels_match_float64_reference(case, dtype, n_tasks):
                 assert torch.allclose(ot.double(), out.double(), rtol=tol, atol=tol)
 
 
+@on_cpu
 def test_collinear_and_anti_parallel_fall_back_to_lerp():
     for case in ("collinear", "anti-parallel"):
         x, base, masks = make(case, 2, 512, torch.float32)
@@ -153,3 +164,16 @@ def test_kernels_on_cuda_match_reference(dtype):
         assert torch.equal(out[core].double(), ref[core])
         tol = 2e-6 if dtype == torch.float32 else 8e-3
         assert (out.double() - ref).abs().max().item() <= tol * (ref.abs().max().item() + 1)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process runs the kernels under the interpreter")
+@pytest.mark.timeout(900)
+def test_cpu_tests_under_the_interpreter():
+    """On a CUDA machine: the CPU-tensor tests of this file, under TRITON_INTERPRET=1."""
+    from helpers import run
+
+    r = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+             "-m", "not gpu", "-k", "not under_the_interpreter"], 880,
+            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-500:]

@@ -201,6 +201,31 @@ class CheckpointReader:
         info = self.checkpoint.info(name)
         return self.read_rows(name, 0, info.rows).clone().reshape(info.shape)
 
+    def read_row_ranges(self, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        """Row ranges ``[(start, stop), ...]`` of dim 0, concatenated and flattened to 1-d.
+
+        The result is a view of this reader's buffer, valid until its next read.
+        """
+        info = self.checkpoint.info(name)
+        row_bytes = info.row_numel * info.dtype.itemsize
+        total = sum(b - a for a, b in ranges) * row_bytes
+        if self._buf.numel() < total:
+            self._buf = torch.empty(total, dtype=torch.uint8)
+        mv = memoryview(self._buf[:total].numpy())
+        at = 0
+        for a, b in ranges:
+            self._pread(info, mv[at:at + (b - a) * row_bytes], info.offset + a * row_bytes, name)
+            at += (b - a) * row_bytes
+        return self._buf[:total].view(info.dtype)
+
+    def _pread(self, info: TensorInfo, mv: memoryview, pos: int, name: str) -> None:
+        done, nbytes = 0, len(mv)
+        while done < nbytes:
+            got = os.preadv(self._fd(info.file), [mv[done:]], pos + done)
+            if got <= 0:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+            done += got
+
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of dim 0 (elements for a 1-d tensor), flattened to 1-d.
 
@@ -213,13 +238,7 @@ class CheckpointReader:
         if self._buf.numel() < nbytes:
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
         view = self._buf[:nbytes]
-        pos, done = info.offset + start * row_bytes, 0
-        mv = memoryview(view.numpy())
-        while done < nbytes:
-            got = os.preadv(self._fd(info.file), [mv[done:]], pos + done)
-            if got <= 0:
-                raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
-            done += got
+        self._pread(info, memoryview(view.numpy()), info.offset + start * row_bytes, name)
         return view.view(info.dtype)
 
 

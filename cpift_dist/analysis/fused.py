@@ -1,0 +1,215 @@
+"""Fused per-chunk loops of the analysis, compiled with numba (``nogil``: threads run them in
+parallel).
+
+One call reads a chunk of the base and of every task's tuned checkpoint once and does all of a
+pass's work per element in registers: widen to float32, subtract, absolute value, then the
+pass's action on the magnitude's bit pattern (histogram its high or low 16 bits, set its mask
+bit, collect it as a window candidate). Before, each of these was a whole-array numpy/torch
+operation over fresh float32 temporaries, about 50 bytes of memory traffic per value against
+the 2 bytes of a bf16 input, and the torch ops ran on thread pools that oversubscribed the
+cores when several units ran at once.
+
+Exactness: the magnitude is the same IEEE float32 ``|float32(tuned) - float32(base)|`` the
+torch path computed (no fast-math, no contraction; bf16 widens exactly by a 16-bit shift), so
+its bit pattern, and every mask built from it, is unchanged (tested against the torch
+definition and the ``torch.topk`` oracle).
+
+Inputs are 1-d arrays: ``uint16`` holding bf16 bits, or ``float32`` (any other float dtype is
+widened to float32 by the caller). Tuned chunks come as a tuple, one per task; per-task
+outputs are indexed by the task's position in that tuple.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+BLOCK = 4096  # elements widened at a time: the scratch stays in L1/L2
+NONFINITE = 0x7F800000  # bits of +Inf; NaN magnitudes lie above
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _widen(src, start, m, bf16, out_u32, out_f32):
+    """``out_f32[:m]`` = float32 values of ``src[start:start + m]``."""
+    if bf16:
+        for i in range(m):
+            out_u32[i] = np.uint32(src[start + i]) << np.uint32(16)
+    else:
+        for i in range(m):
+            out_f32[i] = src[start + i]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _magnitude_bits(base_f32, tuned, start, m, bf16, tu, tf):
+    """``tu[:m]`` = bit patterns of |tuned - base| (float32) for the block."""
+    _widen(tuned, start, m, bf16, tu, tf)
+    for i in range(m):
+        tf[i] = abs(tf[i] - base_f32[i])
+
+
+@njit(nogil=True, cache=True)
+def high_histograms(base, tuned, bf16, active, hists):
+    """Adds the high 16 bits of every magnitude into ``hists[task]`` (int64, 32,768 bins) for
+    each task with ``active[task]``. Non-finite magnitudes land in bins >= 0x7F80."""
+    n = base.size
+    bu = np.empty(BLOCK, np.uint32)
+    bf = bu.view(np.float32)
+    tu = np.empty(BLOCK, np.uint32)
+    tf = tu.view(np.float32)
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        _widen(base, start, m, bf16, bu, bf)
+        for k in range(len(tuned)):
+            if not active[k]:
+                continue
+            _magnitude_bits(bf, tuned[k], start, m, bf16, tu, tf)
+            h = hists[k]
+            for i in range(m):
+                h[tu[i] >> np.uint32(16)] += 1
+
+
+@njit(nogil=True, cache=True)
+def low_histograms(base, tuned, bf16, active, high, hists):
+    """For each task with ``active[task]``: adds the low 16 bits of the magnitudes whose
+    high 16 bits equal ``high[task]`` into ``hists[task]`` (int64, 65,536 bins)."""
+    n = base.size
+    bu = np.empty(BLOCK, np.uint32)
+    bf = bu.view(np.float32)
+    tu = np.empty(BLOCK, np.uint32)
+    tf = tu.view(np.float32)
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        _widen(base, start, m, bf16, bu, bf)
+        for k in range(len(tuned)):
+            if not active[k]:
+                continue
+            hb = np.uint32(high[k])
+            _magnitude_bits(bf, tuned[k], start, m, bf16, tu, tf)
+            h = hists[k]
+            for i in range(m):
+                if tu[i] >> np.uint32(16) == hb:
+                    h[tu[i] & np.uint32(0xFFFF)] += 1
+
+
+@njit(nogil=True, cache=True)
+def window(base, tuned, bf16, active, lo, hi, packed, above, nonfinite):
+    """The window pass of a chunk, for each task with ``active[task]``.
+
+    Sets bit i of ``packed[task]`` (little bit order) where the magnitude's bits are >=
+    ``hi[task]``, counts them into ``above[task]``, flags ``nonfinite[task]`` when a bit pattern
+    is >= +Inf's, and returns the elements with ``lo <= bits < hi`` as three arrays (task, flat
+    index in the chunk, int32 bits), in task then index order.
+    """
+    n = base.size
+    bu = np.empty(BLOCK, np.uint32)
+    bf = bu.view(np.float32)
+    tu = np.empty(BLOCK, np.uint32)
+    tf = tu.view(np.float32)
+    cap = 1024
+    c_task = np.empty(cap, np.int32)
+    c_idx = np.empty(cap, np.int64)
+    c_bits = np.empty(cap, np.int32)
+    count = 0
+    for start in range(0, n, BLOCK):  # BLOCK is a multiple of 8: a block fills whole bytes
+        m = min(BLOCK, n - start)
+        _widen(base, start, m, bf16, bu, bf)
+        for k in range(len(tuned)):
+            if not active[k]:
+                continue
+            h = np.uint32(hi[k])
+            low = np.uint32(lo[k])
+            width = h - low if h > low else np.uint32(0)
+            _magnitude_bits(bf, tuned[k], start, m, bf16, tu, tf)
+            n_above = _pack_at_least(tu, m, h, packed[k], start >> 3)
+            above[k] += n_above
+            if count + m > cap:  # room for a whole block: no growth inside the loop
+                cap = max(2 * cap, count + m)
+                c_task = _grow(c_task, cap)
+                c_idx = _grow(c_idx, cap)
+                c_bits = _grow(c_bits, cap)
+            count, top = _collect(tu, m, low, width, k, start, c_task, c_idx, c_bits, count)
+            if top >= NONFINITE:
+                nonfinite[k] = True
+    order = np.argsort(c_task[:count], kind="mergesort")  # stable: index order within a task
+    return c_task[:count][order], c_idx[:count][order], c_bits[:count][order]
+
+
+@njit(nogil=True, cache=True)
+def _collect(bits, m, low, width, k, start, c_task, c_idx, c_bits, count):
+    """Appends the elements with ``low <= bits < low + width`` (rare: a predictable branch);
+    returns the new count and the largest bit pattern (the non-finite check)."""
+    top = np.uint32(0)
+    for i in range(m):
+        b = bits[i]
+        top = max(top, b)
+        if b - low < width:  # unsigned: low <= b < low + width
+            c_task[count] = k
+            c_idx[count] = start + i
+            c_bits[count] = np.int32(b)
+            count += 1
+    return count, top
+
+
+@njit(nogil=True, cache=True)
+def _pack_at_least(bits, m, h, out, byte0):
+    """Packs ``bits[:m] >= h`` into ``out[byte0:]`` (8 per byte, little bit order; a partial
+    last byte is OR-ed in); returns how many were set."""
+    total = 0
+    full = m >> 3
+    for j in range(full):
+        byte = 0
+        for q in range(8):
+            byte |= np.int64(bits[8 * j + q] >= h) << q
+        out[byte0 + j] = np.uint8(byte)
+        total += byte
+    byte = 0
+    for q in range(m - 8 * full):
+        byte |= np.int64(bits[8 * full + q] >= h) << q
+    if m - 8 * full:
+        out[byte0 + full] |= np.uint8(byte)
+    return _popcount_sum(out, byte0, byte0 + full + (1 if m - 8 * full else 0))
+
+
+@njit(nogil=True, cache=True)
+def _popcount_sum(a, lo, hi):
+    total = 0
+    for i in range(lo, hi):
+        x = np.int64(a[i])
+        x = x - ((x >> 1) & 0x55)
+        x = (x & 0x33) + ((x >> 2) & 0x33)
+        total += (x + (x >> 4)) & 0x0F
+    return total
+
+
+@njit(nogil=True, cache=True)
+def _grow(a, cap):
+    out = np.empty(cap, a.dtype)
+    out[:a.size] = a
+    return out
+
+
+@njit(nogil=True, cache=True)
+def threshold_masks(base, tuned, bf16, active, thr, quota, taken, packed):
+    """Radix pass 3, for each task with ``active[task]``: bit i of ``packed[task]`` is set
+    when the magnitude's bits exceed ``thr[task]``, or equal it while ``taken[task] <
+    quota[task]`` (the first ties in index order; ``taken`` is updated)."""
+    n = base.size
+    bu = np.empty(BLOCK, np.uint32)
+    bf = bu.view(np.float32)
+    tu = np.empty(BLOCK, np.uint32)
+    tf = tu.view(np.float32)
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        _widen(base, start, m, bf16, bu, bf)
+        for k in range(len(tuned)):
+            if not active[k]:
+                continue
+            t = np.uint32(thr[k])
+            _magnitude_bits(bf, tuned[k], start, m, bf16, tu, tf)
+            pk = packed[k]
+            for i in range(m):
+                b = tu[i]
+                if b > t or (b == t and taken[k] < quota[k]):
+                    if b == t:
+                        taken[k] += 1
+                    pk[(start + i) >> 3] |= np.uint8(1 << ((start + i) & 7))
