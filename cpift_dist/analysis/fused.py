@@ -154,14 +154,12 @@ def _collect(bits, m, low, width, k, start, c_task, c_idx, c_bits, count):
 def _pack_at_least(bits, m, h, out, byte0):
     """Packs ``bits[:m] >= h`` into ``out[byte0:]`` (8 per byte, little bit order; a partial
     last byte is OR-ed in); returns how many were set."""
-    total = 0
     full = m >> 3
     for j in range(full):
         byte = 0
         for q in range(8):
             byte |= np.int64(bits[8 * j + q] >= h) << q
         out[byte0 + j] = np.uint8(byte)
-        total += byte
     byte = 0
     for q in range(m - 8 * full):
         byte |= np.int64(bits[8 * full + q] >= h) << q
