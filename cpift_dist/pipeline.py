@@ -417,6 +417,11 @@ def _eval_one(shared, label: str, path: str) -> tuple[str, dict]:
 def evaluate_all(models: dict[str, Path], tasks: dict, cfg: RunConfig, executor) -> dict:
     """Scores every model on every task (one unit of work per model, on the executor)."""
     items = [(label, str(p)) for label, p in models.items()]
+    if getattr(executor, "threads", 1) > 1:
+        # transformers 5's lazy module is not thread-safe on first access: two threads
+        # importing from it at once can fail with "cannot import name" (seen here, and as
+        # vllm-project/vllm#40442); resolve the names in this thread before the threads run
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     out = {}
     for _, (label, res) in executor.map(_eval_one, (tasks, cfg.eval), items):
         out[label] = {t: r["score"] for t, r in res.items()}
