@@ -16,6 +16,17 @@ torch.set_num_threads(2)
 from helpers import make_chat_tokenizer, make_llama, perturb  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_loops():
+    """numba's loops compiled once, in this process, before any Ray worker or subprocess
+    needs them (they then load numba's on-disk cache instead of all compiling at once)."""
+    from cpift_dist.analysis import fused as analysis_loops
+    from cpift_dist.fusion import fused as fusion_loops
+
+    analysis_loops.warm()
+    fusion_loops.warm()
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A tiny fp32 Llama (3 shards) and two tuned variants with many exact ties."""

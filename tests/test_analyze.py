@@ -215,7 +215,7 @@ def test_fused_loops_equal_the_whole_array_definitions(dtype):
     tuned[0][:3] = torch.tensor([-0.0, 0.0, 1.0])
     tuned[1][10], tuned[1][11] = float("inf"), float("nan")
     b = _as_kernel_input(base)
-    ts = tuple(_as_kernel_input(t) for t in tuned)
+    ts = _as_kernel_input(torch.stack(tuned))
     bf16 = dtype == torch.bfloat16
     bits = [update_magnitude(base, t).view(torch.int32).numpy() for t in tuned]
     active = np.array([True, True])

@@ -14,9 +14,10 @@ torch path computed (no fast-math, no contraction; bf16 widens exactly by a 16-b
 its bit pattern, and every mask built from it, is unchanged (tested against the torch
 definition and the ``torch.topk`` oracle).
 
-Inputs are 1-d arrays: ``uint16`` holding bf16 bits, or ``float32`` (any other float dtype is
-widened to float32 by the caller). Tuned chunks come as a tuple, one per task; per-task
-outputs are indexed by the task's position in that tuple.
+Inputs are arrays, the base 1-d and the tasks 2-d ``[N, n]`` (one array, so that a loop compiles
+once per dtype, not once per task count): ``uint16`` holding bf16 bits, or ``float32`` (any
+other float dtype is widened to float32 by the caller). Per-task outputs are indexed by the
+task's row.
 """
 
 from __future__ import annotations
@@ -211,3 +212,19 @@ def threshold_masks(base, tuned, bf16, active, thr, quota, taken, packed):
                     if b == t:
                         taken[k] += 1
                     pk[(start + i) >> 3] |= np.uint8(1 << ((start + i) & 7))
+
+
+def warm() -> None:
+    """Compiles every loop for bf16 and float32 chunks (or loads them from numba's on-disk
+    cache), with the argument types :mod:`cpift_dist.analysis.scan` passes: done once up front,
+    worker processes started later load the cache instead of compiling at the same time."""
+    i64 = np.zeros(2, np.int64)
+    active = np.ones(2, np.bool_)
+    for dt in (np.uint16, np.float32):
+        b, t, bf16 = np.zeros(16, dt), np.zeros((2, 16), dt), dt == np.uint16
+        high_histograms(b, t, bf16, active, np.zeros((2, 1 << 15), np.int64))
+        low_histograms(b, t, bf16, active, i64, np.zeros((2, 1 << 16), np.int64))
+        window(b, t, bf16, active, i64, i64, np.zeros((2, 2), np.uint8), np.zeros(2, np.int64),
+               np.zeros(2, np.bool_))
+        threshold_masks(b, t, bf16, active, i64, i64, np.zeros(2, np.int64),
+                        np.zeros((2, 2), np.uint8))

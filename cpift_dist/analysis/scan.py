@@ -64,28 +64,34 @@ def _as_kernel_input(x: torch.Tensor) -> np.ndarray:
 
 
 def _chunks(ctx: ScanContext, unit: Unit, sample_every: int = 1):
-    """Yields (chunk index, chunk, base, tuned tuple in task order, bf16) for the unit's chunks,
-    each read once into buffers reused from chunk to chunk (consume before the next).
+    """Yields (chunk index, chunk, base, tuned [N, n] in task order, bf16) for the unit's
+    chunks, each read once into buffers reused from chunk to chunk (consume before the next);
+    the tasks' rows are read straight into one 2-d array.
 
     With ``sample_every`` > 1 only the segments of :func:`sample_ranges` are read.
     """
     base = _checkpoint(ctx.base)
     tuned = [_checkpoint(p) for p in ctx.tuned.values()]
+    buf = torch.empty(0, dtype=torch.uint8)
     with ExitStack() as stack:
         rb = stack.enter_context(base.reader())
         readers = [stack.enter_context(c.reader()) for c in tuned]
         for ci, c in enumerate(unit.chunks):
+            info = base.info(c.name)
             if sample_every > 1:
-                info = base.info(c.name)
                 ranges = [(c.row_start + a, c.row_start + b) for a, b in
                           sample_ranges(c.row_stop - c.row_start, info.row_numel, sample_every)]
-                b = rb.read_row_ranges(c.name, ranges)
-                ts = tuple(_as_kernel_input(r.read_row_ranges(c.name, ranges)) for r in readers)
             else:
-                b = rb.read_rows(c.name, c.row_start, c.row_stop)
-                ts = tuple(_as_kernel_input(r.read_rows(c.name, c.row_start, c.row_stop))
-                           for r in readers)
-            yield ci, c, _as_kernel_input(b), ts, b.dtype == torch.bfloat16
+                ranges = [(c.row_start, c.row_stop)]
+            n = sum(b - a for a, b in ranges) * info.row_numel
+            nbytes = len(readers) * n * info.dtype.itemsize
+            if buf.numel() < nbytes:
+                buf = torch.empty(nbytes, dtype=torch.uint8)
+            ts = buf[:nbytes].view(info.dtype).view(len(readers), n)
+            for k, r in enumerate(readers):
+                r.read_row_ranges(c.name, ranges, ts[k])
+            b = rb.read_row_ranges(c.name, ranges)
+            yield ci, c, _as_kernel_input(b), _as_kernel_input(ts), b.dtype == torch.bfloat16
 
 
 def _non_finite(ctx: ScanContext, task: str, name: str) -> CheckpointError:
