@@ -11,7 +11,8 @@ process reading from page cache, with peak RSS from the process's own high-water
             and 200 MB shards).
   3-task    t1..t3 with their p = 1% core masks, task-vector space, uniform omega.
   raw       a sequential read of the pair's inputs (page cache): fusion's target is 2x it.
-  threads   the pair on each of --threads threads (one output shard per thread at most).
+  threads   the pair on each of --threads threads (they share the work of every shard), and
+            on the most threads with backend torch (the unfused reference ops) side by side.
 On a CUDA machine it also times the Triton apply kernel against a device-to-device copy and
 against torch eager SLERP of the same tensors.
 """
@@ -34,14 +35,14 @@ from analyze_bench import _vm_hwm, build, warm_read  # noqa: E402
 SHARD = 200_000_000
 
 
-def m_cpift(base, tuned, masks, out, space, omega, threads=2):
+def m_cpift(base, tuned, masks, out, space, omega, threads=2, backend="auto"):
     from cpift_dist.config import FusionConfig
     from cpift_dist.executor import InProcessExecutor
     from cpift_dist.fusion import fuse
 
     t0 = time.perf_counter()
     fuse(base, {Path(t).name: t for t in tuned}, masks, out,
-         FusionConfig(space=space, omega=omega, max_shard_bytes=SHARD),
+         FusionConfig(space=space, omega=omega, max_shard_bytes=SHARD, backend=backend),
          InProcessExecutor(threads), overwrite=True, progress=False)
     return {"seconds": time.perf_counter() - t0}
 
@@ -188,6 +189,9 @@ def main() -> None:
                               str(d / "empty" / "masks"), str(d / f"out-pair-{n}"), "weights",
                               0.5, n) for _ in range(2)), key=lambda r: r["seconds"])
 
+    warm_read([paths["t1"], paths["t2"]])
+    unfused = child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
+                    str(d / "out-pair-torch"), "weights", 0.5, max(threads), "torch")
     warm_read([paths["base"], *tuned3.values()])
     three = child("cpift", paths["base"], list(tuned3.values()), str(d / "masks3" / "masks"),
                   str(d / "out-3"), "task-vectors", "uniform")
@@ -198,6 +202,8 @@ def main() -> None:
               f"{r['seconds'] / raw['seconds']:.2f}x the raw read   speed-up vs "
               f"{min(threads)} thread(s) {sweep[min(threads)]['seconds'] / r['seconds']:.2f}x")
 
+    print(f"pair  cpift, {max(threads):2d} thread(s), backend torch (unfused ops) "
+          f"{unfused['seconds']:6.2f} s   numba {unfused['seconds'] / sweep[max(threads)]['seconds']:.2f}x faster")
     print(f"pair  cpift fuse            {ours['seconds']:6.2f} s  peak RSS "
           f"{ours['peak_rss'] / gib:5.2f} GiB")
     print(f"pair  naive torch SLERP     {naive['seconds']:6.2f} s  peak RSS "

@@ -66,12 +66,16 @@ class FusionConfig(_Model):
     """One SLERP angle per tensor (as mergekit-yaml) or per row of dim 0."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to compute: auto picks CUDA when present."""
-    backend: Literal["auto", "torch", "triton"] = "auto"
-    """Kernels: auto = Triton on CUDA, torch on CPU (triton on CPU needs TRITON_INTERPRET=1)."""
+    backend: Literal["auto", "numba", "torch", "triton"] = "auto"
+    """Kernels: auto = Triton on CUDA, numba's fused loops on CPU; torch = the unfused
+    reference ops (slow; a cross-check); triton on CPU needs TRITON_INTERPRET=1."""
     max_shard_bytes: int = Field(2 << 30, ge=1024)
     """Largest output safetensors shard (bytes)."""
     chunk_elements: int = Field(1 << 20, ge=1024)
     """Largest row chunk of a tensor processed at once; bounds memory."""
+    cache_bytes: int = Field(2 << 30, ge=0)
+    """Inputs of multi-chunk tensors kept in memory between the Gram and apply passes (all
+    tensors in flight together); a tensor beyond what is left is read twice."""
 
 
 class TrainConfig(_Model):

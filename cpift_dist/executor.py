@@ -7,6 +7,7 @@ driver never holds all results at once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -39,6 +40,19 @@ def _dies_once(fn: Callable) -> Callable:
     return wrapped
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op pool cut to ``n`` threads inside the block (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class InProcessExecutor:
     """Runs items in this process: in order, or on ``threads`` threads (torch releases the GIL
     in its kernels), results as they finish. For small models, single machines and tests.
@@ -58,14 +72,8 @@ class InProcessExecutor:
             for i, args in enumerate(items):
                 yield i, fn(shared, *args)
             return
-        import torch
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.threads))
-        try:
+        with torch_threads(max(1, (os.cpu_count() or 1) // self.threads)):
             yield from self._threaded(fn, shared, items)
-        finally:
-            torch.set_num_threads(before)
 
     def _threaded(self, fn, shared, items):
         with ThreadPoolExecutor(self.threads) as pool:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from cpift_dist.fusion.slerp import slerp_reference
 from cpift_dist.io import Checkpoint, ShardWriter
 
 
@@ -79,6 +80,46 @@ def perturb(base: Path, out: Path, seed: int, density: float = 0.2, scale: float
             w.add(alias, new)  # a stored tied copy stays a copy
     w.close()
     shutil.copy(base / "config.json", out / "config.json")
+    return out
+
+
+def make_case(case: str, n_tasks: int, n: int, dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tasks, n, generator=g)
+    base = torch.randn(n, generator=g)
+    if case == "collinear":
+        x[1] = 2.5 * x[0]
+    elif case == "anti-parallel":
+        x[1] = -x[0]
+    elif case == "zero":
+        x[0] = 0.0
+    elif case == "nearly-collinear":
+        x[1] = x[0] + 1e-3 * torch.randn(n, generator=g)
+    masks = torch.rand(n_tasks, n, generator=g) < 0.07
+    return x.to(dtype), base.to(dtype), masks
+
+
+def slerp_elementwise(x, base, masks, segments, t, task_vectors, overlap):
+    """Element by element, in float64: the fold on non-core, the winner's value on core."""
+    n_tasks, n = x.shape
+    L = n // segments
+    xd, bd = x.double(), base.double()
+    core = masks.any(0)
+    out = torch.empty(n, dtype=torch.float64)
+    for s in range(segments):
+        sl = slice(s * L, (s + 1) * L)
+        nc = ~core[sl]
+        vs = [(xd[i, sl] - bd[sl] if task_vectors else xd[i, sl])[nc] for i in range(n_tasks)]
+        seg = slerp_reference(vs, t)
+        out[sl][nc] = seg + (bd[sl][nc] if task_vectors else 0)
+    for e in torch.nonzero(core).reshape(-1).tolist():
+        cands = [i for i in range(n_tasks) if masks[i, e]]
+        if overlap == "max-magnitude":
+            mags = [float((x[i, e].float() - base[e].float()).abs()) for i in cands]
+            win = cands[mags.index(max(mags))]
+        else:
+            win = cands[0]
+        out[e] = xd[win, e]
     return out
 
 

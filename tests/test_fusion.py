@@ -17,7 +17,7 @@ from cpift_dist.executor import InProcessExecutor, RayExecutor
 from cpift_dist.fusion import fold_weights, fuse, slerp_reference
 from cpift_dist.grouping import connected_groups, group
 from cpift_dist.io import Checkpoint, sha256_file
-from cpift_dist.io.safetensors_stream import SequentialWriter
+from cpift_dist.io.safetensors_stream import PositionalWriter
 from helpers import perturb
 
 pytestmark = pytest.mark.timeout(300)
@@ -172,21 +172,37 @@ def test_bad_masks_are_rejected(three, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_sequential_writer_round_trip_and_order(tmp_path):
+def test_positional_writer_any_order_threads_and_refusals(tmp_path):
+    """Pieces written out of order from several threads give the file safetensors reads, and
+    the sha256 the background hasher computed equals the file's; a double write and a missing
+    piece are refused by name."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from safetensors.torch import load_file
-    entries = {"x": (torch.bfloat16, (3, 4)), "y": (torch.float32, (5,))}
-    w = SequentialWriter(tmp_path / "f.safetensors", entries, {"format": "pt"})
-    x = torch.randn(3, 4).bfloat16()
-    w.write("x", x[:2])
-    w.write("x", x[2:])
+    entries = {"x": (torch.bfloat16, (64, 40)), "y": (torch.float32, (5,)),
+               "z": (torch.bfloat16, (64, 40))}
+    x = torch.randn(64, 40).bfloat16()
+    w = PositionalWriter(tmp_path / "f.safetensors", entries, {"format": "pt"}, hash_block=256)
+    pieces = [(r, r + 4) for r in range(0, 64, 4)][::-1]  # last rows first
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda ab: w.write("x", x[ab[0]:ab[1]], ab[0] * 40 * 2), pieces))
     w.write("y", torch.arange(5.0))
+    w.copy("x", "z")
     digest = w.close()
     got = load_file(tmp_path / "f.safetensors")
-    assert torch.equal(got["x"], x) and torch.equal(got["y"], torch.arange(5.0))
+    assert torch.equal(got["x"], x) and torch.equal(got["z"], x)
+    assert torch.equal(got["y"], torch.arange(5.0))
     assert digest == sha256_file(tmp_path / "f.safetensors")
-    w = SequentialWriter(tmp_path / "g.safetensors", entries)
-    with pytest.raises(Exception, match="out of order"):
+    w = PositionalWriter(tmp_path / "g.safetensors", entries)
+    w.write("y", torch.arange(5.0))
+    with pytest.raises(Exception, match="written twice"):
         w.write("y", torch.arange(5.0))
+    with pytest.raises(Exception, match="outside"):
+        w.write("y", torch.arange(6.0))
+    with pytest.raises(Exception, match="dtype"):
+        w.write("x", torch.zeros(3))
+    with pytest.raises(Exception, match="'x' was not written whole"):
+        w.close()
 
 
 def test_connected_groups_and_tau():

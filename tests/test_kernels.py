@@ -10,6 +10,8 @@ import torch
 from cpift_dist.analysis.masks import pack_mask
 from cpift_dist.fusion.slerp import (apply_torch, fold_coefficients, fold_weights, gram_torch,
                                      slerp_reference)
+from helpers import make_case as make
+from helpers import slerp_elementwise as reference
 
 kernels = pytest.importorskip("cpift_dist.kernels.slerp", reason="triton is not installed")
 pytestmark = pytest.mark.timeout(240)
@@ -22,46 +24,6 @@ CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 on_cpu = pytest.mark.skipif(not INTERPRETED, reason="CPU-tensor kernel tests run under the "
                             "interpreter in a subprocess (test_cpu_tests_under_the_interpreter)")
-
-
-def make(case: str, n_tasks: int, n: int, dtype, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_tasks, n, generator=g)
-    base = torch.randn(n, generator=g)
-    if case == "collinear":
-        x[1] = 2.5 * x[0]
-    elif case == "anti-parallel":
-        x[1] = -x[0]
-    elif case == "zero":
-        x[0] = 0.0
-    elif case == "nearly-collinear":
-        x[1] = x[0] + 1e-3 * torch.randn(n, generator=g)
-    masks = torch.rand(n_tasks, n, generator=g) < 0.07
-    return x.to(dtype), base.to(dtype), masks
-
-
-def reference(x, base, masks, segments, t, task_vectors, overlap):
-    """Element by element, in float64: the fold on non-core, the winner's value on core."""
-    n_tasks, n = x.shape
-    L = n // segments
-    xd, bd = x.double(), base.double()
-    core = masks.any(0)
-    out = torch.empty(n, dtype=torch.float64)
-    for s in range(segments):
-        sl = slice(s * L, (s + 1) * L)
-        nc = ~core[sl]
-        vs = [(xd[i, sl] - bd[sl] if task_vectors else xd[i, sl])[nc] for i in range(n_tasks)]
-        seg = slerp_reference(vs, t)
-        out[sl][nc] = seg + (bd[sl][nc] if task_vectors else 0)
-    for e in torch.nonzero(core).reshape(-1).tolist():
-        cands = [i for i in range(n_tasks) if masks[i, e]]
-        if overlap == "max-magnitude":
-            mags = [float((x[i, e].float() - base[e].float()).abs()) for i in cands]
-            win = cands[mags.index(max(mags))]
-        else:
-            win = cands[0]
-        out[e] = xd[win, e]
-    return out
 
 
 def run_kernels(x, base, masks, segments, t, tv, overlap, device):

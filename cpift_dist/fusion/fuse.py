@@ -10,8 +10,12 @@ whole (atomic rename) or not at all.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import os
+import queue
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +27,14 @@ from cpift_dist.analysis.masks import MaskFile, unpack_mask
 from cpift_dist.analysis.plan import Chunk, plan_units
 from cpift_dist.config import FusionConfig
 from cpift_dist.errors import CpiftError, MaskError
-from cpift_dist.executor import InProcessExecutor
+from cpift_dist.executor import InProcessExecutor, torch_threads
+from cpift_dist.fusion import fused
 from cpift_dist.fusion.slerp import (apply_torch, fold_coefficients, fold_weights, gram_torch,
                                      segments_of)
 from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
                            sha256_file, write_manifest)
 from cpift_dist.io.checkpoint import INDEX_NAME, SINGLE_NAME
-from cpift_dist.io.safetensors_stream import SequentialWriter
+from cpift_dist.io.safetensors_stream import PositionalWriter
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -43,6 +48,7 @@ class FuseContext:
     masks: dict[str, str]
     out: str
     cfg: FusionConfig
+    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -85,89 +91,279 @@ def _device_and_backend(cfg: FusionConfig) -> tuple[str, str]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = cfg.backend
     if backend == "auto":
-        backend = "triton" if device == "cuda" else "torch"
+        backend = "triton" if device == "cuda" else "numba"
+    if backend == "numba" and device != "cpu":
+        raise CpiftError(f"fusion.backend=numba runs on the CPU, not on {device!r}")
     return device, backend
 
 
-def fuse_shard(ctx: FuseContext, shard: OutShard) -> dict:
-    """Fuses the tensors of one output shard and writes it; returns its sha256 and counts."""
-    cfg = ctx.cfg
-    device, backend = _device_and_backend(cfg)
-    kernels = None
-    if backend == "triton":
-        from cpift_dist.kernels import slerp as kernels
-    base = _checkpoint(ctx.base)
-    tasks = list(ctx.tuned)
-    tuned = [_checkpoint(ctx.tuned[t]) for t in tasks]
-    masks = [MaskFile(ctx.masks[t]) for t in tasks]
-    t = fold_weights(len(tasks), cfg.omega)
-    tv = cfg.space == "task-vectors"
-    counts = {}
-    entries = {n: (base.info(n).dtype, base.info(n).shape) for n in shard.names}
-    writer = SequentialWriter(Path(ctx.out) / shard.file, entries, {"format": "pt"})
-    readers = [base.reader()] + [c.reader() for c in tuned]  # files open lazily; closed below
-    try:
-        for name in shard.names:
-            info = base.info(name)
-            if name in base.tied:  # a stored tied copy: the same bytes as its parameter
-                writer.repeat(base.tied[name], name)
+class _Scheduler:
+    """A pool of threads running tasks by priority (lower first, then submission order); tasks
+    may submit tasks. The first error stops the pool and is re-raised by :meth:`run`.
+
+    Hand-written because ``concurrent.futures`` has no priorities: the apply pass of a tensor
+    must overtake the Gram passes of later tensors, or every tensor's chunks would be held in
+    memory until all Gram passes are done.
+    """
+
+    def __init__(self, threads: int):
+        self.threads = max(1, threads)
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def submit(self, priority: int, fn, *args) -> None:
+        with self._lock:
+            self._pending += 1
+        self._queue.put((priority, next(self._seq), fn, args))
+
+    def _worker(self) -> None:
+        while not self._done.is_set():
+            try:
+                _, _, fn, args = self._queue.get(timeout=0.1)
+            except queue.Empty:
                 continue
-            if info.numel == 0:
-                continue
+            try:
+                if self._error is None:
+                    fn(*args)
+            except BaseException as e:
+                with self._lock:
+                    self._error = self._error or e
+                self._done.set()
+            with self._lock:
+                self._pending -= 1
+                if self._pending == 0:
+                    self._done.set()
+
+    def run(self) -> None:
+        """Runs until every task (including those submitted on the way) is done."""
+        if self._pending == 0:
+            return
+        workers = [threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
+                   for i in range(self.threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if self._error is not None:
+            raise self._error
+
+
+_APPLY, _GRAM = 0, 1  # task priorities: finish started tensors first
+
+
+@dataclass
+class _Tensor:
+    """A multi-chunk tensor between its Gram and apply passes."""
+
+    name: str
+    chunks: list[Chunk]
+    segments: int
+    remaining: int
+    gram: np.ndarray
+    cached: dict | None  # chunk index -> its inputs, while they fit the cache budget
+    reserved: int = 0
+
+
+class _ShardFuser:
+    """The tasks of one output shard: per chunk, read once -> Gram -> (fold) -> apply -> write
+    at the chunk's offset. A tensor fits one chunk, or with one angle per row, its chunks are
+    independent; otherwise its chunks' Gram partials are summed, and the last one folds the
+    coefficients and queues the tensor's apply tasks, which reuse the chunks kept in memory
+    (up to ``cache_bytes`` for all tensors in flight; beyond, they are read again)."""
+
+    def __init__(self, ctx: FuseContext, shard: OutShard, writer: PositionalWriter):
+        cfg = ctx.cfg
+        self.ctx, self.shard, self.writer = ctx, shard, writer
+        self.device, self.backend = _device_and_backend(cfg)
+        self.kernels = None
+        if self.backend == "triton":
+            from cpift_dist.kernels import slerp as kernels
+            self.kernels = kernels
+        self.base = _checkpoint(ctx.base)
+        self.tasks = list(ctx.tuned)
+        self.tuned = [_checkpoint(ctx.tuned[t]) for t in self.tasks]
+        self.mask_paths = [ctx.masks[t] for t in self.tasks]
+        self.t = fold_weights(len(self.tasks), cfg.omega)
+        self.tv = cfg.space == "task-vectors"
+        self.counts: dict[str, list[int]] = {}
+        self.lock = threading.Lock()
+        self.budget = cfg.cache_bytes
+        self.local = threading.local()
+        self.closers: list = []  # every thread's open files
+        self.pool: dict[int, list[torch.Tensor]] = {}  # free buffers by size
+        self.sched = _Scheduler(ctx.threads)
+
+    def run(self) -> dict:
+        for name in self.shard.names:
+            info = self.base.info(name)
+            if name in self.base.tied or info.numel == 0:
+                continue  # tied copies are byte copies, written last
             if not info.dtype.is_floating_point:  # buffers such as position ids: the base's
-                writer.write(name, base.read(name))
+                self.sched.submit(_GRAM, self._copy_base, name)
                 continue
-            chunks = plan_units([info], "global", cfg.chunk_elements, 1 << 62)[0].chunks
-            segments = segments_of(info.shape, cfg.granularity)
+            self.counts[name] = [0, 0]
+            chunks = plan_units([info], "global", self.ctx.cfg.chunk_elements, 1 << 62)[0].chunks
+            segments = segments_of(info.shape, self.ctx.cfg.granularity)
+            if len(chunks) == 1 or segments > 1:
+                for c in chunks:
+                    self.sched.submit(_GRAM, self._whole, c, segments)
+                continue
+            nbytes = info.numel * info.dtype.itemsize * (len(self.tasks) + 1)
+            st = _Tensor(name, chunks, segments, len(chunks),
+                         np.zeros((1, len(self.tasks), len(self.tasks))), None)
+            for i in range(len(chunks)):
+                self.sched.submit(_GRAM, self._gram_part, st, i, nbytes)
+        try:
+            self.sched.run()
+        finally:
+            for close in self.closers:
+                close()
+        for name in self.shard.names:
+            if name in self.base.tied:
+                self.writer.copy(self.base.tied[name], name)
+        return {n: {"core": c[0], "overlap": c[1]} for n, c in self.counts.items()}
 
-            def load(c: Chunk):
-                b = readers[0].read_rows(c.name, c.row_start, c.row_stop).to(device, copy=True)
-                x = torch.stack([r.read_rows(c.name, c.row_start, c.row_stop).to(device)
-                                 for r in readers[1:]])
-                p = np.stack([m.read_packed(c.name, c.flat_start // 8,
-                                            (c.flat_start + c.numel + 7) // 8) for m in masks])
-                return x, b, p
+    # -- inputs -----------------------------------------------------------------------------
+    def _readers(self):
+        r = getattr(self.local, "readers", None)
+        if r is None:
+            r = self.local.readers = ([self.base.reader()] + [c.reader() for c in self.tuned],
+                                      [MaskFile(p) for p in self.mask_paths])
+            with self.lock:
+                self.closers += [functools.partial(x.__exit__, None, None, None) for x in r[0]]
+                self.closers += [m.close for m in r[1]]
+        return r
 
-            def chunk_segments(c: Chunk) -> int:
-                return c.row_stop - c.row_start if segments > 1 else 1
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer from the pool (fresh memory costs a page fault per 4 KiB: measured
+        as much time as the read itself)."""
+        with self.lock:
+            free = self.pool.get(nbytes)
+            if free:
+                return free.pop()
+        return torch.empty(nbytes, dtype=torch.uint8)
 
-            cache = None
-            gram = np.zeros((segments, len(tasks), len(tasks)))
-            for c in chunks:  # reduction pass
-                x, b, p = load(c)
-                if len(chunks) == 1:
-                    cache = (x, b, p)
-                if kernels is not None:
-                    g = kernels.gram(x, b, torch.from_numpy(p).to(device), chunk_segments(c), tv)
-                else:
-                    union = unpack_mask(np.bitwise_or.reduce(p, axis=0), c.numel)
-                    g = gram_torch(x, b, torch.from_numpy(union), chunk_segments(c), tv)
-                g = g.cpu().numpy()
-                if segments > 1:
-                    gram[c.row_start:c.row_stop] = g
-                else:
-                    gram += g
-            coef = torch.from_numpy(fold_coefficients(gram, t))
-            core = overlap = 0
-            for c in chunks:  # apply pass
-                x, b, p = cache if cache is not None else load(c)
-                cf = coef[c.row_start:c.row_stop] if segments > 1 else coef
-                if kernels is not None:
-                    out = kernels.apply(x, b, torch.from_numpy(p).to(device), cf.to(device), tv,
-                                        cfg.overlap, info.dtype)
-                else:
-                    out = apply_torch(x, b, _unpack(p, c.numel), cf, tv, cfg.overlap, info.dtype)
-                writer.write(name, out)
-                union, multi = _core_counts(p)
-                core, overlap = core + union, overlap + multi
-            counts[name] = {"core": core, "overlap": overlap}
-    finally:
-        for r in readers:
-            r.__exit__(None, None, None)
-        for m in masks:
-            m.close()
-    return {"file": shard.file, "sha256": writer.close(), "names": list(shard.names),
-            "counts": counts, "device": device, "backend": backend}
+    def _release(self, buf: torch.Tensor) -> None:
+        with self.lock:
+            self.pool.setdefault(buf.numel(), []).append(buf)
+
+    def _load(self, c: Chunk):
+        """The chunk's base [n] and tasks' [N, n] values (read straight into one pooled
+        buffer), packed masks [N, bytes], and the buffer (release it when done)."""
+        readers, masks = self._readers()
+        dtype = self.base.info(c.name).dtype
+        nb = c.numel * dtype.itemsize
+        buf = self._buffer(nb * (len(self.tasks) + 1))
+        b = buf[:nb].view(dtype)
+        readers[0].read_rows(c.name, c.row_start, c.row_stop, b)
+        x = buf[nb:].view(dtype).view(len(self.tasks), c.numel)
+        for k, r in enumerate(readers[1:]):
+            r.read_rows(c.name, c.row_start, c.row_stop, x[k])
+        p = np.stack([m.read_packed(c.name, c.flat_start // 8, (c.flat_start + c.numel + 7) // 8)
+                      for m in masks])
+        return b, x, p, buf
+
+    def _copy_base(self, name: str) -> None:
+        self.writer.write(name, self._readers()[0][0].read(name))
+
+    # -- passes -----------------------------------------------------------------------------
+    def _gram(self, c: Chunk, data, segments: int) -> np.ndarray:
+        b, xs, p, _ = data
+        segs = c.row_stop - c.row_start if segments > 1 else 1
+        if self.backend == "numba":
+            return fused.gram_chunk(b, xs, p, segs, self.tv)
+        x, bd = xs.to(self.device), b.to(self.device)
+        if self.kernels is not None:
+            g = self.kernels.gram(x, bd, torch.from_numpy(p).to(self.device), segs, self.tv)
+        else:
+            union = unpack_mask(np.bitwise_or.reduce(p, axis=0), c.numel)
+            g = gram_torch(x, bd, torch.from_numpy(union).to(self.device), segs, self.tv)
+        return g.cpu().numpy()
+
+    def _apply(self, c: Chunk, data, coef: np.ndarray) -> None:
+        """Fuses, writes and counts the chunk; releases its buffer."""
+        b, xs, p, buf = data
+        dtype = self.base.info(c.name).dtype
+        out = None
+        if self.backend == "numba":
+            out = self._buffer(c.numel * (2 if dtype == torch.bfloat16 else 4))
+            res, union, multi = fused.apply_chunk(b, xs, p, coef, self.tv, self.ctx.cfg.overlap,
+                                                  dtype, out)
+        else:
+            x, bd = xs.to(self.device), b.to(self.device)
+            cf = torch.from_numpy(coef)
+            if self.kernels is not None:
+                res = self.kernels.apply(x, bd, torch.from_numpy(p).to(self.device),
+                                         cf.to(self.device), self.tv, self.ctx.cfg.overlap, dtype)
+            else:
+                res = apply_torch(x, bd, _unpack(p, c.numel), cf, self.tv, self.ctx.cfg.overlap,
+                                  dtype)
+            union, multi = _core_counts(p)
+        self.writer.write(c.name, res, c.flat_start * dtype.itemsize)
+        self._release(buf)
+        if out is not None:
+            self._release(out)
+        with self.lock:
+            self.counts[c.name][0] += union
+            self.counts[c.name][1] += multi
+
+    def _whole(self, c: Chunk, segments: int) -> None:
+        """A chunk whose coefficients depend on it alone."""
+        data = self._load(c)
+        coef = fold_coefficients(self._gram(c, data, segments), self.t)
+        self._apply(c, data, coef)
+
+    def _gram_part(self, st: _Tensor, i: int, nbytes: int) -> None:
+        with self.lock:
+            if st.cached is None:  # the tensor's first chunk to start: reserve its cache
+                keep = nbytes <= self.budget
+                st.cached, st.reserved = {}, nbytes if keep else -1
+                self.budget -= nbytes if keep else 0
+        data = self._load(st.chunks[i])
+        g = self._gram(st.chunks[i], data, st.segments)
+        with self.lock:
+            st.gram += g
+            if st.reserved > 0:
+                st.cached[i] = data
+            st.remaining -= 1
+            last = st.remaining == 0
+        if st.reserved <= 0:
+            self._release(data[3])
+        if last:
+            coef = fold_coefficients(st.gram, self.t)
+            for j in range(len(st.chunks)):
+                self.sched.submit(_APPLY, self._apply_part, st, j, coef)
+
+    def _apply_part(self, st: _Tensor, i: int, coef: np.ndarray) -> None:
+        with self.lock:
+            data = st.cached.pop(i, None)
+        self._apply(st.chunks[i], data if data is not None else self._load(st.chunks[i]), coef)
+        with self.lock:
+            if st.reserved > 0 and not st.cached:
+                self.budget += st.reserved
+                st.reserved = 0
+
+
+def fuse_shard(ctx: FuseContext, shard: OutShard) -> dict:
+    """Fuses the tensors of one output shard on ``ctx.threads`` threads and writes it; returns
+    its sha256 and counts."""
+    base = _checkpoint(ctx.base)
+    entries = {n: (base.info(n).dtype, base.info(n).shape) for n in shard.names}
+    writer = PositionalWriter(Path(ctx.out) / shard.file, entries, {"format": "pt"})
+    try:
+        with torch_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.threads))):
+            fuser = _ShardFuser(ctx, shard, writer)
+            counts = fuser.run()
+        sha = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"file": shard.file, "sha256": sha, "names": list(shard.names), "counts": counts,
+            "device": fuser.device, "backend": fuser.backend}
 
 
 def _unpack(packed: np.ndarray, n: int) -> torch.Tensor:
@@ -238,8 +434,11 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
     if device == "cuda" and not torch.cuda.is_available():
         raise CpiftError("fusion.device=cuda but no CUDA device is available")
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        threads = getattr(executor, "threads", None) or max(1, int(executor.num_cpus))
         ctx = FuseContext(str(base), {t: str(p) for t, p in tuned.items()}, mask_files,
-                          str(tmp), cfg)
+                          str(tmp), cfg, threads)
+        if isinstance(executor, InProcessExecutor):  # the threads work inside one shard
+            executor = InProcessExecutor(1)
         results = []
         for _, r in tqdm(executor.map(fuse_shard, ctx, [(s,) for s in shards]),
                          total=len(shards), desc="fuse shards", unit="shard",

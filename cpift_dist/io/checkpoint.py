@@ -201,22 +201,34 @@ class CheckpointReader:
         info = self.checkpoint.info(name)
         return self.read_rows(name, 0, info.rows).clone().reshape(info.shape)
 
-    def read_row_ranges(self, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    def read_row_ranges(self, name: str, ranges: list[tuple[int, int]],
+                        out: torch.Tensor | None = None) -> torch.Tensor:
         """Row ranges ``[(start, stop), ...]`` of dim 0, concatenated and flattened to 1-d.
 
-        The result is a view of this reader's buffer, valid until its next read.
+        The result is a view of this reader's buffer, valid until its next read, or ``out``
+        (a contiguous tensor of the rows' dtype and size) when given.
         """
         info = self.checkpoint.info(name)
         row_bytes = info.row_numel * info.dtype.itemsize
         total = sum(b - a for a, b in ranges) * row_bytes
-        if self._buf.numel() < total:
-            self._buf = torch.empty(total, dtype=torch.uint8)
-        mv = memoryview(self._buf[:total].numpy())
+        view = self._target(name, total, out)
+        mv = memoryview(view.numpy())
         at = 0
         for a, b in ranges:
             self._pread(info, mv[at:at + (b - a) * row_bytes], info.offset + a * row_bytes, name)
             at += (b - a) * row_bytes
-        return self._buf[:total].view(info.dtype)
+        return view.view(info.dtype)
+
+    def _target(self, name: str, nbytes: int, out: torch.Tensor | None) -> torch.Tensor:
+        """The uint8 view a read of ``nbytes`` lands in: ``out``, or this reader's buffer."""
+        if out is not None:
+            view = out.reshape(-1).view(torch.uint8)
+            if view.numel() != nbytes:
+                raise ValueError(f"{name}: out holds {view.numel()} bytes, the rows {nbytes}")
+            return view
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buf[:nbytes]
 
     def _pread(self, info: TensorInfo, mv: memoryview, pos: int, name: str) -> None:
         done, nbytes = 0, len(mv)
@@ -226,18 +238,18 @@ class CheckpointReader:
                 raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
             done += got
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, name: str, start: int, stop: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``start:stop`` of dim 0 (elements for a 1-d tensor), flattened to 1-d.
 
-        The result is a view of this reader's buffer, valid until its next read.
+        The result is a view of this reader's buffer, valid until its next read, or ``out``
+        (a contiguous tensor of the rows' dtype and size) when given.
         """
         info = self.checkpoint.info(name)
         item = info.dtype.itemsize
         row_bytes = info.row_numel * item
         nbytes = (stop - start) * row_bytes
-        if self._buf.numel() < nbytes:
-            self._buf = torch.empty(nbytes, dtype=torch.uint8)
-        view = self._buf[:nbytes]
+        view = self._target(name, nbytes, out)
         self._pread(info, memoryview(view.numpy()), info.offset + start * row_bytes, name)
         return view.view(info.dtype)
 

@@ -1,10 +1,11 @@
-"""Writing safetensors tensor by tensor, chunk by chunk, with the header first.
+"""Writing safetensors piece by piece, from several threads, with the header first.
 
 ``safetensors.torch.save_file`` needs every tensor of a file in memory at once; a fused shard
 or a mask of a large model would then cost its whole size in RAM. The format is simple (an
 8-byte little-endian header length, a JSON header with dtype, shape and data offsets per
-tensor, then the bytes), so with shapes known up front the header is written first and the
-data appended in header order. Files are read back with safetensors itself (tested).
+tensor, then the bytes), so with shapes known up front the header is written first, the file
+sized, and every piece written at its own offset as soon as it is computed. Files are read back
+with safetensors itself (tested).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
+import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cpift_dist.errors import CpiftError
@@ -40,77 +44,123 @@ def build_header(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
     return struct.pack("<Q", len(hb)) + hb, sizes
 
 
-class SequentialWriter:
-    """Writes one safetensors file: header now, then tensors in ``entries`` order, each in one
-    or more consecutive chunks; hashes (sha256) as it writes.
+class PositionalWriter:
+    """Writes one safetensors file whose header is known up front: tensors or row ranges in
+    any order, from any thread, each ``pwrite`` at its precomputed offset; a background thread
+    hashes (sha256) the file's completed prefix as it grows, so hashing overlaps the work.
+
+    Use :meth:`write` for the bytes of a tensor from a byte offset, :meth:`close` to finish
+    (every byte written exactly once, else an error naming the first incomplete tensor) and get
+    the sha256; :meth:`abort` on failure.
 
     Raises:
-        CpiftError: a tensor written out of order, with the wrong dtype, or not to its size.
+        CpiftError: a write outside its tensor, twice over the same bytes, or an incomplete file.
     """
 
     def __init__(self, path: str | Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, hash_block: int = 1 << 24):
         self.path = Path(path)
         self.entries = dict(entries)
-        header, self._sizes = build_header(self.entries, metadata)
-        self._order = list(self.entries)
-        self._i, self._written = 0, 0
-        self._sha = hashlib.sha256(header)
-        self._header_len = len(header)
-        self._f = open(self.path, "wb")
-        self._f.write(header)
+        header, sizes = build_header(self.entries, metadata)
+        self.offsets, off = {}, len(header)
+        for name, n in sizes.items():
+            self.offsets[name] = off
+            off += n
+        self._sizes = sizes
+        self.size = off
+        self._block = hash_block
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self._fd, self.size)
+        self._pwrite(memoryview(header), 0)
+        self._cv = threading.Condition()
+        self._ranges: dict[int, int] = {}  # start -> end of written ranges past the frontier
+        self._frontier = len(header)  # bytes [0, frontier) are written
+        self._closing = False
+        self._error: BaseException | None = None
+        self._sha = hashlib.sha256()
+        self._hasher = threading.Thread(target=self._hash, name=f"sha256 {self.path.name}",
+                                        daemon=True)
+        self._hasher.start()
 
-    def write(self, name: str, chunk: torch.Tensor) -> None:
-        """Appends ``chunk`` (flattened, contiguous) to tensor ``name``."""
-        if self._i < len(self._order) and self._order[self._i] != name \
-                and self._written == self._sizes[self._order[self._i]]:
-            self._i, self._written = self._i + 1, 0
-        if self._i >= len(self._order) or self._order[self._i] != name:
-            raise CpiftError(f"{self.path}: tensor {name!r} written out of order")
-        if chunk.dtype != self.entries[name][0]:
-            raise CpiftError(f"{self.path}: tensor {name!r}: dtype {chunk.dtype}, expected "
-                             f"{self.entries[name][0]}")
-        data = chunk.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        if self._written + data.nbytes > self._sizes[name]:
-            raise CpiftError(f"{self.path}: tensor {name!r}: more data than its shape holds")
-        self._f.write(data)
-        self._sha.update(data)
-        self._written += data.nbytes
+    def write(self, name: str, data: torch.Tensor | np.ndarray, byte_offset: int = 0) -> None:
+        """Writes ``data`` (its raw bytes) into tensor ``name`` from ``byte_offset``."""
+        if isinstance(data, torch.Tensor):
+            if data.dtype != self.entries[name][0]:
+                raise CpiftError(f"{self.path}: tensor {name!r}: dtype {data.dtype}, expected "
+                                 f"{self.entries[name][0]}")
+            data = data.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        mv = memoryview(np.ascontiguousarray(data)).cast("B")
+        if byte_offset < 0 or byte_offset + len(mv) > self._sizes[name]:
+            raise CpiftError(f"{self.path}: tensor {name!r}: bytes {byte_offset}.."
+                             f"{byte_offset + len(mv)} outside its {self._sizes[name]}")
+        if not len(mv):
+            return
+        start = self.offsets[name] + byte_offset
+        self._pwrite(mv, start)
+        with self._cv:
+            if start < self._frontier or start in self._ranges:
+                raise CpiftError(f"{self.path}: tensor {name!r}: bytes from {byte_offset} "
+                                 "written twice")
+            self._ranges[start] = start + len(mv)
+            advanced = False
+            while self._frontier in self._ranges:
+                self._frontier = self._ranges.pop(self._frontier)
+                advanced = True
+            if advanced:
+                self._cv.notify()
 
-    def repeat(self, source: str, name: str, block: int = 1 << 24) -> None:
-        """Writes tensor ``name`` as a byte copy of the already written tensor ``source`` (a
-        stored tied copy), read back from this file in blocks: no second computation, memory
-        bounded by ``block``."""
+    def copy(self, source: str, name: str) -> None:
+        """Writes tensor ``name`` as a byte copy of the complete tensor ``source`` (a stored
+        tied copy), read back from this file in blocks."""
         if self.entries[name] != self.entries[source]:
             raise CpiftError(f"{self.path}: tensor {name!r} cannot repeat {source!r} "
                              "(dtype or shape differ)")
-        self._f.flush()
-        off = self._header_len + self._offset(source)
-        done, size = 0, self._sizes[source]
-        with open(self.path, "rb") as f:
-            while done < size:
-                f.seek(off + done)
-                data = f.read(min(block, size - done))
-                if not data:
-                    raise CpiftError(f"{self.path}: tensor {source!r} not written before "
-                                     f"its copy {name!r}")
-                self.write(name, torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                           .view(self.entries[name][0]))
-                done += len(data)
+        for at in range(0, self._sizes[source], self._block):
+            n = min(self._block, self._sizes[source] - at)
+            data = os.pread(self._fd, n, self.offsets[source] + at)
+            self.write(name, np.frombuffer(data, np.uint8), at)
 
-    def _offset(self, name: str) -> int:
-        off = 0
-        for n in self._order:
-            if n == name:
-                return off
-            off += self._sizes[n]
-        raise KeyError(name)
+    def _pwrite(self, mv: memoryview, pos: int) -> None:
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(self._fd, mv[done:], pos + done)
+
+    def _hash(self) -> None:
+        hashed = 0
+        try:
+            while True:
+                with self._cv:
+                    while self._frontier == hashed and not self._closing:
+                        self._cv.wait()
+                    target = self._frontier
+                    if target == hashed:
+                        return
+                while hashed < target:
+                    data = os.pread(self._fd, min(self._block, target - hashed), hashed)
+                    self._sha.update(data)
+                    hashed += len(data)
+        except BaseException as e:  # reported by close()
+            self._error = e
 
     def close(self) -> str:
-        """Checks every tensor is complete; returns the file's sha256."""
-        last = self._order[self._i] if self._i < len(self._order) else None
-        done = self._i + (1 if last is not None and self._written == self._sizes[last] else 0)
-        self._f.close()
-        if done != len(self._order):
-            raise CpiftError(f"{self.path}: tensor {self._order[done]!r} was not written whole")
+        """Checks every byte was written; returns the file's sha256."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._hasher.join()
+        os.close(self._fd)
+        if self._frontier != self.size:
+            first = next(n for n in self.entries
+                         if self.offsets[n] + self._sizes[n] > self._frontier)
+            raise CpiftError(f"{self.path}: tensor {first!r} was not written whole")
+        if self._error is not None:
+            raise CpiftError(f"{self.path}: hashing failed ({self._error})")
         return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Stops the hasher and closes the file (after an error; the file is incomplete)."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._hasher.join()
+        os.close(self._fd)

@@ -1,0 +1,295 @@
+"""The fusion's two passes on CPU as fused numba loops (``nogil``: threads run them in parallel).
+
+One call reads a chunk of the base and of every task once and does a pass's whole work per
+element block in caches: widen bf16 by a 16-bit shift, OR the tasks' packed mask bytes (each
+byte read once per 8 elements, never unpacked to a bool array), subtract, then either the Gram
+products (:func:`gram`) or the SLERP combination, the core transplant and the rounding to the
+output dtype (:func:`apply`). The torch path this replaces made about ten whole-array passes
+over float64/float32 temporaries per value and unpacked every mask three times.
+
+Same contract as :func:`cpift_dist.fusion.slerp.gram_torch` / ``apply_torch`` and the Triton
+kernels (tests hold all three against each other and the float64 definition):
+
+* Gram: ``v = float64(x) - float64(base)`` (task vectors) or ``float64(x)``, non-core elements
+  only; products of float32-representable values are exact in float64, so the only rounding is
+  the float64 summation (relative error below ``n * 2**-53`` per entry, far under the
+  ``DOT_THRESHOLD`` decision it feeds). The sum is reassociated into vector lanes
+  (``fastmath={"reassoc"}``), which changes only that summation order.
+* Apply: float32 arithmetic ``acc = sum_j c_j v_j (+ base)`` in task order, no contraction
+  into FMAs; core elements take the winning task's value bit for bit; bf16 output rounds to
+  nearest even (a NaN becomes the quiet NaN 0x7FC0), as ``torch.Tensor.to(torch.bfloat16)``.
+
+Inputs are arrays (the base 1-d, the tasks 2-d ``[N, n]``): ``uint16`` holding bf16 bits, or
+``float32`` (the caller widens other float dtypes). ``packed`` is ``uint8 [N, ceil(n / 8)]``:
+the chunk's mask bytes per task, bit i of the chunk at byte i >> 3, bit i & 7 (chunks start on a
+byte, see ``plan_units``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+BLOCK = 2048  # elements per block: N + 1 widened float32 rows stay in L1/L2
+
+
+def inputs(base: torch.Tensor, tuned: torch.Tensor):
+    """(bf16?, base [n], tuned [N, n]) as the numpy arrays the loops take: bf16 as its uint16
+    bits (no copy), float32 as is, other float dtypes widened to float32. One 2-d array for
+    the tasks, so the loops compile once per dtype, not once per task count."""
+    if base.dtype == torch.bfloat16:
+        return True, _u16(base), _u16(tuned)
+    return False, base.float().numpy(), tuned.float().numpy()
+
+
+def _u16(x: torch.Tensor) -> np.ndarray:
+    return x.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def gram_chunk(base: torch.Tensor, tuned: torch.Tensor, packed: np.ndarray,
+               segments: int, task_vectors: bool) -> np.ndarray:
+    """float64 ``[S, N, N]`` Gram matrices of one chunk's non-core elements (CPU tensors,
+    ``tuned`` ``[N, n]``; the chunk's elements are S equal consecutive segments)."""
+    bf16, b, xs = inputs(base, tuned)
+    out = np.zeros((segments, len(xs), len(xs)))
+    gram(b, xs, bf16, np.ascontiguousarray(packed), task_vectors, b.size // segments, out)
+    return out
+
+
+def apply_chunk(base: torch.Tensor, tuned: torch.Tensor, packed: np.ndarray,
+                coef: np.ndarray, task_vectors: bool, overlap: str, out_dtype: torch.dtype,
+                buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
+    """Fused values of one chunk (``out_dtype``; in ``buffer``, uint8 of the right size, when
+    given), and its elements in any core and in two or more cores; ``coef`` is ``[S, N]``
+    (float32 in the arithmetic)."""
+    bf16, b, xs = inputs(base, tuned)
+    kind = np.uint16 if bf16 else np.float32
+    out = np.empty(b.size, kind) if buffer is None else buffer.numpy().view(kind)
+    counts = np.zeros(2, np.int64)
+    apply(b, xs, bf16, np.ascontiguousarray(packed), task_vectors,
+          np.ascontiguousarray(coef, dtype=np.float32), b.size // len(coef),
+          overlap == "max-magnitude", out, counts)
+    res = torch.from_numpy(out)
+    res = res.view(torch.bfloat16) if bf16 else res.to(out_dtype)
+    return res, int(counts[0]), int(counts[1])
+
+
+def _bit_table() -> np.ndarray:
+    """``table[byte]``: the byte's 8 bits as 8 bytes (0 or 1, little bit order) in a uint64."""
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    return np.ascontiguousarray(bits).view(np.uint64).reshape(256)
+
+
+_BITS = _bit_table()
+
+# Inner loops index their arrays with the loop variable only (slices taken per block): an
+# index such as ``start + i`` keeps numba's negative-index wraparound in the loop, which stops
+# LLVM from vectorising it (measured: 10x slower).
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _widen(src, start, m, bf16, out_u32, out_f32):
+    s = src[start:start + m]
+    if bf16:
+        for i in range(m):
+            out_u32[i] = np.uint32(s[i]) << np.uint32(16)
+    else:
+        for i in range(m):
+            out_f32[i] = s[i]
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _dot(a, b):
+    s = 0.0
+    for i in range(a.size):
+        s += a[i] * b[i]
+    return s
+
+
+@njit(nogil=True, cache=True)
+def _union(packed, b0, nb, union):
+    """``union[:nb]``: OR of the tasks' mask bytes ``b0:b0 + nb``; returns whether any is set."""
+    u = union[:nb]
+    u[:] = 0
+    for k in range(packed.shape[0]):
+        pk = packed[k, b0:b0 + nb]
+        for j in range(nb):
+            u[j] |= pk[j]
+    anyset = np.uint8(0)
+    for j in range(nb):
+        anyset |= u[j]
+    return anyset != 0
+
+
+@njit(nogil=True, cache=True)
+def gram(base, tuned, bf16, packed, task_vectors, seg_len, out):
+    """Adds the Gram matrices of the chunk's non-core elements into ``out[s]``
+    (float64 ``[S, N, N]``); segment s of the chunk is elements ``s*seg_len:(s+1)*seg_len``."""
+    n = base.size
+    N = len(tuned)
+    bu = np.empty(BLOCK, np.uint32)
+    bf = bu.view(np.float32)
+    xu = np.empty(BLOCK, np.uint32)
+    xf = xu.view(np.float32)
+    v = np.zeros((N, BLOCK))
+    union = np.empty(BLOCK // 8, np.uint8)
+    core = np.zeros(BLOCK // 8, np.uint64)  # per element: 1 in a core (8 bytes per mask byte)
+    core8 = core.view(np.uint8)
+    for start in range(0, n, BLOCK):  # BLOCK is a multiple of 8: blocks hold whole bytes
+        m = min(BLOCK, n - start)
+        nb = (m + 7) >> 3
+        masked = _union(packed, start >> 3, nb, union)
+        if masked:
+            for j in range(nb):
+                core[j] = _BITS[union[j]]
+        _widen(base, start, m, bf16, bu, bf)
+        for k in range(N):
+            _widen(tuned[k], start, m, bf16, xu, xf)
+            vk = v[k]
+            if task_vectors:
+                for i in range(m):
+                    vk[i] = np.float64(xf[i]) - np.float64(bf[i])
+            else:
+                for i in range(m):
+                    vk[i] = np.float64(xf[i])
+            if masked:
+                for i in range(m):
+                    vk[i] = 0.0 if core8[i] else vk[i]
+        lo = 0
+        while lo < m:  # the block's pieces that lie in one segment
+            s = (start + lo) // seg_len
+            hi = min(m, (s + 1) * seg_len - start)
+            for j in range(N):
+                for k in range(j, N):
+                    d = _dot(v[j][lo:hi], v[k][lo:hi])
+                    out[s, j, k] += d
+                    if k != j:
+                        out[s, k, j] += d
+            lo = hi
+
+
+@njit(nogil=True, cache=True)
+def apply(base, tuned, bf16, packed, task_vectors, coef, seg_len, max_magnitude, out, counts):
+    """Fused values of the chunk into ``out`` (``uint16`` bf16 bits when ``bf16``, else
+    ``float32``); ``coef`` is float32 ``[S, N]`` for the chunk's segments. Adds the elements in
+    any core and in two or more cores to ``counts[0]`` and ``counts[1]``.
+
+    A core element takes the value of the task whose core holds it, among several the one with
+    the larger ``|x_j - base|`` (``max_magnitude``; ties: task order) or the first.
+    """
+    n = base.size
+    N = len(tuned)
+    bu = np.empty(BLOCK, np.uint32)
+    bf = bu.view(np.float32)
+    xu = np.empty((N, BLOCK), np.uint32)
+    xf = xu.view(np.float32)
+    acc = np.empty(BLOCK, np.float32)
+    au = acc.view(np.uint32)
+    union = np.empty(BLOCK // 8, np.uint8)
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        _widen(base, start, m, bf16, bu, bf)
+        for k in range(N):
+            _widen(tuned[k], start, m, bf16, xu[k], xf[k])
+        lo = 0
+        while lo < m:
+            s = (start + lo) // seg_len
+            hi = min(m, (s + 1) * seg_len - start)
+            _combine(xf, lo, hi, bf[lo:hi], coef[s], task_vectors, acc[lo:hi])
+            lo = hi
+        if _union(packed, start >> 3, (m + 7) >> 3, union):
+            _transplant(packed, start, m, union, xf, bf, max_magnitude, acc, counts)
+        o = out[start:start + m]
+        if bf16:
+            for i in range(m):
+                o[i] = _round_bf16(au[i])
+        else:
+            for i in range(m):
+                o[i] = acc[i]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _combine(x, lo, hi, b, c, task_vectors, acc):
+    """``acc = sum_k c[k] * v_k`` over elements ``lo:hi`` of the rows of ``x``, in task order
+    (float32, no FMA), ``+ b`` for task vectors (``b`` and ``acc`` are already that range)."""
+    m = acc.size
+    x0 = x[0][lo:hi]  # a row, then a range of it: contiguous, so the loops vectorise
+    c0 = c[0]
+    if task_vectors:
+        for i in range(m):
+            acc[i] = c0 * (x0[i] - b[i])
+    else:
+        for i in range(m):
+            acc[i] = c0 * x0[i]
+    for k in range(1, x.shape[0]):
+        xk = x[k][lo:hi]
+        ck = c[k]
+        if task_vectors:
+            for i in range(m):
+                acc[i] = acc[i] + ck * (xk[i] - b[i])
+        else:
+            for i in range(m):
+                acc[i] = acc[i] + ck * xk[i]
+    if task_vectors:
+        for i in range(m):
+            acc[i] = acc[i] + b[i]
+
+
+@njit(nogil=True, cache=True)
+def _transplant(packed, start, m, union, xf, bf, max_magnitude, acc, counts):
+    """Core elements of the block: the winning task's value into ``acc``; counts them."""
+    b0 = start >> 3
+    N = packed.shape[0]
+    for j in range((m + 7) >> 3):
+        u = union[j]
+        if u == 0:
+            continue
+        multi = 0
+        seen = 0
+        for k in range(N):
+            p = packed[k, b0 + j]
+            multi |= seen & p
+            seen |= p
+        counts[0] += _popcount8(u)
+        counts[1] += _popcount8(multi)
+        for q in range(min(8, m - 8 * j)):
+            if (u >> q) & 1 == 0:
+                continue
+            i = 8 * j + q
+            best = np.float32(-1.0)
+            picked = np.float32(0.0)
+            for k in range(N):
+                if (packed[k, b0 + j] >> q) & 1:
+                    score = abs(xf[k, i] - bf[i]) if max_magnitude else np.float32(0.0)
+                    if score > best:  # strict: the first task keeps a tie
+                        best = score
+                        picked = xf[k, i]
+            acc[i] = picked
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _popcount8(x):
+    x = x - ((x >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return (x + (x >> 4)) & 0x0F
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _round_bf16(bits):
+    """float32 bits -> bf16 bits, round to nearest even; a NaN becomes 0x7FC0 (as torch's
+    scalar conversion)."""
+    r = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    rounded = np.uint16((bits + r) >> np.uint32(16))
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.uint16(0x7FC0) if nan else rounded
+
+
+def warm() -> None:
+    """Compiles both passes for bf16 and float32 chunks (or loads them from numba's on-disk
+    cache), with the argument types :func:`gram_chunk` and :func:`apply_chunk` pass."""
+    for dtype in (torch.bfloat16, torch.float32):
+        b, x = torch.zeros(16, dtype=dtype), torch.zeros((2, 16), dtype=dtype)
+        p = np.zeros((2, 2), np.uint8)
+        gram_chunk(b, x, p, 1, True)
+        apply_chunk(b, x, p, np.ones((1, 2)), True, "max-magnitude", dtype)
