@@ -87,8 +87,8 @@ def _checkpoint(path: str) -> Checkpoint:
 
 def _device_and_backend(cfg: FusionConfig) -> tuple[str, str]:
     device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":  # the numba loops run on the CPU, whatever else is there
+        device = "cuda" if torch.cuda.is_available() and cfg.backend != "numba" else "cpu"
     backend = cfg.backend
     if backend == "auto":
         backend = "triton" if device == "cuda" else "numba"
