@@ -163,7 +163,7 @@ class _Tensor:
     chunks: list[Chunk]
     segments: int
     remaining: int
-    gram: np.ndarray
+    gram: list  # per chunk, its Gram partial
     cached: dict | None  # chunk index -> its inputs, while they fit the cache budget
     reserved: int = 0
 
@@ -213,8 +213,7 @@ class _ShardFuser:
                     self.sched.submit(_GRAM, self._whole, c, segments)
                 continue
             nbytes = info.numel * info.dtype.itemsize * (len(self.tasks) + 1)
-            st = _Tensor(name, chunks, segments, len(chunks),
-                         np.zeros((1, len(self.tasks), len(self.tasks))), None)
+            st = _Tensor(name, chunks, segments, len(chunks), [None] * len(chunks), None)
             for i in range(len(chunks)):
                 self.sched.submit(_GRAM, self._gram_part, st, i, nbytes)
         try:
@@ -326,7 +325,7 @@ class _ShardFuser:
         data = self._load(st.chunks[i])
         g = self._gram(st.chunks[i], data, st.segments)
         with self.lock:
-            st.gram += g
+            st.gram[i] = g  # summed in chunk order at the end: the same bits on any threads
             if st.reserved > 0:
                 st.cached[i] = data
             st.remaining -= 1
@@ -334,7 +333,7 @@ class _ShardFuser:
         if st.reserved <= 0:
             self._release(data[3])
         if last:
-            coef = fold_coefficients(st.gram, self.t)
+            coef = fold_coefficients(functools.reduce(np.add, st.gram), self.t)
             for j in range(len(st.chunks)):
                 self.sched.submit(_APPLY, self._apply_part, st, j, coef)
 
