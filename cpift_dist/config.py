@@ -74,8 +74,9 @@ class FusionConfig(_Model):
     chunk_elements: int = Field(1 << 20, ge=1024)
     """Largest row chunk of a tensor processed at once; bounds memory."""
     cache_bytes: int = Field(2 << 30, ge=0)
-    """Inputs of multi-chunk tensors kept in memory between the Gram and apply passes (all
-    tensors in flight together); a tensor beyond what is left is read twice."""
+    """Inputs of multi-chunk tensors kept in memory between the Gram and apply passes (per
+    output shard being fused: all its tensors in flight together); a tensor beyond what is left
+    is read twice."""
 
 
 class TrainConfig(_Model):
