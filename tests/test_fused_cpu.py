@@ -129,6 +129,6 @@ def test_warm_compiles_every_signature_the_stages_use(models, bf16_models, tmp_p
         tuned = {"a": m["a"], "b": m["b"]}
         d = tmp_path / m["base"].parent.name
         analyze(m["base"], tuned, d / "an", AnalysisConfig(p=0.05), progress=False)
-        fuse(m["base"], tuned, d / "an" / "masks", d / "fu", FusionConfig(chunk_elements=1024),
-             progress=False)
+        fuse(m["base"], tuned, d / "an" / "masks", d / "fu",
+             FusionConfig(chunk_elements=1024, device="cpu"), progress=False)
     assert [len(f.signatures) for f in loops] == [2] * len(loops)

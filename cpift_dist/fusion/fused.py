@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from numba import njit
 
+from cpift_dist.analysis.fused import _widen  # the same bf16/float32 widening
+
 BLOCK = 2048  # elements per block: N + 1 widened float32 rows stay in L1/L2
 
 
@@ -86,17 +88,6 @@ _BITS = _bit_table()
 # Inner loops index their arrays with the loop variable only (slices taken per block): an
 # index such as ``start + i`` keeps numba's negative-index wraparound in the loop, which stops
 # LLVM from vectorising it (measured: 10x slower).
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _widen(src, start, m, bf16, out_u32, out_f32):
-    s = src[start:start + m]
-    if bf16:
-        for i in range(m):
-            out_u32[i] = np.uint32(s[i]) << np.uint32(16)
-    else:
-        for i in range(m):
-            out_f32[i] = s[i]
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc"})
