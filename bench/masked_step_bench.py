@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--stages", default="3,2")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--data", type=Path, default=HERE / "_data" / "masked")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks (one per GPU on CUDA)")
     ap.add_argument("--worker", nargs=8)
     a = ap.parse_args()
     if a.worker:
@@ -112,11 +113,11 @@ def main() -> None:
         env["DS_ACCELERATOR"] = "cpu"
     ck = Checkpoint(model)
     nparams = sum(ck.info(n).numel for n in ck.names())
-    print(f"\n== masked step, Llama hidden {a.hidden} x 2 layers, 2 ranks, {a.dtype}, "
+    print(f"\n== masked step, Llama hidden {a.hidden} x 2 layers, {a.nproc} rank(s), {a.dtype}, "
           f"{a.tasks} masks of p={a.p} ==")
     for stage in (int(s) for s in a.stages.split(",")):
         out = d / f"out-z{stage}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__,
                "--worker", str(model), str(d / "suite" / "arithmetic" / "train.jsonl"),
                ",".join(masks), str(stage), a.dtype, str(a.blocks), str(a.block_steps),

@@ -1,26 +1,247 @@
 """Triton kernels of the fusion: a Gram reduction and a fused SLERP/transplant apply.
 
-Same contract as :func:`cpift_dist.fusion.slerp.gram_torch` and ``apply_torch``; one chunk of
-one tensor, N task tensors stacked as X [N, n] (any float dtype), the base B [n], the packed
-core masks M [N, ceil(n/8)] (bit e of task j: ``M[j, e >> 3] >> (e & 7) & 1``), the chunk cut
-into S equal segments of L elements (one SLERP angle each).
+Same contract as :func:`cpift_dist.fusion.slerp.gram_torch` / ``apply_torch`` and the CPU
+loops of :mod:`cpift_dist.fusion.fused`: one chunk of one tensor, N task tensors stacked as
+X [N, n] (any float dtype), the base B [n], the packed core masks M [N, ceil(n/8)] (bit e of
+task j: ``M[j, e >> 3] >> (e & 7) & 1``; a chunk starts on a byte), the chunk cut into S equal
+segments of L elements (one SLERP angle each).
 
-- ``gram``: each program reads one block of every input once and writes partial dot products
-  of the non-core elements in float64; the partials are summed on the host side in float64.
-- ``apply``: each program reads X, B and M once, forms sum_j c_j x_j (+ theta0 in task-vector
-  space) on non-core elements and the winning task's value on core ones, casts to the output
-  dtype and writes once.
+Two kernels per pass:
+
+* the fast ones, for 1 to 4 tasks (what fusion groups hold): a grid of (segment, program);
+  each program walks its segment in tiles of ``BLOCK`` elements shaped ``[BLOCK/8, 8]``, so a
+  row of the tile is one mask byte: each task's mask byte is loaded once per 8 elements (when
+  L is a multiple of 8) and the values of a row are one vectorised 16- or 32-byte load. The
+  tasks are unrolled (``N`` is a compile-time constant), each value is loaded once, and the
+  Gram pass keeps its N(N+1)/2 running sums in registers across tiles, reducing once per
+  program. Block size and warps are chosen by ``triton.autotune`` per task count, dtype and
+  size class.
+* the generic ones, for more tasks: a 2-d ``[NP2, BLOCK]`` tile per program.
+
+Precision (the same arithmetic as the CPU loops, so that CUDA and CPU give the same bits
+wherever the coefficients agree):
+
+* Gram: ``v = float64(x) - float64(b)`` (or ``float64(x)``) on non-core elements, products and
+  sums in float64. Inputs are float32-representable, so v carries at most 53 significant bits
+  and each product is rounded once; the sum's error is below ``n * 2**-53 * sum|v_i v_k|``
+  (about 1e-9 relative for a 16M-element chunk), whatever the summation order, far below the
+  ``DOT_THRESHOLD`` decision and the float32 coefficients it feeds. float32 accumulation was
+  rejected: its ``n * 2**-24`` bound (about 1 relative for 16M elements) is no bound at all.
+* Apply: float32, ``acc = c_0 v_0``, then ``acc = acc + c_j v_j`` in task order, then ``+ b``
+  (task vectors), compiled with ``enable_fp_fusion=False`` (no FMA contraction, as the CPU
+  loops); core elements take the winning task's value bit for bit; the cast to the output
+  dtype rounds to nearest even.
 
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run it).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+MAX_FAST = 4  # tasks the unrolled kernels take
+_PAD = 4      # coefficient rows and Gram partials are padded to 4 tasks
 
+
+# -- fast kernels (1 to 4 tasks) ---------------------------------------------------------------
+@triton.jit
+def _bits(M, stride_m, k, byte0, r, c, e, valid, bvalid, ALIGNED: tl.constexpr):
+    """[R, 8] core bits (0/1, int32) of task k for the tile's elements."""
+    if ALIGNED:  # one byte per tile row, loaded once, spread over its 8 elements
+        byte = tl.load(M + k * stride_m + byte0 + r, mask=bvalid, other=0).to(tl.int32)
+        bit = (byte >> c) & 1
+    else:
+        byte = tl.load(M + k * stride_m + (e >> 3), mask=valid, other=0).to(tl.int32)
+        bit = (byte >> (e & 7).to(tl.int32)) & 1
+    return bit
+
+
+@triton.jit
+def _v64(X, stride_x, k, e, valid, keep, b, TASK_VECTORS: tl.constexpr):
+    x = tl.load(X + k * stride_x + e, mask=valid, other=0.0).to(tl.float64)
+    if TASK_VECTORS:
+        x = x - b
+    return tl.where(keep, x, 0.0)
+
+
+@triton.jit
+def _store_pair(out, i: tl.constexpr, k: tl.constexpr, acc):
+    total = tl.sum(tl.sum(acc, axis=1), axis=0)
+    tl.store(out + i * 4 + k, total)
+    if i != k:
+        tl.store(out + k * 4 + i, total)
+
+
+@triton.jit
+def _gram_fast(X, B, M, P, L, GMAX, stride_x, stride_m,
+               N: tl.constexpr, TASK_VECTORS: tl.constexpr, ALIGNED: tl.constexpr,
+               BLOCK: tl.constexpr):
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    R: tl.constexpr = BLOCK // 8
+    r = tl.arange(0, R)[:, None]
+    c = tl.arange(0, 8)[None, :]
+    seg0 = s.to(tl.int64) * L
+    z = tl.zeros([R, 8], tl.float64)
+    a00 = z
+    a01 = z
+    a02 = z
+    a03 = z
+    a11 = z
+    a12 = z
+    a13 = z
+    a22 = z
+    a23 = z
+    a33 = z
+    for start in range(g * BLOCK, L, tl.num_programs(1) * BLOCK):
+        col = start + r * 8 + c
+        valid = col < L
+        bvalid = (start + r * 8) < L
+        e = seg0 + col
+        byte0 = (seg0 + start) >> 3
+        union = _bits(M, stride_m, 0, byte0, r, c, e, valid, bvalid, ALIGNED)
+        if N > 1:
+            union = union | _bits(M, stride_m, 1, byte0, r, c, e, valid, bvalid, ALIGNED)
+        if N > 2:
+            union = union | _bits(M, stride_m, 2, byte0, r, c, e, valid, bvalid, ALIGNED)
+        if N > 3:
+            union = union | _bits(M, stride_m, 3, byte0, r, c, e, valid, bvalid, ALIGNED)
+        keep = valid & (union == 0)
+        b = tl.zeros([R, 8], tl.float64)
+        if TASK_VECTORS:
+            b = tl.load(B + e, mask=valid, other=0.0).to(tl.float64)
+        v0 = _v64(X, stride_x, 0, e, valid, keep, b, TASK_VECTORS)
+        a00 += v0 * v0
+        if N > 1:
+            v1 = _v64(X, stride_x, 1, e, valid, keep, b, TASK_VECTORS)
+            a01 += v0 * v1
+            a11 += v1 * v1
+            if N > 2:
+                v2 = _v64(X, stride_x, 2, e, valid, keep, b, TASK_VECTORS)
+                a02 += v0 * v2
+                a12 += v1 * v2
+                a22 += v2 * v2
+                if N > 3:
+                    v3 = _v64(X, stride_x, 3, e, valid, keep, b, TASK_VECTORS)
+                    a03 += v0 * v3
+                    a13 += v1 * v3
+                    a23 += v2 * v3
+                    a33 += v3 * v3
+    out = P + (s.to(tl.int64) * GMAX + g) * 16
+    _store_pair(out, 0, 0, a00)
+    if N > 1:
+        _store_pair(out, 0, 1, a01)
+        _store_pair(out, 1, 1, a11)
+    if N > 2:
+        _store_pair(out, 0, 2, a02)
+        _store_pair(out, 1, 2, a12)
+        _store_pair(out, 2, 2, a22)
+    if N > 3:
+        _store_pair(out, 0, 3, a03)
+        _store_pair(out, 1, 3, a13)
+        _store_pair(out, 2, 3, a23)
+        _store_pair(out, 3, 3, a33)
+
+
+@triton.jit
+def _take(X, stride_x, M, stride_m, k, e, valid, bvalid, byte0, r, c, b, ck, acc, best, picked,
+          union, TASK_VECTORS: tl.constexpr, MAX_MAGNITUDE: tl.constexpr,
+          ALIGNED: tl.constexpr, FIRST: tl.constexpr):
+    """Task k's term of the combination, and its claim on core elements (strictly better score
+    than the tasks before it: the first keeps a tie)."""
+    x = tl.load(X + k * stride_x + e, mask=valid, other=0.0).to(tl.float32)
+    v = x - b if TASK_VECTORS else x
+    if FIRST:
+        acc = ck * v
+    else:
+        acc = acc + ck * v
+    bit = _bits(M, stride_m, k, byte0, r, c, e, valid, bvalid, ALIGNED)
+    union = union | bit
+    if MAX_MAGNITUDE:
+        score = tl.abs(x - b)
+    else:
+        score = tl.zeros_like(x)
+    better = (bit != 0) & (score > best)
+    best = tl.where(better, score, best)
+    picked = tl.where(better, x, picked)
+    return acc, best, picked, union
+
+
+@triton.jit
+def _apply_fast(X, B, M, C, O, L, stride_x, stride_m,
+                N: tl.constexpr, TASK_VECTORS: tl.constexpr, MAX_MAGNITUDE: tl.constexpr,
+                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    R: tl.constexpr = BLOCK // 8
+    r = tl.arange(0, R)[:, None]
+    c = tl.arange(0, 8)[None, :]
+    seg0 = s.to(tl.int64) * L
+    c0 = tl.load(C + s * 4 + 0)
+    c1 = tl.load(C + s * 4 + 1)
+    c2 = tl.load(C + s * 4 + 2)
+    c3 = tl.load(C + s * 4 + 3)
+    for start in range(g * BLOCK, L, tl.num_programs(1) * BLOCK):
+        col = start + r * 8 + c
+        valid = col < L
+        bvalid = (start + r * 8) < L
+        e = seg0 + col
+        byte0 = (seg0 + start) >> 3
+        b = tl.load(B + e, mask=valid, other=0.0).to(tl.float32)
+        best = tl.full([R, 8], -1.0, tl.float32)
+        picked = tl.zeros([R, 8], tl.float32)
+        union = tl.zeros([R, 8], tl.int32)
+        acc, best, picked, union = _take(X, stride_x, M, stride_m, 0, e, valid, bvalid, byte0, r,
+                                         c, b, c0, picked, best, picked, union, TASK_VECTORS,
+                                         MAX_MAGNITUDE, ALIGNED, True)
+        if N > 1:
+            acc, best, picked, union = _take(X, stride_x, M, stride_m, 1, e, valid, bvalid,
+                                             byte0, r, c, b, c1, acc, best, picked, union,
+                                             TASK_VECTORS, MAX_MAGNITUDE, ALIGNED, False)
+        if N > 2:
+            acc, best, picked, union = _take(X, stride_x, M, stride_m, 2, e, valid, bvalid,
+                                             byte0, r, c, b, c2, acc, best, picked, union,
+                                             TASK_VECTORS, MAX_MAGNITUDE, ALIGNED, False)
+        if N > 3:
+            acc, best, picked, union = _take(X, stride_x, M, stride_m, 3, e, valid, bvalid,
+                                             byte0, r, c, b, c3, acc, best, picked, union,
+                                             TASK_VECTORS, MAX_MAGNITUDE, ALIGNED, False)
+        if TASK_VECTORS:
+            acc = acc + b
+        res = tl.where(union != 0, picked, acc)
+        tl.store(O + e, res.to(O.dtype.element_ty), mask=valid)
+
+
+def _autotune(configs, key):
+    """``triton.autotune`` with a short benchmark per configuration (a few ms, not 125 ms),
+    its choice kept in Triton's on-disk cache (a fresh ``cpift fuse`` process reuses it)."""
+    def bench(fn, quantiles=None):
+        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+    for extra in ({"do_bench": bench, "cache_results": True}, {"do_bench": bench}, {}):
+        try:  # older Tritons lack these hooks
+            return triton.autotune(configs=configs, key=key, **extra)
+        except TypeError:
+            continue
+    raise AssertionError("unreachable")
+
+
+_C = triton.Config
+_KEY = ["N", "TASK_VECTORS", "ALIGNED"]  # and the tensors' dtypes (the autotuner adds them)
+# Gram keeps N(N+1)/2 float64 sums per element of a thread's tile: small tiles per thread
+_gram_tuned = _autotune([_C({"BLOCK": 512}, num_warps=4), _C({"BLOCK": 1024}, num_warps=4),
+                         _C({"BLOCK": 1024}, num_warps=8), _C({"BLOCK": 2048}, num_warps=8)],
+                        _KEY)(_gram_fast)
+_apply_tuned = _autotune([_C({"BLOCK": 1024}, num_warps=4), _C({"BLOCK": 2048}, num_warps=4),
+                          _C({"BLOCK": 2048}, num_warps=8), _C({"BLOCK": 4096}, num_warps=8)],
+                         _KEY + ["MAX_MAGNITUDE"])(_apply_fast)
+TUNED_FROM = 1 << 18  # smaller chunks take a fixed tile (launch-bound; not worth tuning)
+
+
+# -- generic kernels (any number of tasks) -----------------------------------------------------
 @triton.jit
 def _gram_kernel(X, B, M, P, L, n_blocks, stride_x, stride_m,
                  N: tl.constexpr, NP2: tl.constexpr, TASK_VECTORS: tl.constexpr,
@@ -30,7 +251,7 @@ def _gram_kernel(X, B, M, P, L, n_blocks, stride_x, stride_m,
     blk = pid % n_blocks
     col = blk * BLOCK + tl.arange(0, BLOCK)
     valid = col < L
-    e = s * L + col
+    e = s.to(tl.int64) * L + col
     j = tl.arange(0, NP2)
     rows = j[:, None] < N
     both = rows & valid[None, :]
@@ -39,10 +260,10 @@ def _gram_kernel(X, B, M, P, L, n_blocks, stride_x, stride_m,
         b = tl.load(B + e, mask=valid, other=0.0).to(tl.float64)
         x = x - b[None, :]
     byte = tl.load(M + j[:, None] * stride_m + (e >> 3)[None, :], mask=both, other=0)
-    bits = (byte.to(tl.int32) >> (e & 7)[None, :]) & 1
+    bits = (byte.to(tl.int32) >> (e & 7).to(tl.int32)[None, :]) & 1
     core = tl.max(bits, axis=0) > 0
     x = tl.where(both & (core == 0)[None, :], x, 0.0)
-    out = P + (s * n_blocks + blk) * NP2 * NP2
+    out = P + (s.to(tl.int64) * n_blocks + blk) * NP2 * NP2
     for i in tl.static_range(N):
         xi = tl.sum(tl.where(j[:, None] == i, x, 0.0), axis=0)
         tl.store(out + i * NP2 + j, tl.sum(x * xi[None, :], axis=1))
@@ -56,7 +277,7 @@ def _apply_kernel(X, B, M, C, O, L, n_blocks, stride_x, stride_m,
     s = pid // n_blocks
     col = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
     valid = col < L
-    e = s * L + col
+    e = s.to(tl.int64) * L + col
     j = tl.arange(0, NP2)
     rows = j[:, None] < N
     both = rows & valid[None, :]
@@ -68,7 +289,7 @@ def _apply_kernel(X, B, M, C, O, L, n_blocks, stride_x, stride_m,
     if TASK_VECTORS:
         acc = acc + b
     byte = tl.load(M + j[:, None] * stride_m + (e >> 3)[None, :], mask=both, other=0)
-    bits = ((byte.to(tl.int32) >> (e & 7)[None, :]) & 1) > 0
+    bits = ((byte.to(tl.int32) >> (e & 7).to(tl.int32)[None, :]) & 1) > 0
     if MAX_MAGNITUDE:
         mag = tl.where(bits, tl.abs(x - b[None, :]), -1.0)
         best = tl.max(mag, axis=0)
@@ -79,38 +300,98 @@ def _apply_kernel(X, B, M, C, O, L, n_blocks, stride_x, stride_m,
     tl.store(O + e, out.to(O.dtype.element_ty), mask=valid)
 
 
+# -- launchers --------------------------------------------------------------------------------
 def _np2(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _programs(segments: int, L: int, x: torch.Tensor, block: int) -> int:
+    """Programs per segment: enough for every SM several times over, none without a tile."""
+    sms = (torch.cuda.get_device_properties(x.device).multi_processor_count
+           if x.is_cuda else 4)
+    return max(1, min(triton.cdiv(L, block), triton.cdiv(8 * sms, segments)))
+
+
+def _options(x: torch.Tensor) -> dict:
+    return {} if _interpreted() or not x.is_cuda else {"enable_fp_fusion": False}
+
+
 def gram(x: torch.Tensor, base: torch.Tensor, packed: torch.Tensor, segments: int,
-         task_vectors: bool, block: int = 1024) -> torch.Tensor:
-    """float64 [S, N, N] Gram matrices of the non-core elements (see module doc)."""
+         task_vectors: bool, block: int | None = None) -> torch.Tensor:
+    """float64 [S, N, N] Gram matrices of the non-core elements (see module doc). ``block``
+    fixes the tile (no autotuning; the tests use it under the interpreter)."""
     n_tasks, n = x.shape
     L = n // segments
-    np2 = _np2(n_tasks)
-    n_blocks = triton.cdiv(L, block)
-    partial = torch.empty((segments, n_blocks, np2, np2), dtype=torch.float64, device=x.device)
-    _gram_kernel[(segments * n_blocks,)](
-        x, base, packed, partial, L, n_blocks, x.stride(0), packed.stride(0),
-        N=n_tasks, NP2=np2, TASK_VECTORS=task_vectors, BLOCK=block)
+    if n_tasks > MAX_FAST:
+        block = block or 1024
+        np2 = _np2(n_tasks)
+        n_blocks = triton.cdiv(L, block)
+        partial = torch.empty((segments, n_blocks, np2, np2), dtype=torch.float64,
+                              device=x.device)
+        _gram_kernel[(segments * n_blocks,)](
+            x, base, packed, partial, L, n_blocks, x.stride(0), packed.stride(0),
+            N=n_tasks, NP2=np2, TASK_VECTORS=task_vectors, BLOCK=block)
+        return partial.sum(dim=1)[:, :n_tasks, :n_tasks]
+    gmax = _programs(segments, L, x, block or 512)
+    partial = torch.zeros((segments, gmax, _PAD, _PAD), dtype=torch.float64, device=x.device)
+    args = (x, base, packed, partial, L, gmax, x.stride(0), packed.stride(0))
+    meta = dict(N=n_tasks, TASK_VECTORS=task_vectors, ALIGNED=L % 8 == 0)
+    if block or n < TUNED_FROM:
+        block = block or 1024
+        _gram_fast[(segments, min(gmax, triton.cdiv(L, block)))](*args, **meta, BLOCK=block)
+    else:
+        _gram_tuned[lambda m: (segments, min(gmax, triton.cdiv(L, m["BLOCK"])))](*args, **meta)
     return partial.sum(dim=1)[:, :n_tasks, :n_tasks]
 
 
 def apply(x: torch.Tensor, base: torch.Tensor, packed: torch.Tensor, coef: torch.Tensor,
           task_vectors: bool, overlap: str, out_dtype: torch.dtype,
-          block: int = 1024) -> torch.Tensor:
-    """Fused values [n] of one chunk (see module doc); ``coef`` is [S, N] (any float dtype)."""
+          block: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused values [n] of one chunk (see module doc), into ``out`` when given; ``coef`` is
+    [S, N] (any float dtype, used as float32)."""
     n_tasks, n = x.shape
     segments = coef.shape[0]
-    np2 = _np2(n_tasks)
-    c = torch.zeros((segments, np2), dtype=torch.float32, device=x.device)
-    c[:, :n_tasks] = coef.to(device=x.device, dtype=torch.float32)
-    out = torch.empty(n, dtype=out_dtype, device=x.device)
     L = n // segments
-    n_blocks = triton.cdiv(L, block)
-    _apply_kernel[(segments * n_blocks,)](
-        x, base, packed, c, out, L, n_blocks, x.stride(0), packed.stride(0),
-        N=n_tasks, NP2=np2, TASK_VECTORS=task_vectors,
-        MAX_MAGNITUDE=overlap == "max-magnitude", BLOCK=block)
+    if out is None:
+        out = torch.empty(n, dtype=out_dtype, device=x.device)
+    mm = overlap == "max-magnitude"
+    if n_tasks > MAX_FAST:
+        block = block or 1024
+        np2 = _np2(n_tasks)
+        c = torch.zeros((segments, np2), dtype=torch.float32, device=x.device)
+        c[:, :n_tasks] = coef.to(device=x.device, dtype=torch.float32)
+        n_blocks = triton.cdiv(L, block)
+        _apply_kernel[(segments * n_blocks,)](
+            x, base, packed, c, out, L, n_blocks, x.stride(0), packed.stride(0),
+            N=n_tasks, NP2=np2, TASK_VECTORS=task_vectors, MAX_MAGNITUDE=mm, BLOCK=block)
+        return out
+    c = torch.zeros((segments, _PAD), dtype=torch.float32, device=x.device)
+    c[:, :n_tasks] = coef.to(device=x.device, dtype=torch.float32)
+    gmax = _programs(segments, L, x, block or 512)
+    args = (x, base, packed, c, out, L, x.stride(0), packed.stride(0))
+    meta = dict(N=n_tasks, TASK_VECTORS=task_vectors, MAX_MAGNITUDE=mm, ALIGNED=L % 8 == 0,
+                **_options(x))
+    if block or n < TUNED_FROM:
+        block = block or 1024
+        _apply_fast[(segments, min(gmax, triton.cdiv(L, block)))](*args, **meta, BLOCK=block)
+    else:
+        _apply_tuned[lambda m: (segments, min(gmax, triton.cdiv(L, m["BLOCK"])))](*args, **meta)
     return out
+
+
+def tune(n_tasks: int, dtype: torch.dtype, task_vectors: bool, overlap: str,
+         device: torch.device | str = "cuda") -> None:
+    """Runs the autotuning of both kernels for these settings now (on a synthetic chunk), so
+    that it happens once, in the calling thread, before worker threads launch them."""
+    if n_tasks > MAX_FAST or _interpreted():
+        return
+    n = 1 << 22
+    x = torch.randn((n_tasks, n), device=device).to(dtype)
+    b = torch.randn(n, device=device).to(dtype)
+    p = torch.zeros((n_tasks, n // 8), dtype=torch.uint8, device=device)
+    gram(x, b, p, 1, task_vectors)
+    apply(x, b, p, torch.ones((1, n_tasks)) / n_tasks, task_vectors, overlap, dtype)

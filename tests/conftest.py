@@ -48,7 +48,7 @@ def bf16_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def ray_local():
     """One private local Ray for the whole session (bound to 127.0.0.1, 2 CPUs)."""
-    import ray
+    ray = pytest.importorskip("ray", reason="ray is not installed (a GPU check machine)")
 
     from cpift_dist.ray_utils import init_ray
 

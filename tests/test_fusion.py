@@ -21,7 +21,9 @@ from cpift_dist.io.safetensors_stream import PositionalWriter
 from helpers import perturb
 
 pytestmark = pytest.mark.timeout(300)
-FAST = dict(max_shard_bytes=30_000, chunk_elements=1024)
+# device pinned: the same path with or without a GPU (the CUDA path has its own tests below)
+FAST = dict(max_shard_bytes=30_000, chunk_elements=1024, device="cpu")
+CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +114,11 @@ def test_triton_backend_ray_and_threads_agree(three, tmp_path, ray_local):
         assert sha256_file(tmp_path / "seq" / f) == sha256_file(tmp_path / "thr" / f) \
             == sha256_file(tmp_path / "ray" / f)
     pytest.importorskip("triton")
+    # the kernels: on the GPU where there is one, else on CPU under the Triton interpreter
     man = fuse(three["base"], three["tuned"], three["masks"], tmp_path / "tri",
-               FusionConfig(backend="triton", **FAST), progress=False)
-    assert man["backend"] == "triton"
+               FusionConfig(backend="triton", **dict(FAST, device="cuda" if CUDA else "cpu")),
+               progress=False)
+    assert man["backend"] == "triton" and man["device"] == ("cuda" if CUDA else "cpu")
     a, b = Checkpoint(tmp_path / "seq"), Checkpoint(tmp_path / "tri")
     for n in a.names():
         assert torch.allclose(a.read(n), b.read(n), rtol=1e-6, atol=1e-7), n
@@ -183,6 +187,32 @@ def test_threads_and_cache_budget_give_the_same_bytes(three, tmp_path):
              FusionConfig(**cfg, cache_bytes=0), InProcessExecutor(3), progress=False)
     assert len([f for f in a["outputs"] if f.endswith(".safetensors")]) > 1
     assert a["outputs"] == b["outputs"] and a["per_tensor"] == b["per_tensor"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the CPU path is tested above)")
+@pytest.mark.parametrize("space", ["task-vectors", "weights"])
+def test_cuda_fusion_threads_cache_and_cpu_agree(three, tmp_path, space):
+    """On the GPU (page-locked buffers, a stream per thread): 1 thread with the chunk cache and
+    3 threads without give byte-identical files, and they equal the CPU loops' output wherever
+    the float64 Gram sums (summed in another order) fold to the same float32 coefficients."""
+    cfg = dict(FAST, space=space, device="cuda")
+    a = fuse(three["base"], three["tuned"], three["masks"], tmp_path / "a",
+             FusionConfig(**cfg), InProcessExecutor(1), progress=False)
+    b = fuse(three["base"], three["tuned"], three["masks"], tmp_path / "b",
+             FusionConfig(**cfg, cache_bytes=0), InProcessExecutor(3), progress=False)
+    assert a["backend"] == "triton" and a["device"] == "cuda"
+    assert a["outputs"] == b["outputs"] and a["per_tensor"] == b["per_tensor"]
+    c = fuse(three["base"], three["tuned"], three["masks"], tmp_path / "c",
+             FusionConfig(**dict(cfg, device="cpu")), InProcessExecutor(2), progress=False)
+    assert c["per_tensor"] == a["per_tensor"]
+    x, y = Checkpoint(tmp_path / "a"), Checkpoint(tmp_path / "c")
+    differ = total = 0
+    for n in x.names():
+        assert torch.allclose(x.read(n), y.read(n), rtol=1e-6, atol=1e-7), n
+        differ += int((x.read(n) != y.read(n)).sum())
+        total += x.info(n).numel
+    assert differ <= 1e-3 * total, (differ, total)
 
 
 def test_positional_writer_any_order_threads_and_refusals(tmp_path):

@@ -26,22 +26,26 @@ on_cpu = pytest.mark.skipif(not INTERPRETED, reason="CPU-tensor kernel tests run
                             "interpreter in a subprocess (test_cpu_tests_under_the_interpreter)")
 
 
-def run_kernels(x, base, masks, segments, t, tv, overlap, device):
+def run_kernels(x, base, masks, segments, t, tv, overlap, device, block=128):
     packed = torch.from_numpy(np.stack([pack_mask(m) for m in masks]))
     xk, bk, pk = x.to(device), base.to(device), packed.to(device)
-    g = kernels.gram(xk, bk, pk, segments, tv, block=128).cpu()
+    g = kernels.gram(xk, bk, pk, segments, tv, block=block).cpu()
     coef = torch.from_numpy(fold_coefficients(g.numpy(), t))
-    out = kernels.apply(xk, bk, pk, coef, tv, overlap, x.dtype, block=128).cpu()
+    out = kernels.apply(xk, bk, pk, coef, tv, overlap, x.dtype, block=block).cpu()
     return g, coef, out
 
 
 CASES = ["random", "collinear", "anti-parallel", "zero", "nearly-collinear"]
 
 
+# the unrolled kernels take 1-4 tasks (2 and 3 in every dtype, 4 in bf16), the generic ones 5+
+SHAPES = [(d, n) for d in (torch.float32, torch.bfloat16, torch.float16) for n in (2, 3)] + [
+    (torch.bfloat16, 4), (torch.float32, 5)]
+
+
 @on_cpu
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n_tasks", [2, 3])
+@pytest.mark.parametrize("dtype,n_tasks", SHAPES)
 def test_kernels_match_float64_reference(case, dtype, n_tasks):
     n, rows = 600, 6  # not a multiple of the block (128); 6 rows of 100
     x, base, masks = make(case, n_tasks, n, dtype)
@@ -65,6 +69,27 @@ def test_kernels_match_float64_reference(case, dtype, n_tasks):
                 # and the torch CPU path computes the same
                 ot = apply_torch(x, base, masks, coef, tv, overlap, dtype)
                 assert torch.allclose(ot.double(), out.double(), rtol=tol, atol=tol)
+
+
+@on_cpu
+@pytest.mark.parametrize("dtype,n_tasks", [(torch.bfloat16, 3), (torch.float32, 4),
+                                           (torch.bfloat16, 2)])
+def test_apply_kernel_equals_the_cpu_loops_bit_for_bit(dtype, n_tasks):
+    """Same coefficients in, same bits out: float32 in task order without FMA, the same core
+    winner, the same rounding (the CUDA launch disables FMA contraction for this)."""
+    from cpift_dist.fusion import fused
+
+    x, base, masks = make("random", n_tasks, 800, dtype)
+    packed = np.stack([pack_mask(m) for m in masks])
+    for segments, tv, overlap in ((1, True, "max-magnitude"), (8, False, "task-order"),
+                                  (5, True, "task-order")):
+        coef = torch.rand((segments, n_tasks), generator=torch.Generator().manual_seed(segments))
+        # float32 out: the interpreter's own cast to bf16 truncates (CUDA's rounds to nearest
+        # even, checked bit for bit in test_kernels_on_cuda_match_reference)
+        got = kernels.apply(x, base, torch.from_numpy(packed), coef, tv, overlap, torch.float32,
+                            block=64).to(dtype)
+        want, _, _ = fused.apply_chunk(base, x, packed, coef.numpy(), tv, overlap, dtype)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (segments, tv, overlap)
 
 
 @on_cpu
@@ -112,13 +137,17 @@ def test_three_task_fold_with_cancellation():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the CPU tests above cover the math)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_on_cuda_match_reference(dtype):
-    n, rows = 20_000, 16
-    x, base, masks = make("random", 3, n, dtype)
-    t = fold_weights(3, "uniform")
+@pytest.mark.parametrize("dtype,n_tasks", [(torch.float32, 2), (torch.bfloat16, 3),
+                                           (torch.bfloat16, 4), (torch.float32, 5)])
+def test_kernels_on_cuda_match_reference(dtype, n_tasks):
+    from cpift_dist.fusion import fused
+
+    n, rows = 1 << 18, 16  # from TUNED_FROM on: the autotuned launch
+    x, base, masks = make("random", n_tasks, n, dtype)
+    t = fold_weights(n_tasks, "uniform")
     for segments in (1, rows):
-        g, coef, out = run_kernels(x, base, masks, segments, t, True, "max-magnitude", "cuda")
+        g, coef, out = run_kernels(x, base, masks, segments, t, True, "max-magnitude", "cuda",
+                                   block=None)
         assert torch.allclose(g, gram_torch(x, base, masks.any(0), segments, True),
                               rtol=1e-12, atol=1e-9)
         ref = reference(x, base, masks, segments, t, True, "max-magnitude")
@@ -126,16 +155,29 @@ def test_kernels_on_cuda_match_reference(dtype):
         assert torch.equal(out[core].double(), ref[core])
         tol = 2e-6 if dtype == torch.float32 else 8e-3
         assert (out.double() - ref).abs().max().item() <= tol * (ref.abs().max().item() + 1)
+        # the same coefficients give the CPU loops' bits (no FMA, same order, same rounding),
+        # with the autotuned tiles as well as a fixed one
+        packed = np.stack([pack_mask(m) for m in masks])
+        want, _, _ = fused.apply_chunk(base, x, packed, coef.numpy(), True, "max-magnitude",
+                                       dtype)
+        pk = torch.from_numpy(packed).cuda()
+        for block in (None, 1024):
+            got = kernels.apply(x.cuda(), base.cuda(), pk, coef, True, "max-magnitude", dtype,
+                                block=block).cpu()
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (segments, block)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this process runs the kernels under the interpreter")
 @pytest.mark.timeout(900)
 def test_cpu_tests_under_the_interpreter():
     """On a CUDA machine: the CPU-tensor tests of this file, under TRITON_INTERPRET=1."""
+    import importlib.util
+
     from helpers import run
 
+    workers = ["-n", str(min(8, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
     r = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-             "-m", "not gpu", "-k", "not under_the_interpreter"], 880,
+             "-m", "not gpu", "-k", "not under_the_interpreter", *workers], 880,
             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-500:]

@@ -229,7 +229,7 @@ def test_cpift_sft_stages_on_ray_freeze_resume_and_a_baseline(tmp_path, train_se
     analyze(base, tuned, cfg.run_dir / "analysis", AnalysisConfig(p=0.05), executor=ex,
             progress=False)
     fuse(base, tuned, cfg.run_dir / "analysis" / "masks", cfg.run_dir / "fusion" / "backbone",
-         FusionConfig(), executor=ex, progress=False)
+         FusionConfig(device="cpu"), executor=ex, progress=False)
 
     mans = run_sft(cfg, "cpi", progress=False)
     assert [m["status"] for m in mans] == ["complete", "complete"]

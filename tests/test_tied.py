@@ -80,7 +80,7 @@ def test_fusion_keeps_the_output_tied(tied, tmp_path):
         outs[variant] = tmp_path / variant / "fused"
         fuse(m[variant]["base"], {"a": m[variant]["a"], "b": m[variant]["b"]},
              tmp_path / variant / "an" / "masks", outs[variant],
-             FusionConfig(max_shard_bytes=20_000), progress=False)
+             FusionConfig(max_shard_bytes=20_000, device="cpu"), progress=False)
     s, p = Checkpoint(outs["stored"]), Checkpoint(outs["plain"])
     assert s.tied == {HEAD: EMBED} and HEAD not in p.stored_names()
     assert s.names() == p.names()

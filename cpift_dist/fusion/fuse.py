@@ -16,6 +16,7 @@ import os
 import queue
 import shutil
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +197,15 @@ class _ShardFuser:
         self.closers: list = []  # every thread's open files
         self.pool: dict[int, list[torch.Tensor]] = {}  # free buffers by size
         self.sched = _Scheduler(ctx.threads)
+        self.cuda = self.device == "cuda"
+        if self.kernels is not None:
+            _tune_once(self.kernels, len(self.tasks), self._float_dtype(), self.tv, cfg.overlap)
+
+    def _float_dtype(self) -> torch.dtype:
+        for name in self.shard.names:
+            if self.base.info(name).dtype.is_floating_point:
+                return self.base.info(name).dtype
+        return torch.float32
 
     def run(self) -> dict:
         for name in self.shard.names:
@@ -239,20 +249,34 @@ class _ShardFuser:
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer from the pool (fresh memory costs a page fault per 4 KiB: measured
-        as much time as the read itself)."""
+        as much time as the read itself); page-locked when the passes run on CUDA, so that
+        copies to and from the device are DMA transfers that need no staging copy."""
         with self.lock:
             free = self.pool.get(nbytes)
             if free:
                 return free.pop()
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
 
-    def _release(self, buf: torch.Tensor) -> None:
+    def _release(self, buf: torch.Tensor | None) -> None:
+        if buf is None:
+            return
         with self.lock:
             self.pool.setdefault(buf.numel(), []).append(buf)
 
+    def _stream(self):
+        """This thread's CUDA stream: each thread's copies and kernels queue on their own
+        stream, so one thread's transfers overlap other threads' kernels, reads and writes."""
+        s = getattr(self.local, "stream", None)
+        if s is None:
+            s = self.local.stream = torch.cuda.Stream(device=self.device)
+        return s
+
     def _load(self, c: Chunk):
         """The chunk's base [n] and tasks' [N, n] values (read straight into one pooled
-        buffer), packed masks [N, bytes], and the buffer (release it when done)."""
+        buffer), packed masks [N, bytes] (numpy), the buffer (release it when done) and, on
+        CUDA, the masks on the device. On CUDA the values are copied to the device (one
+        asynchronous copy of the page-locked buffer on this thread's stream) and the host
+        buffer goes back to the pool: the values returned are device tensors."""
         readers, masks = self._readers()
         dtype = self.base.info(c.name).dtype
         nb = c.numel * dtype.itemsize
@@ -264,43 +288,62 @@ class _ShardFuser:
             r.read_rows(c.name, c.row_start, c.row_stop, x[k])
         p = np.stack([m.read_packed(c.name, c.flat_start // 8, (c.flat_start + c.numel + 7) // 8)
                       for m in masks])
-        return b, x, p, buf
+        if not self.cuda:
+            return b, x, p, buf, None
+        stream = self._stream()
+        with torch.cuda.stream(stream):
+            dev = torch.empty(buf.numel(), dtype=torch.uint8, device=self.device)
+            dev.copy_(buf, non_blocking=True)
+            pd = torch.from_numpy(p).to(self.device, non_blocking=True)
+        stream.synchronize()  # the host buffer is free again (releases the GIL meanwhile)
+        self._release(buf)
+        return (dev[:nb].view(dtype), dev[nb:].view(dtype).view(len(self.tasks), c.numel), p,
+                None, pd)
 
     def _copy_base(self, name: str) -> None:
         self.writer.write(name, self._readers()[0][0].read(name))
 
     # -- passes -----------------------------------------------------------------------------
     def _gram(self, c: Chunk, data, segments: int) -> np.ndarray:
-        b, xs, p, _ = data
+        b, x, p, _, pd = data
         segs = c.row_stop - c.row_start if segments > 1 else 1
         if self.backend == "numba":
-            return fused.gram_chunk(b, xs, p, segs, self.tv)
-        x, bd = xs.to(self.device), b.to(self.device)
-        if self.kernels is not None:
-            g = self.kernels.gram(x, bd, torch.from_numpy(p).to(self.device), segs, self.tv)
-        else:
-            union = unpack_mask(np.bitwise_or.reduce(p, axis=0), c.numel)
-            g = gram_torch(x, bd, torch.from_numpy(union).to(self.device), segs, self.tv)
-        return g.cpu().numpy()
+            return fused.gram_chunk(b, x, p, segs, self.tv)
+        with torch.cuda.stream(self._stream()) if self.cuda else nullcontext():
+            if self.kernels is not None:
+                g = self.kernels.gram(x, b, pd if pd is not None else torch.from_numpy(p), segs,
+                                      self.tv)
+            else:
+                union = unpack_mask(np.bitwise_or.reduce(p, axis=0), c.numel)
+                g = gram_torch(x, b, torch.from_numpy(union).to(self.device), segs, self.tv)
+            return g.cpu().numpy()  # on CUDA: waits for this thread's stream only
 
     def _apply(self, c: Chunk, data, coef: np.ndarray) -> None:
-        """Fuses, writes and counts the chunk; releases its buffer."""
-        b, xs, p, buf = data
+        """Fuses, writes and counts the chunk; releases its buffer. On CUDA the result comes
+        back by one asynchronous copy into a page-locked buffer, on this thread's stream."""
+        b, x, p, buf, pd = data
         dtype = self.base.info(c.name).dtype
         out = None
+        nbytes = c.numel * dtype.itemsize
         if self.backend == "numba":
             out = self._buffer(c.numel * (2 if dtype == torch.bfloat16 else 4))
-            res, union, multi = fused.apply_chunk(b, xs, p, coef, self.tv, self.ctx.cfg.overlap,
+            res, union, multi = fused.apply_chunk(b, x, p, coef, self.tv, self.ctx.cfg.overlap,
                                                   dtype, out)
         else:
-            x, bd = xs.to(self.device), b.to(self.device)
             cf = torch.from_numpy(coef)
-            if self.kernels is not None:
-                res = self.kernels.apply(x, bd, torch.from_numpy(p).to(self.device),
-                                         cf.to(self.device), self.tv, self.ctx.cfg.overlap, dtype)
-            else:
-                res = apply_torch(x, bd, _unpack(p, c.numel), cf, self.tv, self.ctx.cfg.overlap,
-                                  dtype)
+            with torch.cuda.stream(self._stream()) if self.cuda else nullcontext():
+                if self.kernels is not None:
+                    res = self.kernels.apply(x, b, pd if pd is not None else torch.from_numpy(p),
+                                             cf, self.tv, self.ctx.cfg.overlap, dtype)
+                else:
+                    res = apply_torch(x, b, _unpack(p, c.numel).to(x.device), cf.to(x.device),
+                                      self.tv, self.ctx.cfg.overlap, dtype)
+                if self.cuda:
+                    out = self._buffer(nbytes)
+                    host = out.view(dtype)
+                    host.copy_(res, non_blocking=True)
+                    self._stream().synchronize()
+                    res = host
             union, multi = _core_counts(p)
         self.writer.write(c.name, res, c.flat_start * dtype.itemsize)
         self._release(buf)
@@ -345,6 +388,20 @@ class _ShardFuser:
             if st.reserved > 0 and not st.cached:
                 self.budget += st.reserved
                 st.reserved = 0
+
+
+_TUNED: set = set()
+_TUNE_LOCK = threading.Lock()
+
+
+def _tune_once(kernels, n_tasks: int, dtype: torch.dtype, tv: bool, overlap: str) -> None:
+    """The Triton kernels' autotuning for these settings, once per process, before the shard's
+    threads start (concurrent first launches would time each other)."""
+    key = (n_tasks, dtype, tv, overlap)
+    with _TUNE_LOCK:
+        if key not in _TUNED:
+            kernels.tune(n_tasks, dtype, tv, overlap)
+            _TUNED.add(key)
 
 
 def fuse_shard(ctx: FuseContext, shard: OutShard) -> dict:

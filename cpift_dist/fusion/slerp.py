@@ -141,11 +141,11 @@ def apply_torch(x: torch.Tensor, base: torch.Tensor, masks: torch.Tensor, coef: 
     idx = torch.nonzero(_union(masks)).reshape(-1)
     if len(idx):  # core elements: the winning task's value, chosen task by task
         xs, ms = xf[:, idx], masks[:, idx]
-        best = torch.full((len(idx),), -1.0)
-        picked = torch.zeros(len(idx))
+        best = torch.full((len(idx),), -1.0, device=x.device)
+        picked = torch.zeros(len(idx), device=x.device)
         for j in range(n_tasks):
             score = ((xs[j] - bf[idx]).abs() if overlap == "max-magnitude"
-                     else torch.zeros(len(idx)))
+                     else torch.zeros(len(idx), device=x.device))
             better = ms[j] & (score > best)  # strict: the first task keeps a tie
             best = torch.where(better, score, best)
             picked = torch.where(better, xs[j], picked)

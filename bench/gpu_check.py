@@ -1,0 +1,439 @@
+"""Every GPU check of the project in one run, one table at the end (about 6 minutes on an H100).
+
+    python bench/gpu_check.py [--work /tmp/gpucheck] [--only SECTION,...] [--out DIR]
+
+Sections, in order (``--only`` picks some; each runs even if an earlier one failed):
+  bandwidth  the Triton kernels (gram, apply; fp32 and bf16; 2-4 tasks; 1% core masks) in GB/s
+             against a device-to-device copy of the same bytes, and the generic kernel (5+
+             tasks) and torch eager for comparison
+  build      a Llama-shaped 1.1B bf16 base + 3 tuned checkpoints (hidden 2048, 22 layers,
+             intermediate 5632, vocab 32000, untied), generated on the GPU
+  analyze    `cpift analyze` of the 3 tasks (p 1%) on 1 thread and on every core, against a
+             raw read of the 4 checkpoints (page cache)
+  fuse       `cpift fuse` of a pair (empty masks, weights, omega 0.5) and of the 3 tasks with
+             their masks: CUDA (Triton) vs CPU (numba, every core) vs `mergekit-yaml --cuda`
+             (pair), elements that differ between them
+  zero3      a masked SFT stage, DeepSpeed ZeRO-3 bf16 on NCCL (one rank per GPU), then an
+             independent check with safetensors and numpy: every frozen element bit-identical
+  tests      the test files that touch the GPU path, on this machine (Triton CPU-reference tests
+             run under the interpreter in a subprocess, CUDA tests on the device)
+  masked     bench/masked_step_bench.py: the freezer's step overhead on NCCL
+
+On a machine with no internet, carry what it lacks as wheels (README, "GPU check").
+Every figure comes from this one run; each measurement runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SECTIONS = ["bandwidth", "build", "analyze", "fuse", "zero3", "tests", "masked"]
+SHAPE = dict(hidden=2048, layers=22, inter=5632, vocab=32000, heads=32, kv=4)
+# --dry: a small model and "cuda" replaced by the CPU, to check this script where no GPU is
+DRY = os.environ.get("GPU_CHECK_DRY") == "1"
+if DRY:
+    SHAPE = dict(hidden=256, layers=2, inter=512, vocab=1000, heads=4, kv=2)
+GPU = "cpu" if DRY else "cuda"
+ROWS: list[tuple[str, str, str]] = []  # (section, what, figure)
+
+
+def row(section: str, what: str, figure: str) -> None:
+    ROWS.append((section, what, figure))
+    print(f"[{section}] {what}: {figure}", flush=True)
+
+
+# ---- measurements run in fresh processes -------------------------------------------------------
+def m_analyze(base: str, tuned: list[str], out: str, threads: int) -> dict:
+    from cpift_dist.analysis import analyze
+    from cpift_dist.config import AnalysisConfig
+    from cpift_dist.executor import InProcessExecutor
+
+    t0 = time.perf_counter()
+    analyze(base, {Path(t).name: t for t in tuned}, out, AnalysisConfig(p=0.01),
+            executor=InProcessExecutor(threads), overwrite=True, progress=False)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def m_fuse(base: str, tuned: list[str], masks: str, out: str, device: str, space: str,
+           omega, threads: int) -> dict:
+    import torch
+
+    from cpift_dist.config import FusionConfig
+    from cpift_dist.executor import InProcessExecutor
+    from cpift_dist.fusion import fuse
+
+    if DRY:
+        device = "cpu"
+    if device == "cuda":
+        torch.zeros(1, device=GPU)  # the CUDA context, as any GPU program pays once
+    t0 = time.perf_counter()
+    man = fuse(base, {Path(t).name: t for t in tuned}, masks, out,
+               FusionConfig(space=space, omega=omega, device=device),
+               InProcessExecutor(threads), overwrite=True, progress=False)
+    return {"seconds": time.perf_counter() - t0, "backend": man["backend"]}
+
+
+def child(kind: str, *args, timeout: float = 300) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--measure", kind, json.dumps(args)],
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode:
+        raise RuntimeError(f"{kind} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---- sections -------------------------------------------------------------------------------------
+def s_bandwidth(work: Path) -> None:
+    import torch
+    import triton
+
+    from cpift_dist.kernels import slerp as K
+
+    n = 1 << 27
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def copy_gbs(nbytes):
+        src = torch.empty(nbytes // 4, device=dev)
+        dst = torch.empty_like(src)
+        ms = triton.testing.do_bench(lambda: dst.copy_(src))
+        return 2 * nbytes / ms / 1e6
+
+    for dtype, N in ((torch.float32, 2), (torch.bfloat16, 2), (torch.bfloat16, 3),
+                     (torch.bfloat16, 4), (torch.float32, 4), (torch.bfloat16, 5)):
+        x = torch.randn((N, n), device=dev, generator=g).to(dtype)
+        b = torch.randn(n, device=dev, generator=g).to(dtype)
+        p = (torch.rand((N, n // 8), device=dev, generator=g) < 0.08).to(torch.uint8)
+        coef = torch.full((1, N), 1.0 / N)
+        out = torch.empty(n, dtype=dtype, device=dev)
+        K.gram(x, b, p, 1, True)  # autotune
+        K.apply(x, b, p, coef, True, "max-magnitude", dtype, out=out)
+        ms_g = triton.testing.do_bench(lambda: K.gram(x, b, p, 1, True))
+        ms_a = triton.testing.do_bench(
+            lambda: K.apply(x, b, p, coef, True, "max-magnitude", dtype, out=out))
+        read = (N + 1) * n * x.element_size() + N * n // 8
+        copy = copy_gbs(read)
+        name = f"{str(dtype).split('.')[-1]:8s} {N} tasks"
+        kind = "generic" if N > K.MAX_FAST else "unrolled"
+        row("bandwidth", f"gram  {name} ({kind})",
+            f"{read / ms_g / 1e6:6.0f} GB/s = {read / ms_g / 1e6 / copy:4.0%} of a copy "
+            f"({copy:.0f} GB/s)")
+        moved = read + n * x.element_size()
+        copy2 = copy_gbs(moved)
+        row("bandwidth", f"apply {name} ({kind})",
+            f"{moved / ms_a / 1e6:6.0f} GB/s = {moved / ms_a / 1e6 / copy2:4.0%} of a copy")
+        if dtype == torch.bfloat16 and N == 3:
+            def eager():
+                v = x.float() - b.float()
+                keep = torch.ones(n, dtype=torch.bool, device=dev)
+                gm = (v * keep).double() @ (v * keep).double().T
+                return (coef.to(dev)[0, :, None] * v).sum(0).add_(b.float()).to(dtype), gm
+            ms_e = triton.testing.do_bench(eager)
+            row("bandwidth", "torch eager gram+apply, bf16 3 tasks",
+                f"{ms_e:.1f} ms against {ms_g + ms_a:.1f} ms: kernels {ms_e / (ms_g + ms_a):.1f}x "
+                "faster")
+        torch.cuda.empty_cache()
+
+
+def build(root: Path) -> dict[str, Path]:
+    """Base + 3 tuned 1.1B bf16 checkpoints, generated on the GPU, written in 4 threads."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpift_dist.io import ShardWriter, write_manifest
+
+    paths = {"base": root / "base", **{t: root / t for t in ("t1", "t2", "t3")}}
+    if all((p / "manifest.json").exists() for p in paths.values()):
+        return paths
+    s = SHAPE
+    cfg = LlamaConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                      intermediate_size=s["inter"], vocab_size=s["vocab"],
+                      num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
+                      tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg).state_dict().items()}
+    for p in paths.values():
+        p.mkdir(parents=True, exist_ok=True)
+    writers = {k: ShardWriter(p, max_shard_bytes=2 << 30) for k, p in paths.items()}
+    lock = threading.Lock()
+
+    def one(i: int, key: str) -> None:
+        for j, (name, shape) in enumerate(sorted(shapes.items())):
+            with lock:  # the GPU generates; the threads copy, write and hash in parallel
+                g = torch.Generator(device=GPU).manual_seed(1000 * j)
+                t = torch.randn(shape, generator=g, device=GPU) * 0.02
+                if i:
+                    g.manual_seed(1000 * j + i)
+                    t += torch.randn(shape, generator=g, device=GPU) * 1e-3 * (
+                        torch.rand(shape, generator=g, device=GPU) < 0.2)
+                    if len(shape) == 2:  # a band of rows takes large updates
+                        band = max(1, shape[0] // 20)
+                        r0 = (j * 7919 + i * 104729) % (shape[0] - band + 1)
+                        t[r0:r0 + band] += torch.randn((band, shape[1]), generator=g,
+                                                       device=GPU) * 2e-2
+                host = t.to(torch.bfloat16).cpu()
+            writers[key].add(name, host)
+        digests = writers[key].close()
+        cfg.save_pretrained(paths[key])
+        write_manifest(paths[key], "bench-model", {"size": "1.1b"}, {}, outputs=digests)
+
+    threads = [threading.Thread(target=one, args=(i, k)) for i, k in enumerate(paths)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if not all((p / "manifest.json").exists() for p in paths.values()):
+        raise RuntimeError("building the checkpoints failed (see above)")
+    return paths
+
+
+def s_build(work: Path) -> None:
+    t0 = time.perf_counter()
+    paths = build(work / "1b")
+    size = sum(f.stat().st_size for p in paths.values() for f in p.glob("*.safetensors"))
+    row("build", "1.1B bf16 base + 3 tuned", f"{size / 1e9:.1f} GB in "
+        f"{time.perf_counter() - t0:.0f} s")
+
+
+def s_analyze(work: Path) -> None:
+    from analyze_bench import child as raw_child
+
+    paths = {k: str(v) for k, v in build(work / "1b").items()}
+    tuned = [paths[t] for t in ("t1", "t2", "t3")]
+    raw_child("raw", list(paths.values()))  # into page cache
+    raw = raw_child("raw", list(paths.values()), best_of=2)
+    row("analyze", "raw read, base + 3 tuned", f"{raw['seconds']:.2f} s "
+        f"({raw['bytes'] / raw['seconds'] / 1e9:.1f} GB/s)")
+    child("analyze", paths["base"], tuned, str(work / "an-warm"), os.cpu_count())  # numba cache
+    res = {}
+    for n in sorted({1, os.cpu_count() // 2, os.cpu_count()}):
+        res[n] = child("analyze", paths["base"], tuned, str(work / f"an-{n}"), n)
+        row("analyze", f"3 tasks, {n:2d} thread(s)",
+            f"{res[n]['seconds']:6.2f} s = {raw['seconds'] / res[n]['seconds']:.2f}x raw-read "
+            f"throughput, {res[1]['seconds'] / res[n]['seconds']:.1f}x one thread")
+    a, b = work / "an-1" / "masks", work / f"an-{os.cpu_count()}" / "masks"
+    same = all((a / f.name).read_bytes() == f.read_bytes() for f in b.glob("*.safetensors"))
+    row("analyze", "masks on 1 thread == on every core", "byte-identical" if same else "DIFFER")
+
+
+def _differ(x: Path, y: Path) -> tuple[int, int]:
+    from cpift_dist.io import Checkpoint
+
+    a, b = Checkpoint(x), Checkpoint(y)
+    differ = total = 0
+    for n in a.names():
+        u, v = a.read(n), b.read(n).to(a.read(n).dtype)
+        differ += int((u != v).sum())
+        total += u.numel()
+    return differ, total
+
+
+def _mergekit(a: str, b: str, out: Path) -> float:
+    cfg = out.with_suffix(".yml")
+    cfg.write_text(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n"
+                   f"  - model: {b}\nparameters:\n  t: 0.5\ndtype: bfloat16\n")
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()",
+                        str(cfg), str(out), *([] if DRY else ["--cuda"]), "--no-copy-tokenizer",
+                        "--quiet", "--no-write-model-card"], capture_output=True, text=True, timeout=300)
+    if r.returncode:
+        raise RuntimeError(f"mergekit-yaml failed: {r.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def s_fuse(work: Path) -> None:
+    from analyze_bench import child as raw_child
+
+    from cpift_dist.analysis import analyze
+    from cpift_dist.config import AnalysisConfig
+    from cpift_dist.executor import InProcessExecutor
+
+    paths = {k: str(v) for k, v in build(work / "1b").items()}
+    pair = [paths["t1"], paths["t2"]]
+    three = [paths[t] for t in ("t1", "t2", "t3")]
+    ex = InProcessExecutor(os.cpu_count())
+    if not (work / "empty" / "masks").exists():
+        analyze(paths["base"], {Path(t).name: t for t in pair}, work / "empty",
+                AnalysisConfig(p=1e-12), executor=ex, overwrite=True, progress=False)
+    masks3 = work / f"an-{os.cpu_count()}" / "masks"
+    if not masks3.exists():
+        analyze(paths["base"], {Path(t).name: t for t in three}, masks3.parent,
+                AnalysisConfig(p=0.01), executor=ex, overwrite=True, progress=False)
+    raw = raw_child("raw", pair, best_of=2)
+    row("fuse", "raw read of the pair", f"{raw['seconds']:.2f} s")
+    cores = os.cpu_count()
+    runs = {}
+    for label, tuned, masks, space, omega in (
+            ("pair", pair, work / "empty" / "masks", "weights", 0.5),
+            ("3 tasks", three, masks3, "task-vectors", "uniform")):
+        for device in ("cuda", "cpu"):
+            out = work / f"fuse-{label.replace(' ', '')}-{device}"
+            first = child("fuse", paths["base"], tuned, str(masks), str(out), device, space,
+                          omega, cores)  # compiles or loads the kernels and their tuning
+            r = child("fuse", paths["base"], tuned, str(masks), str(out), device, space, omega,
+                      cores)
+            row("fuse", f"{label}, {device}, first run in this machine",
+                f"{first['seconds']:6.2f} s (compiling and tuning included)")
+            runs[label, device] = r["seconds"]
+            row("fuse", f"{label}, {device} ({r['backend']}, {cores} threads)",
+                f"{r['seconds']:6.2f} s" + (f" = {r['seconds'] / raw['seconds']:.1f}x the raw read"
+                                            if label == "pair" else ""))
+        d, t = _differ(work / f"fuse-{label.replace(' ', '')}-cuda",
+                       work / f"fuse-{label.replace(' ', '')}-cpu")
+        row("fuse", f"{label}: CUDA vs CPU output", f"{d:,} of {t:,} elements differ; CUDA "
+            f"{runs[label, 'cpu'] / runs[label, 'cuda']:.2f}x the CPU path's speed")
+    try:
+        mk = _mergekit(pair[0], pair[1], work / "mk")
+        d, t = _differ(work / "fuse-pair-cuda", work / "mk")
+        row("fuse", "pair, mergekit-yaml --cuda", f"{mk:6.2f} s; cpift CUDA "
+            f"{mk / runs['pair', 'cuda']:.1f}x faster; {d:,} of {t:,} elements differ")
+    except Exception as e:  # noqa: BLE001
+        row("fuse", "pair, mergekit-yaml --cuda", f"not run: {str(e)[-300:]}")
+
+
+def s_zero3(work: Path) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from cpift_dist.data import make_suite
+    from helpers import free_port, make_chat_tokenizer, make_llama, write_mask
+
+    d = work / "zero3"
+    shutil.rmtree(d, ignore_errors=True)
+    make_llama(d / "model", hidden=256, dtype=torch.bfloat16)
+    make_chat_tokenizer(d / "model")
+    make_suite(d / "suite", n_train=64, n_eval=8)
+    g = torch.Generator().manual_seed(0)
+    write_mask(d / "m.safetensors", d / "model", lambda n, k: torch.rand(k, generator=g) < 0.2,
+               "arithmetic")
+    ngpu = max(1, torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ngpu),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "cpift_dist.training.run", "--model", str(d / "model"), "--out", str(d / "o"),
+           "--data", f"arithmetic={d / 'suite' / 'arithmetic' / 'train.jsonl'}",
+           "--freeze", str(d / "m.safetensors"), "zero_stage=3", "dtype=bf16", "max_steps=8",
+           "max_length=320", "micro_batch=4", "lr=3e-3", "weight_decay=0.05", "progress=false"]
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    if DRY:
+        env["DS_ACCELERATOR"] = "cpu"
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if r.returncode:
+        raise RuntimeError(f"training failed:\n{r.stderr[-3000:]}")
+    # independent of the freezer's own check: safetensors, numpy, the mask bits by hand
+    masks = load_file(str(d / "m.safetensors"))
+
+    def tensors(p):
+        out = {}
+        for f in sorted(p.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+    base, got = tensors(d / "model"), tensors(d / "o" / "model")
+    frozen = same = moved = free = 0
+    for name, b in base.items():
+        bits = torch.from_numpy(np.unpackbits(masks[name].numpy(), bitorder="little")[
+            :b.numel()].astype(bool))
+        if got[name].dtype != b.dtype:
+            raise RuntimeError(f"{name}: saved as {got[name].dtype}, trained from {b.dtype}")
+        bb, tt = b.reshape(-1).view(torch.int16), got[name].reshape(-1).view(torch.int16)
+        frozen += int(bits.sum())
+        same += int((bb[bits] == tt[bits]).sum())
+        free += int((~bits).sum())
+        moved += int((bb[~bits] != tt[~bits]).sum())
+    facts = json.loads((d / "o" / "freeze.json").read_text())
+    row("zero3", f"ZeRO-3 bf16 on NCCL, {ngpu} rank(s), 8 steps",
+        f"{same:,} of {frozen:,} frozen elements bit-identical; {moved / free:.0%} of the rest "
+        f"moved; freezer's own check {facts.get('checked')} ({time.perf_counter() - t0:.0f} s)")
+    if same != frozen or moved < 0.5 * free:
+        raise RuntimeError("frozen elements moved, or the rest did not train")
+
+
+def s_masked(work: Path) -> None:
+    import torch
+
+    r = subprocess.run([sys.executable, str(HERE / "masked_step_bench.py"), "--stages", "3,2",
+                        "--dtype", "bf16", "--hidden", "128" if DRY else "1024", "--nproc",
+                        str(max(1, torch.cuda.device_count())), "--blocks", "4",
+                        "--data", str(work / "masked")],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode:
+        raise RuntimeError(r.stderr[-3000:])
+    for line in r.stdout.splitlines():
+        if line.startswith("ZeRO-"):
+            row("masked", line.split(":")[0], line.split(":", 1)[1].strip())
+
+
+def s_tests(work: Path) -> None:
+    files = ["tests/test_kernels.py", "tests/test_fusion.py", "tests/test_fused_cpu.py",
+             "tests/test_analyze.py", "tests/test_radix_select.py", "tests/test_tied.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
+    if importlib.util.find_spec("xdist"):
+        cmd += ["-n", str(min(8, os.cpu_count()))]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-500:]
+    row("tests", " ".join(Path(f).stem for f in files), f"{tail} ({time.perf_counter() - t0:.0f} s)")
+    if r.returncode:
+        print(r.stdout[-6000:], r.stderr[-2000:])
+        raise RuntimeError("tests failed")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gpucheck"))
+    ap.add_argument("--only", default=",".join(SECTIONS))
+    ap.add_argument("--out", type=Path, help="also write the table and figures as JSON here")
+    ap.add_argument("--measure")
+    ap.add_argument("args", nargs="?")
+    a = ap.parse_args()
+    if a.measure:
+        print(json.dumps({"analyze": m_analyze, "fuse": m_fuse}[a.measure](*json.loads(a.args))))
+        return
+    import torch
+    import triton
+
+    if not torch.cuda.is_available() and not DRY:
+        raise SystemExit("gpu_check: no CUDA device here (GPU_CHECK_DRY=1 checks the script on "
+                         "CPU with a small model)")
+    name = torch.cuda.get_device_name() if not DRY else "dry run on CPU"
+    a.work.mkdir(parents=True, exist_ok=True)
+    print(f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"triton {triton.__version__}", flush=True)
+    failed = []
+    for section in a.only.split(","):
+        t0 = time.perf_counter()
+        try:
+            globals()[f"s_{section}"](a.work)
+        except Exception as e:  # noqa: BLE001  one failed section must not hide the others
+            traceback.print_exc()
+            row(section, "FAILED", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            failed.append(section)
+        print(f"-- {section} took {time.perf_counter() - t0:.0f} s", flush=True)
+    width = max(len(w) for _, w, _ in ROWS)
+    print(f"\n== gpu_check: {name}, {os.cpu_count()} cores ==")
+    for section, what, fig in ROWS:
+        print(f"{section:9s} {what:{width}s}  {fig}")
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "gpu_check.json").write_text(json.dumps(ROWS, indent=1))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
