@@ -18,6 +18,8 @@ Sections, in order (``--only`` picks some; each runs even if an earlier one fail
   tests      the test files that touch the GPU path, on this machine (Triton CPU-reference tests
              run under the interpreter in a subprocess, CUDA tests on the device)
   masked     bench/masked_step_bench.py: the freezer's step overhead on NCCL
+  profile    py-spy profiles (when py-spy is installed) of the analysis and of fusion on every
+             core, into --out; fusion with 256 MB output shards
 
 On a machine with no internet, carry what it lacks as wheels (README, "GPU check").
 Every figure comes from this one run; each measurement runs in a fresh process.
@@ -42,7 +44,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
-SECTIONS = ["bandwidth", "build", "analyze", "fuse", "zero3", "tests", "masked"]
+SECTIONS = ["bandwidth", "build", "analyze", "fuse", "zero3", "tests", "masked", "profile"]
+OUT: Path | None = None
 SHAPE = dict(hidden=2048, layers=22, inter=5632, vocab=32000, heads=32, kv=4)
 # --dry: a small model and "cuda" replaced by the CPU, to check this script where no GPU is
 DRY = os.environ.get("GPU_CHECK_DRY") == "1"
@@ -70,7 +73,7 @@ def m_analyze(base: str, tuned: list[str], out: str, threads: int) -> dict:
 
 
 def m_fuse(base: str, tuned: list[str], masks: str, out: str, device: str, space: str,
-           omega, threads: int) -> dict:
+           omega, threads: int, shard_bytes: int = 2 << 30) -> dict:
     import torch
 
     from cpift_dist.config import FusionConfig
@@ -83,20 +86,26 @@ def m_fuse(base: str, tuned: list[str], masks: str, out: str, device: str, space
         torch.zeros(1, device=GPU)  # the CUDA context, as any GPU program pays once
     t0 = time.perf_counter()
     man = fuse(base, {Path(t).name: t for t in tuned}, masks, out,
-               FusionConfig(space=space, omega=omega, device=device),
+               FusionConfig(space=space, omega=omega, device=device,
+                            max_shard_bytes=shard_bytes),
                InProcessExecutor(threads), overwrite=True, progress=False)
     return {"seconds": time.perf_counter() - t0, "backend": man["backend"]}
 
 
-def child(kind: str, *args, timeout: float = 300) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--measure", kind, json.dumps(args)],
-                       capture_output=True, text=True, timeout=timeout)
+def child(kind: str, *args, timeout: float = 300, profile: Path | None = None) -> dict:
+    """One measurement in a fresh process; under py-spy (every thread, idle samples too,
+    collapsed stacks into ``profile``) when given."""
+    cmd = [sys.executable, __file__, "--measure", kind, json.dumps(args)]
+    if profile:
+        cmd = ["py-spy", "record", "-r", "250", "--threads", "--idle", "-f", "raw", "-o",
+               str(profile), "--", *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode:
         raise RuntimeError(f"{kind} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][-1])
 
 
-# ---- sections -------------------------------------------------------------------------------------
+# ---- sections ------------------------------------------------------------------------------
 def s_bandwidth(work: Path) -> None:
     import torch
     import triton
@@ -250,7 +259,8 @@ def _mergekit(a: str, b: str, out: Path) -> float:
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()",
                         str(cfg), str(out), *([] if DRY else ["--cuda"]), "--no-copy-tokenizer",
-                        "--quiet", "--no-write-model-card"], capture_output=True, text=True, timeout=300)
+                        "--quiet", "--no-write-model-card"],
+                       capture_output=True, text=True, timeout=300)
     if r.returncode:
         raise RuntimeError(f"mergekit-yaml failed: {r.stderr[-2000:]}")
     return time.perf_counter() - t0
@@ -304,6 +314,41 @@ def s_fuse(work: Path) -> None:
             f"{mk / runs['pair', 'cuda']:.1f}x faster; {d:,} of {t:,} elements differ")
     except Exception as e:  # noqa: BLE001
         row("fuse", "pair, mergekit-yaml --cuda", f"not run: {str(e)[-300:]}")
+
+
+def s_profile(work: Path) -> None:
+    """py-spy profiles (collapsed stacks per thread) of the analysis and of CUDA and CPU fusion
+    on every core, into --out; and fusion with 256 MB output shards (several files written at
+    once), timed without the profiler."""
+    paths = {k: str(v) for k, v in build(work / "1b").items()}
+    pair = [paths["t1"], paths["t2"]]
+    three = [paths[t] for t in ("t1", "t2", "t3")]
+    cores = os.cpu_count()
+    out = OUT or work
+    masks = work / "empty" / "masks"
+    if not masks.exists():
+        from cpift_dist.analysis import analyze
+        from cpift_dist.config import AnalysisConfig
+        from cpift_dist.executor import InProcessExecutor
+
+        analyze(paths["base"], {Path(t).name: t for t in pair}, work / "empty",
+                AnalysisConfig(p=1e-12), executor=InProcessExecutor(cores), overwrite=True,
+                progress=False)
+    if shutil.which("py-spy"):
+        r = child("analyze", paths["base"], three, str(work / "an-prof"), cores,
+                  profile=out / "profile-analyze.txt")
+        row("profile", f"analyze, {cores} threads, under py-spy", f"{r['seconds']:.2f} s")
+        for device in ("cuda", "cpu"):
+            r = child("fuse", paths["base"], pair, str(masks), str(work / f"fp-{device}"),
+                      device, "weights", 0.5, cores, profile=out / f"profile-fuse-{device}.txt")
+            row("profile", f"fuse pair {device}, {cores} threads, under py-spy",
+                f"{r['seconds']:.2f} s")
+    for device in ("cuda", "cpu"):
+        r = min((child("fuse", paths["base"], pair, str(masks), str(work / f"fs-{device}"),
+                       device, "weights", 0.5, cores, 256 << 20) for _ in range(2)),
+                key=lambda r: r["seconds"])
+        row("profile", f"fuse pair {device}, {cores} threads, 256 MB output shards",
+            f"{r['seconds']:.2f} s")
 
 
 def s_zero3(work: Path) -> None:
@@ -388,7 +433,8 @@ def s_tests(work: Path) -> None:
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT)
     tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-500:]
-    row("tests", " ".join(Path(f).stem for f in files), f"{tail} ({time.perf_counter() - t0:.0f} s)")
+    row("tests", " ".join(Path(f).stem for f in files),
+        f"{tail} ({time.perf_counter() - t0:.0f} s)")
     if r.returncode:
         print(r.stdout[-6000:], r.stderr[-2000:])
         raise RuntimeError("tests failed")
@@ -402,6 +448,10 @@ def main() -> None:
     ap.add_argument("--measure")
     ap.add_argument("args", nargs="?")
     a = ap.parse_args()
+    global OUT
+    OUT = a.out
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
     if a.measure:
         print(json.dumps({"analyze": m_analyze, "fuse": m_fuse}[a.measure](*json.loads(a.args))))
         return

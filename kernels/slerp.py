@@ -77,9 +77,56 @@ def _store_pair(out, i: tl.constexpr, k: tl.constexpr, acc):
 
 
 @triton.jit
-def _gram_fast(X, B, M, P, L, GMAX, stride_x, stride_m,
+def _tile(L, seg0, start, r, c):
+    """The tile at ``start`` of its segment: element validity [R, 8], byte-row validity
+    [R, 1], chunk element indices [R, 8], its first mask byte."""
+    col = start + r * 8 + c
+    return col < L, (start + r * 8) < L, seg0 + col, (seg0 + start) >> 3
+
+
+@triton.jit
+def _gram_tile(X, B, M, L, seg0, start, stride_x, stride_m, r, c,
+               a00, a01, a02, a03, a11, a12, a13, a22, a23, a33,
                N: tl.constexpr, TASK_VECTORS: tl.constexpr, ALIGNED: tl.constexpr,
                BLOCK: tl.constexpr):
+    """Adds one tile's products into the running sums."""
+    R: tl.constexpr = BLOCK // 8
+    valid, bvalid, e, byte0 = _tile(L, seg0, start, r, c)
+    union = _bits(M, stride_m, 0, byte0, r, c, e, valid, bvalid, ALIGNED)
+    if N > 1:
+        union = union | _bits(M, stride_m, 1, byte0, r, c, e, valid, bvalid, ALIGNED)
+    if N > 2:
+        union = union | _bits(M, stride_m, 2, byte0, r, c, e, valid, bvalid, ALIGNED)
+    if N > 3:
+        union = union | _bits(M, stride_m, 3, byte0, r, c, e, valid, bvalid, ALIGNED)
+    keep = valid & (union == 0)
+    b = tl.zeros([R, 8], tl.float64)
+    if TASK_VECTORS:
+        b = tl.load(B + e, mask=valid, other=0.0).to(tl.float64)
+    v0 = _v64(X, stride_x, 0, e, valid, keep, b, TASK_VECTORS)
+    a00 += v0 * v0
+    if N > 1:
+        v1 = _v64(X, stride_x, 1, e, valid, keep, b, TASK_VECTORS)
+        a01 += v0 * v1
+        a11 += v1 * v1
+        if N > 2:
+            v2 = _v64(X, stride_x, 2, e, valid, keep, b, TASK_VECTORS)
+            a02 += v0 * v2
+            a12 += v1 * v2
+            a22 += v2 * v2
+            if N > 3:
+                v3 = _v64(X, stride_x, 3, e, valid, keep, b, TASK_VECTORS)
+                a03 += v0 * v3
+                a13 += v1 * v3
+                a23 += v2 * v3
+                a33 += v3 * v3
+    return a00, a01, a02, a03, a11, a12, a13, a22, a23, a33
+
+
+@triton.jit
+def _gram_fast(X, B, M, P, L, GMAX, stride_x, stride_m,
+               N: tl.constexpr, TASK_VECTORS: tl.constexpr, ALIGNED: tl.constexpr,
+               PERSISTENT: tl.constexpr, BLOCK: tl.constexpr):
     s = tl.program_id(0)
     g = tl.program_id(1)
     R: tl.constexpr = BLOCK // 8
@@ -97,40 +144,15 @@ def _gram_fast(X, B, M, P, L, GMAX, stride_x, stride_m,
     a22 = z
     a23 = z
     a33 = z
-    for start in range(g * BLOCK, L, tl.num_programs(1) * BLOCK):
-        col = start + r * 8 + c
-        valid = col < L
-        bvalid = (start + r * 8) < L
-        e = seg0 + col
-        byte0 = (seg0 + start) >> 3
-        union = _bits(M, stride_m, 0, byte0, r, c, e, valid, bvalid, ALIGNED)
-        if N > 1:
-            union = union | _bits(M, stride_m, 1, byte0, r, c, e, valid, bvalid, ALIGNED)
-        if N > 2:
-            union = union | _bits(M, stride_m, 2, byte0, r, c, e, valid, bvalid, ALIGNED)
-        if N > 3:
-            union = union | _bits(M, stride_m, 3, byte0, r, c, e, valid, bvalid, ALIGNED)
-        keep = valid & (union == 0)
-        b = tl.zeros([R, 8], tl.float64)
-        if TASK_VECTORS:
-            b = tl.load(B + e, mask=valid, other=0.0).to(tl.float64)
-        v0 = _v64(X, stride_x, 0, e, valid, keep, b, TASK_VECTORS)
-        a00 += v0 * v0
-        if N > 1:
-            v1 = _v64(X, stride_x, 1, e, valid, keep, b, TASK_VECTORS)
-            a01 += v0 * v1
-            a11 += v1 * v1
-            if N > 2:
-                v2 = _v64(X, stride_x, 2, e, valid, keep, b, TASK_VECTORS)
-                a02 += v0 * v2
-                a12 += v1 * v2
-                a22 += v2 * v2
-                if N > 3:
-                    v3 = _v64(X, stride_x, 3, e, valid, keep, b, TASK_VECTORS)
-                    a03 += v0 * v3
-                    a13 += v1 * v3
-                    a23 += v2 * v3
-                    a33 += v3 * v3
+    if PERSISTENT:  # each program walks its segment, the sums staying in registers
+        for start in range(g * BLOCK, L, tl.num_programs(1) * BLOCK):
+            a00, a01, a02, a03, a11, a12, a13, a22, a23, a33 = _gram_tile(
+                X, B, M, L, seg0, start, stride_x, stride_m, r, c,
+                a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, N, TASK_VECTORS, ALIGNED, BLOCK)
+    else:  # one tile per program (the interpreter: Triton 3.6's cannot loop on run-time bounds)
+        a00, a01, a02, a03, a11, a12, a13, a22, a23, a33 = _gram_tile(
+            X, B, M, L, seg0, g * BLOCK, stride_x, stride_m, r, c,
+            a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, N, TASK_VECTORS, ALIGNED, BLOCK)
     out = P + (s.to(tl.int64) * GMAX + g) * 16
     _store_pair(out, 0, 0, a00)
     if N > 1:
@@ -172,9 +194,40 @@ def _take(X, stride_x, M, stride_m, k, e, valid, bvalid, byte0, r, c, b, ck, acc
 
 
 @triton.jit
-def _apply_fast(X, B, M, C, O, L, stride_x, stride_m,
+def _apply_tile(X, B, M, O, L, seg0, start, stride_x, stride_m, r, c, c0, c1, c2, c3,
                 N: tl.constexpr, TASK_VECTORS: tl.constexpr, MAX_MAGNITUDE: tl.constexpr,
                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    R: tl.constexpr = BLOCK // 8
+    valid, bvalid, e, byte0 = _tile(L, seg0, start, r, c)
+    b = tl.load(B + e, mask=valid, other=0.0).to(tl.float32)
+    best = tl.full([R, 8], -1.0, tl.float32)
+    picked = tl.zeros([R, 8], tl.float32)
+    union = tl.zeros([R, 8], tl.int32)
+    acc, best, picked, union = _take(X, stride_x, M, stride_m, 0, e, valid, bvalid, byte0, r,
+                                     c, b, c0, picked, best, picked, union, TASK_VECTORS,
+                                     MAX_MAGNITUDE, ALIGNED, True)
+    if N > 1:
+        acc, best, picked, union = _take(X, stride_x, M, stride_m, 1, e, valid, bvalid,
+                                         byte0, r, c, b, c1, acc, best, picked, union,
+                                         TASK_VECTORS, MAX_MAGNITUDE, ALIGNED, False)
+    if N > 2:
+        acc, best, picked, union = _take(X, stride_x, M, stride_m, 2, e, valid, bvalid,
+                                         byte0, r, c, b, c2, acc, best, picked, union,
+                                         TASK_VECTORS, MAX_MAGNITUDE, ALIGNED, False)
+    if N > 3:
+        acc, best, picked, union = _take(X, stride_x, M, stride_m, 3, e, valid, bvalid,
+                                         byte0, r, c, b, c3, acc, best, picked, union,
+                                         TASK_VECTORS, MAX_MAGNITUDE, ALIGNED, False)
+    if TASK_VECTORS:
+        acc = acc + b
+    res = tl.where(union != 0, picked, acc)
+    tl.store(O + e, res.to(O.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _apply_fast(X, B, M, C, O, L, stride_x, stride_m,
+                N: tl.constexpr, TASK_VECTORS: tl.constexpr, MAX_MAGNITUDE: tl.constexpr,
+                ALIGNED: tl.constexpr, PERSISTENT: tl.constexpr, BLOCK: tl.constexpr):
     s = tl.program_id(0)
     g = tl.program_id(1)
     R: tl.constexpr = BLOCK // 8
@@ -185,35 +238,13 @@ def _apply_fast(X, B, M, C, O, L, stride_x, stride_m,
     c1 = tl.load(C + s * 4 + 1)
     c2 = tl.load(C + s * 4 + 2)
     c3 = tl.load(C + s * 4 + 3)
-    for start in range(g * BLOCK, L, tl.num_programs(1) * BLOCK):
-        col = start + r * 8 + c
-        valid = col < L
-        bvalid = (start + r * 8) < L
-        e = seg0 + col
-        byte0 = (seg0 + start) >> 3
-        b = tl.load(B + e, mask=valid, other=0.0).to(tl.float32)
-        best = tl.full([R, 8], -1.0, tl.float32)
-        picked = tl.zeros([R, 8], tl.float32)
-        union = tl.zeros([R, 8], tl.int32)
-        acc, best, picked, union = _take(X, stride_x, M, stride_m, 0, e, valid, bvalid, byte0, r,
-                                         c, b, c0, picked, best, picked, union, TASK_VECTORS,
-                                         MAX_MAGNITUDE, ALIGNED, True)
-        if N > 1:
-            acc, best, picked, union = _take(X, stride_x, M, stride_m, 1, e, valid, bvalid,
-                                             byte0, r, c, b, c1, acc, best, picked, union,
-                                             TASK_VECTORS, MAX_MAGNITUDE, ALIGNED, False)
-        if N > 2:
-            acc, best, picked, union = _take(X, stride_x, M, stride_m, 2, e, valid, bvalid,
-                                             byte0, r, c, b, c2, acc, best, picked, union,
-                                             TASK_VECTORS, MAX_MAGNITUDE, ALIGNED, False)
-        if N > 3:
-            acc, best, picked, union = _take(X, stride_x, M, stride_m, 3, e, valid, bvalid,
-                                             byte0, r, c, b, c3, acc, best, picked, union,
-                                             TASK_VECTORS, MAX_MAGNITUDE, ALIGNED, False)
-        if TASK_VECTORS:
-            acc = acc + b
-        res = tl.where(union != 0, picked, acc)
-        tl.store(O + e, res.to(O.dtype.element_ty), mask=valid)
+    if PERSISTENT:
+        for start in range(g * BLOCK, L, tl.num_programs(1) * BLOCK):
+            _apply_tile(X, B, M, O, L, seg0, start, stride_x, stride_m, r, c, c0, c1, c2, c3,
+                        N, TASK_VECTORS, MAX_MAGNITUDE, ALIGNED, BLOCK)
+    else:
+        _apply_tile(X, B, M, O, L, seg0, g * BLOCK, stride_x, stride_m, r, c, c0, c1, c2, c3,
+                    N, TASK_VECTORS, MAX_MAGNITUDE, ALIGNED, BLOCK)
 
 
 def _autotune(configs, key):
@@ -310,7 +341,10 @@ def _interpreted() -> bool:
 
 
 def _programs(segments: int, L: int, x: torch.Tensor, block: int) -> int:
-    """Programs per segment: enough for every SM several times over, none without a tile."""
+    """Programs per segment: enough for every SM several times over, none without a tile;
+    under the interpreter one per tile (its kernels do not loop)."""
+    if _interpreted():
+        return triton.cdiv(L, block)
     sms = (torch.cuda.get_device_properties(x.device).multi_processor_count
            if x.is_cuda else 4)
     return max(1, min(triton.cdiv(L, block), triton.cdiv(8 * sms, segments)))
@@ -336,12 +370,14 @@ def gram(x: torch.Tensor, base: torch.Tensor, packed: torch.Tensor, segments: in
             x, base, packed, partial, L, n_blocks, x.stride(0), packed.stride(0),
             N=n_tasks, NP2=np2, TASK_VECTORS=task_vectors, BLOCK=block)
         return partial.sum(dim=1)[:, :n_tasks, :n_tasks]
+    if not block and (n < TUNED_FROM or _interpreted()):
+        block = 1024
     gmax = _programs(segments, L, x, block or 512)
     partial = torch.zeros((segments, gmax, _PAD, _PAD), dtype=torch.float64, device=x.device)
     args = (x, base, packed, partial, L, gmax, x.stride(0), packed.stride(0))
-    meta = dict(N=n_tasks, TASK_VECTORS=task_vectors, ALIGNED=L % 8 == 0)
-    if block or n < TUNED_FROM:
-        block = block or 1024
+    meta = dict(N=n_tasks, TASK_VECTORS=task_vectors, ALIGNED=L % 8 == 0,
+                PERSISTENT=not _interpreted())
+    if block:
         _gram_fast[(segments, min(gmax, triton.cdiv(L, block)))](*args, **meta, BLOCK=block)
     else:
         _gram_tuned[lambda m: (segments, min(gmax, triton.cdiv(L, m["BLOCK"])))](*args, **meta)
@@ -371,12 +407,13 @@ def apply(x: torch.Tensor, base: torch.Tensor, packed: torch.Tensor, coef: torch
         return out
     c = torch.zeros((segments, _PAD), dtype=torch.float32, device=x.device)
     c[:, :n_tasks] = coef.to(device=x.device, dtype=torch.float32)
+    if not block and (n < TUNED_FROM or _interpreted()):
+        block = 1024
     gmax = _programs(segments, L, x, block or 512)
     args = (x, base, packed, c, out, L, x.stride(0), packed.stride(0))
     meta = dict(N=n_tasks, TASK_VECTORS=task_vectors, MAX_MAGNITUDE=mm, ALIGNED=L % 8 == 0,
-                **_options(x))
-    if block or n < TUNED_FROM:
-        block = block or 1024
+                PERSISTENT=not _interpreted(), **_options(x))
+    if block:
         _apply_fast[(segments, min(gmax, triton.cdiv(L, block)))](*args, **meta, BLOCK=block)
     else:
         _apply_tuned[lambda m: (segments, min(gmax, triton.cdiv(L, m["BLOCK"])))](*args, **meta)

@@ -155,6 +155,8 @@ def test_kernels_on_cuda_match_reference(dtype, n_tasks):
         assert torch.equal(out[core].double(), ref[core])
         tol = 2e-6 if dtype == torch.float32 else 8e-3
         assert (out.double() - ref).abs().max().item() <= tol * (ref.abs().max().item() + 1)
+        if n_tasks > kernels.MAX_FAST:
+            continue  # the generic kernel sums the tasks as a tree: equal within rounding only
         # the same coefficients give the CPU loops' bits (no FMA, same order, same rounding),
         # with the autotuned tiles as well as a fixed one
         packed = np.stack([pack_mask(m) for m in masks])
