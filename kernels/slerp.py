@@ -424,8 +424,8 @@ def tune(n_tasks: int, dtype: torch.dtype, task_vectors: bool, overlap: str,
          device: torch.device | str = "cuda") -> None:
     """Runs the autotuning of both kernels for these settings now (on a synthetic chunk), so
     that it happens once, in the calling thread, before worker threads launch them."""
-    if n_tasks > MAX_FAST or _interpreted():
-        return
+    if n_tasks > MAX_FAST or _interpreted() or torch.device(device).type != "cuda":
+        return  # the interpreter runs fixed tiles
     n = 1 << 22
     x = torch.randn((n_tasks, n), device=device).to(dtype)
     b = torch.randn(n, device=device).to(dtype)

@@ -199,7 +199,8 @@ class _ShardFuser:
         self.sched = _Scheduler(ctx.threads)
         self.cuda = self.device == "cuda"
         if self.kernels is not None:
-            _tune_once(self.kernels, len(self.tasks), self._float_dtype(), self.tv, cfg.overlap)
+            _tune_once(self.kernels, len(self.tasks), self._float_dtype(), self.tv, cfg.overlap,
+                       self.device)
 
     def _float_dtype(self) -> torch.dtype:
         for name in self.shard.names:
@@ -394,13 +395,14 @@ _TUNED: set = set()
 _TUNE_LOCK = threading.Lock()
 
 
-def _tune_once(kernels, n_tasks: int, dtype: torch.dtype, tv: bool, overlap: str) -> None:
+def _tune_once(kernels, n_tasks: int, dtype: torch.dtype, tv: bool, overlap: str,
+               device: str) -> None:
     """The Triton kernels' autotuning for these settings, once per process, before the shard's
     threads start (concurrent first launches would time each other)."""
-    key = (n_tasks, dtype, tv, overlap)
+    key = (n_tasks, dtype, tv, overlap, device)
     with _TUNE_LOCK:
         if key not in _TUNED:
-            kernels.tune(n_tasks, dtype, tv, overlap)
+            kernels.tune(n_tasks, dtype, tv, overlap, device)
             _TUNED.add(key)
 
 
