@@ -77,6 +77,16 @@ def _store_pair(out, i: tl.constexpr, k: tl.constexpr, acc):
 
 
 @triton.jit
+def _program(L, BLOCK: tl.constexpr):
+    """This program's segment and index in it, the tile's row and column indices, and the
+    segment's first element."""
+    s = tl.program_id(0)
+    r = tl.arange(0, BLOCK // 8)[:, None]
+    c = tl.arange(0, 8)[None, :]
+    return s, tl.program_id(1), r, c, s.to(tl.int64) * L
+
+
+@triton.jit
 def _tile(L, seg0, start, r, c):
     """The tile at ``start`` of its segment: element validity [R, 8], byte-row validity
     [R, 1], chunk element indices [R, 8], its first mask byte."""
@@ -127,13 +137,8 @@ def _gram_tile(X, B, M, L, seg0, start, stride_x, stride_m, r, c,
 def _gram_fast(X, B, M, P, L, GMAX, stride_x, stride_m,
                N: tl.constexpr, TASK_VECTORS: tl.constexpr, ALIGNED: tl.constexpr,
                PERSISTENT: tl.constexpr, BLOCK: tl.constexpr):
-    s = tl.program_id(0)
-    g = tl.program_id(1)
-    R: tl.constexpr = BLOCK // 8
-    r = tl.arange(0, R)[:, None]
-    c = tl.arange(0, 8)[None, :]
-    seg0 = s.to(tl.int64) * L
-    z = tl.zeros([R, 8], tl.float64)
+    s, g, r, c, seg0 = _program(L, BLOCK)
+    z = tl.zeros([BLOCK // 8, 8], tl.float64)
     a00 = z
     a01 = z
     a02 = z
@@ -228,12 +233,7 @@ def _apply_tile(X, B, M, O, L, seg0, start, stride_x, stride_m, r, c, c0, c1, c2
 def _apply_fast(X, B, M, C, O, L, stride_x, stride_m,
                 N: tl.constexpr, TASK_VECTORS: tl.constexpr, MAX_MAGNITUDE: tl.constexpr,
                 ALIGNED: tl.constexpr, PERSISTENT: tl.constexpr, BLOCK: tl.constexpr):
-    s = tl.program_id(0)
-    g = tl.program_id(1)
-    R: tl.constexpr = BLOCK // 8
-    r = tl.arange(0, R)[:, None]
-    c = tl.arange(0, 8)[None, :]
-    seg0 = s.to(tl.int64) * L
+    s, g, r, c, seg0 = _program(L, BLOCK)
     c0 = tl.load(C + s * 4 + 0)
     c1 = tl.load(C + s * 4 + 1)
     c2 = tl.load(C + s * 4 + 2)
