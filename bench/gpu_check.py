@@ -1,4 +1,4 @@
-"""Every GPU check of the project in one run, one table at the end (about 6 minutes on an H100).
+"""Every GPU check of the project in one run, one table at the end (about 7 minutes on an H100).
 
     python bench/gpu_check.py [--work /tmp/gpucheck] [--only SECTION,...] [--out DIR]
 
