@@ -148,7 +148,9 @@ from cpift_dist.models import char_tokenizer as make_chat_tokenizer  # noqa: E40
 # the tiny preset as the pipeline tests run it: 2 fine-tune steps, a checkpoint every step.
 # 2 steps leave core overlaps of ~0.035-0.042 Jaccard (measured): tau 0.04 makes 2 CPI stages,
 # so the freeze of stage 1's cores is exercised (tests/test_pipeline.py asserts >= 2 stages)
-TINY = ("train.max_steps=2", "train.save_every=1", "train.progress=false", "grouping.tau=0.04")
+# CPU pinned: the suite runs the same path where a GPU is present (the GPU path has its own tests)
+TINY = ("train.max_steps=2", "train.save_every=1", "train.progress=false", "grouping.tau=0.04",
+        "finetune.use_gpu=false", "fusion.device=cpu")
 
 
 def free_port() -> int:
