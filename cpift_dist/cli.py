@@ -7,7 +7,7 @@
                [--space weights|task-vectors] [--overlap max-magnitude|task-order]
                [--granularity tensor|row] [--device auto|cpu|cuda]
     cpift finetune --config cfg.yaml [--task NAME ...] [--address RAY_ADDRESS]
-    cpift sft --config cfg.yaml [--method cpi|multitask|multistage-random|multistage-heuristic]
+    cpift sft --config cfg.yaml [--method cpi|multitask|multistage-random|multistage-heuristic|epi]
               [--address RAY_ADDRESS] [--no-ray] [--plan] [--prepare-stage K]
     cpift run [CONFIG.yaml] [--preset default|tiny] [--address RAY_ADDRESS] [--from STAGE]
               [key=value ...]
@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     sf = sub.add_parser("sft", help="the final SFT: CPI-FT masked stages or a baseline")
     sf.add_argument("--config", type=Path, required=True, help="run config YAML")
     sf.add_argument("--method", choices=["cpi", "multitask", "multistage-random",
-                                         "multistage-heuristic"],
+                                         "multistage-heuristic", "epi"],
                     help="SFT method (default: the config's sft.method)")
     sf.add_argument("--plan", action="store_true", help="print the stage plan as JSON and exit")
     sf.add_argument("--prepare-stage", type=int, metavar="K",

@@ -114,13 +114,36 @@ class TrainConfig(_Model):
     """Progress bar on rank 0."""
 
 
+class EPIConfig(_Model):
+    """Evolving parameter isolation (EPI, arXiv 2604.14010): frozen masks that follow the
+    training, refreshed from online gradient importance (docs/training.md)."""
+
+    p: float = Field(0.01, gt=0, lt=1)
+    """Share of the model frozen at each refresh: the exact global top-p of the layer-normalised
+    importance scores, in (0, 1)."""
+    beta: float = Field(0.9, ge=0, lt=1)
+    """EMA decay of the importance: s = beta * s + (1 - beta) * score, in [0, 1)."""
+    refresh_every: int = Field(10, ge=1)
+    """Optimizer steps between refreshes of the frozen set."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps before the first refresh (importance accumulates; nothing EPI-frozen yet)."""
+    score: Literal["fisher", "taylor"] = "fisher"
+    """Per-step importance: fisher = g^2 (diagonal Fisher), taylor = |g * theta| (first-order
+    Taylor), from the clipped gradient of the rank's fp32 partition."""
+    release_cores: bool = False
+    """With sft.method cpi: let a refresh release the static cores of earlier stages (default:
+    they stay frozen for the whole stage, united with the evolving set)."""
+
+
 class SFTConfig(_Model):
     """The final SFT: CPI-FT's masked stages, or one of the paper's baselines."""
 
-    method: Literal["cpi", "multitask", "multistage-random", "multistage-heuristic"] = "cpi"
+    method: Literal["cpi", "multitask", "multistage-random", "multistage-heuristic",
+                    "epi"] = "cpi"
     """cpi: grouped stages from the fused backbone, earlier stages' cores frozen; multitask:
     one stage on all tasks from the base; multistage-*: num_stages stages from the base, no
-    isolation (random split, or tasks with similar core regions together)."""
+    isolation (random split, or tasks with similar core regions together); epi: one stage on
+    all tasks from the base with evolving isolation (``sft.epi``)."""
     steps: int = Field(100, ge=1)
     """Optimizer steps over all stages (every method gets the same budget), split across
     stages in proportion to their number of tasks."""
@@ -139,6 +162,9 @@ class SFTConfig(_Model):
     """Keep each finished stage's DeepSpeed checkpoints (optimizer state); default: delete."""
     workers: int | None = Field(None, ge=1)
     """Rank workers of each stage's DeepSpeed job (default: finetune.workers_per_task)."""
+    epi: EPIConfig | None = None
+    """Evolving isolation: the settings of method epi (default: EPIConfig's), and, when set with
+    method cpi, evolving masks inside every CPI-FT stage on top of the static cores."""
 
 
 class FinetuneConfig(_Model):
@@ -245,8 +271,8 @@ class RunConfig(_Model):
     """Ray scheduling of each DeepSpeed job (the per-task fine-tunes and the SFT stages)."""
     sft: SFTConfig = SFTConfig()
     """The final SFT (CPI-FT stages or a baseline)."""
-    baselines: list[Literal["multitask", "multistage-random", "multistage-heuristic"]] = \
-        ["multitask"]
+    baselines: list[Literal["multitask", "multistage-random", "multistage-heuristic",
+                            "epi"]] = ["multitask"]
     """Baselines that ``cpift run`` trains with the same loop and budget as CPI-FT."""
     suite: SuiteConfig | None = None
     """Use the bundled suite: tasks named after its tasks get its train and eval files."""

@@ -4,8 +4,9 @@ Sections: the seesaw table (per-task score of every method, the average, the wor
 against each task's single-task model, and how many held-out examples each score rests on),
 the stages, the frozen-element check of every SFT stage (counts from three sources, verdict),
 per-task scores per method (bar plot), the Jaccard heatmap with the groups (colours scaled to
-the off-diagonal range), the core-region share per layer and per module type, and training
-loss curves per SFT stage and baseline.
+the off-diagonal range), the core-region share per layer and per module type, training
+loss curves per SFT stage and baseline, and with evolving isolation its refreshes and the
+isolation drift (Jaccard of consecutive masks, the frozen set's share per layer over time).
 """
 
 from __future__ import annotations
@@ -109,6 +110,60 @@ def _plot_losses(run_dir: Path, path: Path) -> bool:
     return True
 
 
+def epi_logs(run_dir: Path) -> dict[str, dict]:
+    """Stage directory (relative) -> its evolving-isolation log (``epi/epi.json``)."""
+    out = {}
+    for f in sorted(run_dir.glob("sft/stage-*/epi/epi.json")) + sorted(
+            run_dir.glob("baselines/*/stage-*/epi/epi.json")):
+        try:
+            out[str(f.parent.parent.relative_to(run_dir))] = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _plot_drift(logs: dict[str, dict], path: Path) -> bool:
+    """Isolation drift: Jaccard of consecutive masks, and the frozen set's share per layer."""
+    logs = {k: v for k, v in logs.items() if v.get("refreshes")}
+    if not logs:
+        return False
+    fig, axes = plt.subplots(len(logs), 2, figsize=(11, 3.2 * len(logs)), squeeze=False)
+    for (stage, log), (ax_j, ax_l) in zip(logs.items(), axes):
+        recs = log["refreshes"]
+        pairs = [(r["step"], r["jaccard_prev"]) for r in recs if "jaccard_prev" in r]
+        if pairs:
+            ax_j.plot(*zip(*pairs), marker="o")
+        ax_j.set_ylim(0, 1.02)
+        ax_j.set_xlabel("refresh step")
+        ax_j.set_ylabel("Jaccard with the previous mask")
+        ax_j.set_title(f"{stage}: mask drift ({len(recs)} refreshes)")
+        layers = log.get("layers") or sorted({g for r in recs for g in r.get("layer_share", {})})
+        grid = [[r.get("layer_share", {}).get(g, 0.0) for r in recs] for g in layers]
+        im = ax_l.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+        ax_l.set_yticks(range(len(layers)), layers, fontsize=7)
+        ax_l.set_xticks(range(len(recs)), [r["step"] for r in recs], fontsize=7)
+        ax_l.set_xlabel("refresh step")
+        ax_l.set_title("share of the frozen set per layer")
+        fig.colorbar(im, ax=ax_l, label="share of the frozen set")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _epi_markdown(logs: dict[str, dict]) -> str:
+    rows = ["| stage | p | refresh every | refreshes | frozen per refresh | Jaccard with the "
+            "previous (min / last) |", "|---|---|---|---|---|---|"]
+    for stage, log in logs.items():
+        recs, c = log.get("refreshes", []), log.get("config", {})
+        jac = [r["jaccard_prev"] for r in recs if "jaccard_prev" in r]
+        frozen = f"{recs[-1]['selected']:,}" if recs else "-"
+        drift = f"{min(jac):.3f} / {jac[-1]:.3f}" if jac else "-"
+        rows.append(f"| {stage} | {c.get('p')} | {c.get('refresh_every')} | {len(recs)} | "
+                    f"{frozen} | {drift} |")
+    return "\n".join(rows)
+
+
 def examples_note(data: dict, tasks: list[str]) -> str:
     """How many held-out examples each score rests on, and what one example weighs."""
     counts = {t: min((s.get("_n", {}).get(t) for s in data["scores"].values()
@@ -139,6 +194,8 @@ def freeze_checks(run_dir: Path) -> list[dict]:
                "frozen_tasks": man.get("frozen_tasks", [])}
         try:
             facts = json.loads((d / "freeze.json").read_text())
+            if "frozen" not in facts:  # evolving isolation alone: its own section
+                raise ValueError
         except (OSError, ValueError):
             if row["frozen_tasks"]:
                 row["verdict"] = "no freeze report"
@@ -200,6 +257,9 @@ def write_report(run_dir: str | Path, cfg) -> dict:
             figures.append(("Core-region share per layer and module type", "core-share.png"))
         if _plot_losses(run_dir, tmp / "losses.png"):
             figures.append(("Training loss per SFT stage", "losses.png"))
+        epi = epi_logs(run_dir)
+        if _plot_drift(epi, tmp / "isolation-drift.png"):
+            figures.append(("Isolation drift (evolving isolation)", "isolation-drift.png"))
         groups = json.loads((run_dir / "groups.json").read_text()) \
             if (run_dir / "groups.json").is_file() else {"stages": []}
         stages = "\n".join(f"- stage {s['stage']}: {', '.join(s['tasks'])}"
@@ -220,6 +280,11 @@ def write_report(run_dir: str | Path, cfg) -> dict:
               "masks) are compared with the stage input bit for bit; the stage fails unless "
               "the masks' count, the elements compared and those held in the ranks' "
               "partitions agree and nothing moved.", "", freeze_md, ""]
+        if epi:
+            md += ["## Evolving isolation", "",
+                   "Frozen sets refreshed from the EMA of gradient importance (exact global "
+                   "top-p of the layer-normalised scores); between two refreshes every frozen "
+                   "element is checked bit-identical.", "", _epi_markdown(epi), ""]
         for title, f in figures:
             md += [f"## {title}", "", f"![{title}]({f})", ""]
         (tmp / "report.md").write_text("\n".join(md))
@@ -231,6 +296,9 @@ def write_report(run_dir: str | Path, cfg) -> dict:
                     f"<li>stage {s['stage']}: {html.escape(', '.join(s['tasks']))}</li>"
                     for s in groups["stages"]) + "</ul>",
                 "<h2>Frozen-element check of every stage</h2>" + _freeze_html(checks)]
+        if epi:
+            body.append("<h2>Evolving isolation</h2><pre>" + html.escape(_epi_markdown(epi))
+                        + "</pre>")
         for title, f in figures:
             b64 = base64.b64encode((tmp / f).read_bytes()).decode()
             body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "

@@ -200,13 +200,13 @@ def run(cmd, timeout: float, **kw):
 
 
 def torchrun_train(setup: Path, out: Path, tasks, *overrides, freeze=(), env=None,
-                   timeout: float = 500, entry=("-m", "cpift_dist.training.run")):
-    """The training entry point (``entry``: torchrun's program and its arguments) on 2 gloo
-    ranks under torchrun, on ``setup``'s tiny model."""
+                   timeout: float = 500, entry=("-m", "cpift_dist.training.run"), nproc=2):
+    """The training entry point (``entry``: torchrun's program and its arguments) on ``nproc``
+    (default 2) gloo ranks under torchrun, on ``setup``'s tiny model."""
     import os
     import sys
 
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            *entry, "--model", str(setup / "model"), "--out", str(out)]
     for t in tasks:
@@ -270,3 +270,39 @@ exit $rc'''
     return {"PATH": f"{bindir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
             "SLURM_JOB_NODELIST": f"sim[1-{len(hosts)}]", "SLURM_NNODES": str(len(hosts)),
             "SLURM_JOB_ID": "77", "SRUN_LOG": str(log or bindir / "srun.log")}
+
+
+def planted_scores(name: str, positions: torch.Tensor) -> torch.Tensor:
+    """Known EPI importance scores of elements ``positions`` of tensor ``name``: 13 distinct
+    values (many exact ties), multiples of 1/4 (so float64 layer sums are exact in any order)."""
+    seed = sum(name.encode()) % 13
+    return ((positions * 7919 + seed) % 13).to(torch.float32) / 4
+
+
+def epi_oracle(model: Path, p: float) -> dict[str, torch.Tensor]:
+    """The EPI selection of :func:`planted_scores` by a gathered stable sort: layer-normalised
+    scores of every tensor (sorted names), the first floor(p * D) of a stable descending sort."""
+    from cpift_dist.analysis.plan import selection_group
+
+    ck = Checkpoint(model)
+    names = sorted(ck.names())
+    scores = {n: planted_scores(n, torch.arange(math.prod(ck.info(n).shape))) for n in names}
+    sums, counts = {}, {}
+    for n, s in scores.items():
+        g = selection_group(n, "per-layer")
+        sums[g] = sums.get(g, 0.0) + float(s.sum(dtype=torch.float64))
+        counts[g] = counts.get(g, 0) + s.numel()
+    norm = []
+    for n, s in scores.items():
+        m = sums[selection_group(n, "per-layer")] / counts[selection_group(n, "per-layer")]
+        norm.append((s.double() / m).float() if m > 0 else torch.zeros_like(s))
+    flat = torch.cat(norm)
+    k = int(math.floor(p * flat.numel()))
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[order] = True
+    out, off = {}, 0
+    for n, s in scores.items():
+        out[n] = chosen[off:off + s.numel()]
+        off += s.numel()
+    return out

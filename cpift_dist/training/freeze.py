@@ -138,14 +138,24 @@ class ElementFreezer:
     """Keeps the elements of a :class:`CoreUnion` bit-identical through DeepSpeed training.
 
     Build it after ``deepspeed.initialize`` (and after ``load_checkpoint`` when resuming): the
-    values it keeps are the ones the fp32 partitions hold at that moment.
+    values it keeps are the ones the fp32 partitions hold at that moment. With ``union=None`` it
+    starts empty and :meth:`replace` gives it its elements (evolving isolation's frozen set).
 
     Raises:
         MaskError: the masks name a tensor the model does not have, or shapes differ.
     """
 
-    def __init__(self, engine, union: CoreUnion):
+    def __init__(self, engine, union: CoreUnion | None):
         self.engine = engine
+        groups: list[_Frozen] = []
+        if union is not None:
+            groups = self._from_union(engine, union)
+        self.replace(groups)
+        self._handle = None
+        self.attach()
+
+    @staticmethod
+    def _from_union(engine, union: CoreUnion) -> list[_Frozen]:
         names = {id(p): n for n, p in engine.module.named_parameters()}
         shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in
                   engine.module.named_parameters()}
@@ -157,7 +167,7 @@ class ElementFreezer:
                 raise MaskError(f"{union.files[0].path}: tensor {n!r} has shape "
                                 f"{list(union.shapes[n])} in the mask, {list(shapes[n])} in "
                                 "the model")
-        self.groups: list[_Frozen] = []
+        groups = []
         for flat, entries in _layout(engine):
             idx, counts = [], {}
             for p, flat_off, p_off, length in entries:
@@ -170,10 +180,13 @@ class ElementFreezer:
                     counts[name] = int(local.size)
             if idx:
                 index = torch.cat(idx).to(flat.device)
-                self.groups.append(_Frozen(flat, index, flat.detach()[index].clone(), counts))
-        self._by_flat = {id(g.flat): g for g in self.groups}
-        self._handle = None
-        self.attach()
+                groups.append(_Frozen(flat, index, flat.detach()[index].clone(), counts))
+        return groups
+
+    def replace(self, groups: list[_Frozen]) -> None:
+        """Freezes exactly these elements from now on (their values as given in ``groups``)."""
+        self.groups = groups
+        self._by_flat = {id(g.flat): g for g in groups}
 
     def attach(self) -> None:
         """Registers the post-step hook on DeepSpeed's inner optimizer (done at construction)."""
@@ -254,15 +267,29 @@ def freeze_problem(facts: dict, expected: int | None = None) -> str | None:
     Args:
         facts: the report: ``frozen`` (the masks' popcount), ``checked`` (elements compared bit
             for bit in the gathered weights), ``frozen_in_partitions`` (elements the ranks'
-            partitions kept), ``mismatched_tensors``, ``partition_mismatches``.
+            partitions kept), ``mismatched_tensors``, ``partition_mismatches``; with evolving
+            isolation, ``epi`` (its own partition check and the last mask's count), and
+            ``released_at_step`` when the static cores were released by a refresh.
         expected: the frozen count the caller computed itself from the stage's masks.
     """
+    epi = facts.get("epi")
+    if epi is not None:
+        if epi.get("partition_mismatches"):
+            return (f"{epi['partition_mismatches']} elements of the evolving frozen set moved "
+                    "since its last refresh")
+        if epi.get("frozen_in_partitions") != epi.get("selected"):
+            return (f"evolving isolation: {epi.get('frozen_in_partitions')} elements held "
+                    f"frozen in partitions, {epi.get('selected')} in the last mask")
+    if "frozen" not in facts and epi is not None:
+        return None
     if facts.get("mismatched_tensors"):
         return f"tensors {facts['mismatched_tensors'][:5]} differ from the stage input"
     if facts.get("partition_mismatches"):
         return f"{facts['partition_mismatches']} frozen elements moved in the fp32 partitions"
-    counts = {"in the masks": facts.get("frozen"), "compared": facts.get("checked"),
-              "held in partitions": facts.get("frozen_in_partitions")}
+    counts = {"in the masks": facts.get("frozen"), "held in partitions":
+              facts.get("frozen_in_partitions")}
+    if facts.get("released_at_step") is None:  # released cores were free to move afterwards
+        counts["compared"] = facts.get("checked")
     if expected is not None:
         counts["planned"] = expected
     if len(set(counts.values())) != 1:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cpift_dist.config import TrainConfig
+from cpift_dist.config import EPIConfig, TrainConfig
 from cpift_dist.data import IGNORE_INDEX, Encoded, TaskMixture, encode_all, load_records
 from cpift_dist.errors import CpiftError
 from cpift_dist.io.manifest import checkpoint_digest, sha256_file, write_manifest
@@ -50,6 +50,8 @@ class SFTJob:
     """Task -> examples per epoch of the mix (default: ``cfg.samples_per_task`` or all)."""
     freeze: list[Path] = field(default_factory=list)
     """Core-mask files whose union is frozen element by element (masked SFT stages)."""
+    epi: EPIConfig | None = None
+    """Evolving isolation: frozen masks refreshed from online importance (training/epi.py)."""
 
 
 def _ds_config(cfg: TrainConfig, world: int) -> dict:
@@ -113,6 +115,8 @@ class SFTLoop:
         self.cfg = job.cfg
         self.step = 0
         self.losses: list[float] = []
+        self.after_step: list = []
+        """Callables ``f(loop)`` run after every optimizer step (and its EPI refresh)."""
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -153,7 +157,8 @@ class SFTLoop:
             model=model, optimizer=opt, config=ds_config,  # scheduler on ZeRO's wrapped optimizer
             lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, self._lr_factor))
         self.ckpt_dir = self.job.out / "checkpoints"
-        if (self.ckpt_dir / "latest").is_file():
+        resumed = (self.ckpt_dir / "latest").is_file()
+        if resumed:
             _weights_only_resume(self.engine)
             try:
                 _, state = self.engine.load_checkpoint(str(self.ckpt_dir))
@@ -167,6 +172,15 @@ class SFTLoop:
         if self.job.freeze:  # after load_checkpoint: keeps the values the partitions hold now
             self.union = CoreUnion(self.job.freeze)
             self.freezer = ElementFreezer(self.engine, self.union)
+        self.epi = None
+        if self.job.epi is not None:
+            from cpift_dist.training.epi import EvolvingIsolation
+
+            self.epi = EvolvingIsolation(self.engine, self.job.epi, self.job.out,
+                                         self.cfg.max_steps, static=self.freezer)
+            if resumed:
+                tag = (self.ckpt_dir / "latest").read_text().strip()
+                self.epi.load(self.ckpt_dir / tag, self.step)
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 10% of the peak."""
@@ -213,6 +227,10 @@ class SFTLoop:
                 total += float(loss.detach()) / self.cfg.grad_accum
             self.step += 1
             self.losses.append(total)
+            if self.epi is not None:
+                self.epi.after_step(self.step)
+            for f in self.after_step:
+                f(self)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}")
             if tb is not None:
@@ -223,6 +241,8 @@ class SFTLoop:
                 tb.add_scalar("train/loss", total, self.step)
                 tb.add_scalar("train/lr", lr, self.step)
             if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
+                if self.epi is not None:  # before DeepSpeed's: its ``latest`` marks a whole one
+                    self.epi.save(self.ckpt_dir / f"step-{self.step}")
                 self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step-{self.step}",
                                             client_state={"step": self.step,
                                                           "mixture": self.mixture.state_dict()})
@@ -241,7 +261,7 @@ class SFTLoop:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             sd = self.engine.module.state_dict()
-        if self.freezer is not None:
+        if self.freezer is not None or self.epi is not None:
             self._verify_frozen(sd)
         if self.rank == 0:
             out = self.job.out / "model"
@@ -263,31 +283,20 @@ class SFTLoop:
         torch.distributed.barrier()
 
     def _verify_frozen(self, sd: dict) -> None:
-        """Checks every frozen element against the stage input; fails the stage on a mismatch.
+        """Checks every frozen element; fails the stage on a mismatch.
 
-        Each rank checks its own fp32 partitions; rank 0 compares the gathered weights with the
-        stage input's, bit for bit, and writes ``freeze.json`` (the counts the manifest records).
+        Static cores: each rank checks its own fp32 partitions; rank 0 compares the gathered
+        weights with the stage input's, bit for bit. Evolving isolation: each rank checks that
+        the current set kept its values since the last refresh. Rank 0 writes ``freeze.json``
+        (the counts the manifest records).
         """
-        bad_local = torch.tensor([self.freezer.check_partitions(), self.freezer.frozen_here],
-                                 device=self.engine.device)
-        torch.distributed.all_reduce(bad_local)
-        held = [None] * self.world
-        torch.distributed.all_gather_object(held, self.freezer.tensors_here())
+        report: dict = {}
+        if self.freezer is not None:
+            report = self._static_facts(sd)
+        if self.epi is not None:
+            report["epi"] = self.epi.facts()
         verdict = [None]
         if self.rank == 0:
-            from cpift_dist.io import Checkpoint
-
-            dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
-            # three independent counts: the masks' popcount, the elements compared bit for bit
-            # in the gathered weights, and the elements the ranks' partitions keep frozen
-            frozen = self.union.popcount()
-            checked, bad = check_frozen(sd, Checkpoint(self.job.model), self.union, dtype)
-            split = sorted({n for h in held for n in h if sum(n in g for g in held) > 1})
-            report = {"masks": [str(p) for p in self.job.freeze], "frozen": frozen,
-                      "checked": checked, "mismatched_tensors": bad,
-                      "partition_mismatches": int(bad_local[0]),
-                      "frozen_in_partitions": int(bad_local[1]),
-                      "tensors_split_across_ranks": split}
             (self.job.out / "freeze.json").write_text(json.dumps(report, indent=2) + "\n")
             problem = freeze_problem(report)
             if problem:
@@ -295,6 +304,30 @@ class SFTLoop:
         torch.distributed.broadcast_object_list(verdict, src=0)
         if verdict[0]:
             raise CpiftError(verdict[0])
+
+    def _static_facts(self, sd: dict) -> dict:
+        released = self.epi.released_at if self.epi is not None else None
+        bad_local = torch.tensor([0 if released else self.freezer.check_partitions(),
+                                  self.freezer.frozen_here], device=self.engine.device)
+        torch.distributed.all_reduce(bad_local)
+        held = [None] * self.world
+        torch.distributed.all_gather_object(held, self.freezer.tensors_here())
+        if self.rank != 0:
+            return {}
+        from cpift_dist.io import Checkpoint
+
+        dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
+        # three independent counts: the masks' popcount, the elements compared bit for bit
+        # in the gathered weights, and the elements the ranks' partitions keep frozen
+        frozen = self.union.popcount()
+        checked, bad = (0, []) if released else check_frozen(
+            sd, Checkpoint(self.job.model), self.union, dtype)
+        split = sorted({n for h in held for n in h if sum(n in g for g in held) > 1})
+        return {"masks": [str(p) for p in self.job.freeze], "frozen": frozen,
+                "checked": checked, "mismatched_tensors": bad,
+                "partition_mismatches": int(bad_local[0]),
+                "frozen_in_partitions": int(bad_local[1]),
+                "tensors_split_across_ranks": split, "released_at_step": released}
 
 
 def run(job: SFTJob) -> SFTLoop:

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 -m cpift_dist.training.run \
         --model runs/x/base --data arithmetic=data/suite/arithmetic/train.jsonl --out runs/x/ft \
-        zero_stage=3 max_steps=100 lr=1e-4
+        zero_stage=3 max_steps=100 lr=1e-4 [epi.p=0.01 epi.refresh_every=10 ...]
 
 One stage of a run's final SFT (the job is planned from the run config; rank 0 writes the
 stage manifest at the end):
@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from cpift_dist.config import TrainConfig, apply_overrides, load_config, validate
+from cpift_dist.config import EPIConfig, TrainConfig, apply_overrides, load_config, validate
 from cpift_dist.errors import CpiftError
 from cpift_dist.training.loop import SFTJob, run
 
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local_rank", "--local-rank", type=int,
                     help=argparse.SUPPRESS)  # the deepspeed launcher adds it; LOCAL_RANK is read
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                    help="TrainConfig fields (run-config fields with --run-config)")
+                    help="TrainConfig fields, epi.* EPIConfig fields (evolving isolation); "
+                         "run-config fields with --run-config")
     args = ap.parse_args(argv)
     try:
         if args.run_config and args.finetune:
@@ -63,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             if not v.isdigit() or int(v) < 1 or t not in data:
                 raise CpiftError(f"--samples {t}={v}: expected a task of --data and N >= 1")
             samples[t] = int(v)
-        cfg = validate(TrainConfig, apply_overrides({}, args.overrides), "command line")
+        plain = [o for o in args.overrides if not o.startswith("epi.")]
+        cfg = validate(TrainConfig, apply_overrides({}, plain), "command line")
+        epi = [o for o in args.overrides if o.startswith("epi.")]
+        epi_cfg = validate(EPIConfig, apply_overrides({}, epi)["epi"], "command line epi") \
+            if epi else None
         loop = run(SFTJob(args.model, data, args.out, cfg, samples=samples or None,
-                          freeze=args.freeze))
+                          freeze=args.freeze, epi=epi_cfg))
         if loop.rank == 0:
             print(f"trained {loop.step} steps; final loss {loop.losses[-1]:.4f}; "
                   f"wrote {args.out / 'model'}", flush=True)

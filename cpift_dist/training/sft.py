@@ -16,6 +16,9 @@ number of tasks):
 * ``multistage-random``: ``num_stages`` stages of a seeded random split, from the base.
 * ``multistage-heuristic``: ``num_stages`` stages of tasks with similar core regions
   (average-linkage clustering of the Jaccard matrix in ``groups.json``), from the base.
+* ``epi``: one stage on the mix of all tasks, from the base, with evolving isolation
+  (``sft.epi``; :mod:`cpift_dist.training.epi`). With ``cpi``, a set ``sft.epi`` adds evolving
+  masks inside every CPI-FT stage, on top of the static cores.
 
 Layout: ``<run>/sft/stage-<k>/`` for cpi, ``<run>/baselines/<method>/stage-<k>/`` for the
 others; each holds ``model/`` (HF checkpoint), ``metrics.jsonl``, ``freeze.json`` (cpi) and a
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpift_dist.config import RunConfig, TrainConfig
+from cpift_dist.config import EPIConfig, RunConfig, TrainConfig
 from cpift_dist.errors import CpiftError
 from cpift_dist.io.manifest import (checkpoint_digest, read_manifest, sha256_file, sha256_json,
                                     write_manifest)
@@ -43,7 +46,7 @@ from cpift_dist.ray_utils import resolve_use_gpu
 from cpift_dist.training.freeze import CoreUnion, freeze_problem
 from cpift_dist.training.loop import SFTJob
 
-METHODS = ("cpi", "multitask", "multistage-random", "multistage-heuristic")
+METHODS = ("cpi", "multitask", "multistage-random", "multistage-heuristic", "epi")
 SPEC_NAME = "stage.json"
 
 
@@ -141,7 +144,7 @@ def plan_stages(cfg: RunConfig, method: str | None = None) -> list[Stage]:
     if method == "cpi":
         groups = [list(st["tasks"]) for st in _groups_json(cfg)["stages"]]
         init = cfg.run_dir / "fusion" / "backbone"
-    elif method == "multitask":
+    elif method in ("multitask", "epi"):
         groups, init = [names], cfg.base
     elif method == "multistage-random":
         groups, init = random_split(names, k, cfg.sft.seed), cfg.base
@@ -174,9 +177,11 @@ def stage_job(cfg: RunConfig, stage: Stage) -> SFTJob:
     train = (cfg.sft.train or cfg.train).model_copy(update={"max_steps": stage.steps})
     train = TrainConfig.model_validate(train.model_dump())
     masks = [cfg.run_dir / "analysis" / "masks" / f"{t}.safetensors" for t in stage.frozen_tasks]
+    epi = (cfg.sft.epi or EPIConfig()) if stage.method == "epi" else \
+        cfg.sft.epi if stage.method == "cpi" else None
     return SFTJob(stage.init, {t: tasks[t].train_data for t in chosen}, stage.out, train,
                   {t: (tasks[t].data_shape, tasks[t].columns) for t in chosen},
-                  samples={t: n for t, n in samples.items() if n}, freeze=masks)
+                  samples={t: n for t, n in samples.items() if n}, freeze=masks, epi=epi)
 
 
 def finetune_job(cfg: RunConfig, task: str) -> SFTJob:
@@ -206,6 +211,8 @@ def _spec(cfg: RunConfig, stage: Stage, job: SFTJob) -> tuple[dict, dict]:
               "train": job.cfg.model_dump(mode="json", exclude={"progress"}),
               "formats": {t: list(v) for t, v in job.formats.items()},
               "workers": cfg.sft.workers or cfg.finetune.workers_per_task}
+    if job.epi is not None:  # only then: the digests of stages without it stay as they were
+        config["epi"] = job.epi.model_dump(mode="json")
     inputs = {"init": checkpoint_digest(stage.init),
               **{f"data:{t}": sha256_file(p) for t, p in job.data.items()},
               **{f"mask:{Path(p).stem}": sha256_file(p) for p in job.freeze}}
@@ -265,11 +272,34 @@ def finish_stage(cfg: RunConfig, stage: Stage, job: SFTJob) -> dict:
         if problem:
             raise CpiftError(f"{freeze}: SFT stage {stage.index} ({stage.method}): {problem}")
         extra.update(frozen_elements=facts["frozen"], checked_elements=facts["checked"])
+    if job.epi is not None:
+        extra.update(_epi_facts(stage, freeze))
     if not cfg.sft.keep_checkpoints:
         shutil.rmtree(stage.out / "checkpoints", ignore_errors=True)
     outputs = {str(p.relative_to(stage.out)): sha256_file(p)
                for p in sorted(model.rglob("*")) if p.is_file()}
     return write_manifest(stage.out, f"sft-{stage.method}", config, inputs, outputs, extra)
+
+
+def _epi_facts(stage: Stage, freeze: Path) -> dict:
+    """The evolving isolation's end-of-stage check and its refresh masks (for the manifest)."""
+    try:
+        facts = json.loads(freeze.read_text())
+        log = json.loads((stage.out / "epi" / "epi.json").read_text()) \
+            if (stage.out / "epi" / "epi.json").is_file() else {"refreshes": []}
+    except (OSError, ValueError) as e:
+        raise CpiftError(f"{stage.out}: no readable EPI report ({e})") from None
+    if "epi" not in facts:
+        raise CpiftError(f"{freeze}: SFT stage {stage.index} ({stage.method}) has no EPI check")
+    problem = freeze_problem(facts)
+    if problem:
+        raise CpiftError(f"{freeze}: SFT stage {stage.index} ({stage.method}): {problem}")
+    masks = {r["mask"]: sha256_file(stage.out / r["mask"]) for r in log["refreshes"]}
+    if len(masks) != facts["epi"]["refreshes"]:
+        raise CpiftError(f"{stage.out}: {facts['epi']['refreshes']} EPI refreshes, "
+                         f"{len(masks)} masks recorded")
+    return {"epi_refreshes": len(masks), "epi_masks": masks,
+            "epi_frozen_elements": facts["epi"]["frozen_in_partitions"]}
 
 
 # ---- running ----------------------------------------------------------------------------------
