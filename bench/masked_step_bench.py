@@ -9,6 +9,10 @@ Llama built here on the bundled arithmetic task with the union of ``--tasks`` ra
 steps alternate between the freezer's post-step hook attached and detached; the figure is the
 ratio of the median step times (target <= 1.05x). Also printed: the freezer's set-up time
 (slicing the masks to this rank's partitions) and the frozen elements per rank.
+
+``--epi``: a third mode in the same alternation, evolving isolation (EMA importance update
+before every step, the refreshed frozen set restored after it, on top of the static masks), and
+the median time of one refresh (exact distributed top-k, mask written), against a step.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from helpers import free_port  # noqa: E402
 
 
 def worker(model: str, data: str, masks: list[str], stage: int, dtype: str, blocks: int,
-           block_steps: int, out: str) -> None:
+           block_steps: int, out: str, epi_p: float = 0.0) -> None:
     import torch
 
     from cpift_dist.config import TrainConfig
@@ -56,17 +60,35 @@ def worker(model: str, data: str, masks: list[str], stage: int, dtype: str, bloc
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    for b in batches:  # warm-up
+    epi, refresh_s = None, []
+    if epi_p:
+        from cpift_dist.config import EPIConfig
+        from cpift_dist.training.epi import EvolvingIsolation
+
+        epi = EvolvingIsolation(engine, EPIConfig(p=epi_p, refresh_every=10 ** 6), Path(out),
+                                10 ** 6)
+    for b in batches:  # warm-up (and the EMA's first values)
         step(b)
-    times = {"masked": [], "plain": []}
-    for i in range(2 * blocks):
-        mode = "masked" if i % 2 == 0 else "plain"
-        freezer.attach() if mode == "masked" else freezer.detach()
+    if epi is not None:
+        for i in range(3):  # timed: what one refresh costs (all ranks, mask written)
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            epi.refresh(i + 1)
+            refresh_s.append(time.perf_counter() - t)
+    modes = ["masked", "plain"] + (["epi"] if epi is not None else [])
+    times = {m: [] for m in modes}
+    for i in range(len(modes) * blocks):
+        mode = modes[i % len(modes)]
+        freezer.attach() if mode in ("masked", "epi") else freezer.detach()
+        if epi is not None:
+            epi.attach() if mode == "epi" else epi.detach()
         times[mode] += [step(b) for b in batches]
     if loop.rank == 0:
         res = {"setup_s": t_setup, "frozen_rank0": freezer.frozen_here,
-               "masked_s": statistics.median(times["masked"]),
-               "plain_s": statistics.median(times["plain"])}
+               **{f"{m}_s": statistics.median(v) for m, v in times.items()}}
+        if epi is not None:
+            res.update(refresh_s=statistics.median(refresh_s), epi_k=epi.k)
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "bench.json").write_text(json.dumps(res))
 
@@ -82,11 +104,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--data", type=Path, default=HERE / "_data" / "masked")
     ap.add_argument("--nproc", type=int, default=2, help="ranks (one per GPU on CUDA)")
-    ap.add_argument("--worker", nargs=8)
+    ap.add_argument("--epi", type=float, default=0.0, metavar="P",
+                    help="also time evolving isolation freezing the top P (e.g. 0.01)")
+    ap.add_argument("--worker", nargs=9)
     a = ap.parse_args()
     if a.worker:
-        m, d, masks, st, dt, bl, bs, o = a.worker
-        return worker(m, d, masks.split(","), int(st), dt, int(bl), int(bs), o)
+        m, d, masks, st, dt, bl, bs, o, ep = a.worker
+        return worker(m, d, masks.split(","), int(st), dt, int(bl), int(bs), o, float(ep))
 
     import torch
 
@@ -121,7 +145,7 @@ def main() -> None:
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__,
                "--worker", str(model), str(d / "suite" / "arithmetic" / "train.jsonl"),
                ",".join(masks), str(stage), a.dtype, str(a.blocks), str(a.block_steps),
-               str(out)]
+               str(out), str(a.epi)]
         subprocess.run(cmd, check=True, capture_output=True, env=env)
         r = json.loads((out / "bench.json").read_text())
         print(f"ZeRO-{stage}: step {r['plain_s'] * 1e3:7.1f} ms plain, "
@@ -129,6 +153,11 @@ def main() -> None:
               f"(median of {a.blocks * a.block_steps} each); freezer set-up "
               f"{r['setup_s'] * 1e3:.0f} ms, {r['frozen_rank0']:,} frozen elements on rank 0 "
               f"of {nparams:,} parameters")
+        if "epi_s" in r:
+            print(f"         EPI (p={a.epi}, static masks too): {r['epi_s'] * 1e3:7.1f} ms: "
+                  f"{r['epi_s'] / r['plain_s']:.3f}x plain, {r['epi_s'] / r['masked_s']:.3f}x "
+                  f"masked; one refresh {r['refresh_s'] * 1e3:.0f} ms = "
+                  f"{r['refresh_s'] / r['plain_s']:.1f} steps ({r['epi_k']:,} frozen)")
 
 
 if __name__ == "__main__":

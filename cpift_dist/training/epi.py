@@ -147,7 +147,8 @@ class EvolvingIsolation:
         self.refreshes = 0
         self.released_at: int | None = None
         self.history: list[dict] = []
-        self._hook = engine.optimizer.optimizer.register_step_pre_hook(self._accumulate)
+        self._hook = None
+        self.attach()
 
     # ---- importance -------------------------------------------------------------------------
     def _accumulate(self, optimizer, args, kwargs) -> None:
@@ -166,6 +167,13 @@ class EvolvingIsolation:
                     part.ema.addcmul_(g, g, value=1 - b)
                 else:
                     part.ema.add_((g * p.detach()).abs_(), alpha=1 - b)
+
+    def attach(self) -> None:
+        """Registers the EMA pre-step hook and the evolving freeze (done at construction)."""
+        if self._hook is None:
+            self._hook = self.engine.optimizer.optimizer.register_step_pre_hook(
+                self._accumulate)
+        self.freezer.attach()
 
     def detach(self) -> None:
         """Stops the EMA updates and the evolving freeze (benchmarks, tear-down)."""
