@@ -3,8 +3,10 @@
     .venv/bin/python bench/replication.py [--seeds 0,1,2] [--base builtin:smollm2-135m-instruct]
         [--ft-steps 8] [--sft-steps 16] [--limit 16] [--pair arithmetic,logic]
 
-1. Seesaw table, mean and standard deviation over seeds: CPI-FT against multi-task SFT and
-   multi-stage SFT (random split, heuristic split), the same loop and the same total budget
+1. Seesaw table, mean and standard deviation over seeds: CPI-FT against multi-task SFT,
+   multi-stage SFT (random split, heuristic split), evolving isolation alone (``epi``: one
+   stage on all tasks from the base) and CPI-FT with evolving masks in its stages (``cpi +
+   epi``, a run of its own per seed), the same loop and the same total budget
    (``--sft-steps`` optimizer steps), the single-task fine-tunes as per-task references. The
    single-task fine-tunes, the analysis and the fusion are shared by the seeds (seed 0's); a
    seed changes the SFT's data order and initial mix, the random split and the stage order.
@@ -27,11 +29,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-METHODS = ["cpi", "multitask", "multistage-random", "multistage-heuristic"]
+METHODS = ["cpi", "multitask", "multistage-random", "multistage-heuristic", "epi"]
+EPI = {"p": 0.01, "refresh_every": 2, "warmup_steps": 1}  # sft.epi of epi and of cpi + epi
 
 
 def _cfg(args, name: str, seed: int, tasks: list[str], tuned_from: Path | None, **extra):
-    from cpift_dist.config import load_config
+    from cpift_dist.config import EPIConfig, load_config
 
     cfg = load_config(ROOT / "cpift_dist" / "presets" / "default.yaml", [
         f"name={name}", f"runs_dir={args.out}", f"base={args.base}",
@@ -44,6 +47,7 @@ def _cfg(args, name: str, seed: int, tasks: list[str], tuned_from: Path | None, 
                      for t in cfg.tasks]
     cfg.sft.train = cfg.train.model_copy(update={"seed": seed})
     cfg.baselines = [m for m in METHODS if m != "cpi"]
+    cfg.sft.epi = EPIConfig(**EPI)
     for k, v in extra.items():
         section, _, field = k.partition("__")
         if field:
@@ -78,6 +82,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks = ["arithmetic", "strings", "logic", "format"]
 
+    from cpift_dist.config import EPIConfig
     from cpift_dist.ray_utils import init_ray
 
     per_seed, first = {}, (args.tuned_from.resolve() if args.tuned_from else None)
@@ -90,8 +95,11 @@ def main() -> None:
     init_ray(None)
     for seed in seeds:
         cfg = _cfg(args, f"seesaw-s{seed}", seed, tasks, first)
+        cfg.sft.epi = EPIConfig(**EPI, cpi_stages=False)  # the epi baseline; CPI-FT plain
         per_seed[seed] = _run(cfg)
         first = first or cfg.run_dir
+        both = _cfg(args, f"seesaw-s{seed}-cpi-epi", seed, tasks, first, baselines=[])
+        per_seed[seed]["cpi+epi"] = _final(_run(both), "cpi")
         (args.out / "replication-seeds.json").write_text(json.dumps(per_seed, indent=1))
     lines = _seesaw(args, seeds, tasks, per_seed)
     a, b = args.pair.split(",")
@@ -122,8 +130,12 @@ def _seesaw(args, seeds: list[int], tasks: list[str], per_seed: dict) -> list[st
     rows = {"single-task": {t: [per_seed[s][f"single:{t}"][t] for s in seeds] for t in tasks},
             "base": {t: [per_seed[s]["base"][t] for s in seeds] for t in tasks},
             "fused backbone": {t: [per_seed[s]["fused"][t] for s in seeds] for t in tasks}}
-    for m in METHODS:
-        label = {"cpi": "CPI-FT"}.get(m, m)
+    for m in METHODS + ["cpi+epi"]:
+        if not all(m in per_seed[s] or any(k.startswith(f"{m}:") for k in per_seed[s])
+                   for s in seeds):
+            continue  # scores saved before the method existed
+        label = {"cpi": "CPI-FT", "epi": "EPI (one stage)",
+                 "cpi+epi": "CPI-FT + EPI"}.get(m, m)
         rows[label] = {t: [_final(per_seed[s], m)[t] for s in seeds] for t in tasks}
     lines = [f"## Seesaw table: mean +- std over seeds {seeds} (base {args.base}, "
              f"fine-tunes {'from ' + str(args.tuned_from) if args.tuned_from else str(args.ft_steps) + ' steps'}, SFT budget {args.sft_steps} steps, "

@@ -133,6 +133,9 @@ class EPIConfig(_Model):
     release_cores: bool = False
     """With sft.method cpi: let a refresh release the static cores of earlier stages (default:
     they stay frozen for the whole stage, united with the evolving set)."""
+    cpi_stages: bool = True
+    """Evolving masks inside CPI-FT's stages when sft.epi is set; false keeps CPI-FT's stages
+    static (these settings then serve the epi method or baseline only)."""
 
 
 class SFTConfig(_Model):

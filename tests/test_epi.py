@@ -47,6 +47,39 @@ def test_refresh_steps_and_tie_quotas():
     assert q == {(0, 0): 2, (0, 40): 3, (1, 0): 2, (1, 9): 0}
 
 
+def test_plans_give_the_epi_settings_to_the_right_stages(tmp_path, train_setup):
+    from cpift_dist.config import RunConfig
+    from cpift_dist.training.sft import plan_stages, stage_job
+
+    names = ["arithmetic", "strings", "logic"]
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "groups.json").write_text(json.dumps({
+        "tasks": names, "jaccard": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+        "stages": [{"stage": 1, "tasks": ["logic"]}, {"stage": 2, "tasks": names[:2]}]}))
+
+    def cfg(**sft):
+        return RunConfig.model_validate({
+            "name": "r", "runs_dir": str(tmp_path / "runs"), "base": str(train_setup / "model"),
+            "tasks": [{"name": n, "train_data": str(train_setup / "suite" / n / "train.jsonl")}
+                      for n in names], "sft": {"steps": 9, **sft}})
+
+    plain = cfg()
+    (epi,) = plan_stages(plain, "epi")
+    assert epi.tasks == names and epi.init == plain.base and epi.steps == 9
+    assert epi.out == plain.run_dir / "baselines" / "epi" / "stage-1" and not epi.frozen_tasks
+    assert stage_job(plain, epi).epi == EPIConfig()  # the defaults when sft.epi is unset
+    assert all(stage_job(plain, s).epi is None for s in plan_stages(plain, "cpi"))
+    both = cfg(epi={"p": 0.02, "refresh_every": 3})
+    cpi = plan_stages(both, "cpi")
+    assert [stage_job(both, s).epi.p for s in cpi] == [0.02, 0.02]
+    assert stage_job(both, cpi[1]).freeze  # the static cores stay, united with the EPI set
+    assert stage_job(both, plan_stages(both, "multitask")[0]).epi is None
+    only = cfg(epi={"p": 0.02, "cpi_stages": False})
+    assert all(stage_job(only, s).epi is None for s in plan_stages(only, "cpi"))
+    assert stage_job(only, plan_stages(only, "epi")[0]).epi.p == 0.02
+
+
 # ---- the distributed selection ----------------------------------------------------------------
 SELECTED: dict[tuple, dict] = {}
 

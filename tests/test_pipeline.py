@@ -235,3 +235,44 @@ def test_the_heatmap_scale_spans_the_off_diagonal_overlaps(tmp_path):
     assert offdiagonal_range([[1]]) == (0.0, 1.0)
     lo, hi = offdiagonal_range([[1, .05], [.05, 1]])  # all equal: still a non-empty range
     assert lo < .05 < hi
+
+
+def test_cpift_run_with_evolving_isolation_in_cpi_and_as_a_baseline(tiny_run, tmp_path):
+    """`cpift run --preset tiny` with sft.epi (evolving masks inside CPI-FT's stages) and the
+    epi method as a baseline, on a copy of the finished run: only the SFT, the baselines' new
+    method, the eval and the report re-run; every output loads; the drift plot is there."""
+    from transformers import AutoModelForCausalLM
+
+    from cpift_dist.analysis.masks import MaskFile
+
+    cfg, _, _, pristine = tiny_run
+    shutil.copytree(pristine, tmp_path / "runs")
+    logs = []
+    c = load_config(preset_path("tiny"), [
+        f"runs_dir={tmp_path / 'runs'}", *TINY, "sft.epi.p=0.02", "sft.epi.refresh_every=1",
+        "sft.epi.warmup_steps=1", "baselines=[multitask, epi]"])
+    res = Pipeline(c, progress=False, log=logs.append).run()
+    ran = {line.split()[0]: "skipped" not in line for line in logs}
+    assert [s for s in STAGES if ran[s]] == ["sft", "baselines", "eval", "report"], logs
+    run = c.run_dir
+    stages = sorted(run.glob("sft/stage-*")) + [run / "baselines" / "epi" / "stage-1"]
+    for d in stages:
+        man = json.loads((d / "manifest.json").read_text())
+        log = json.loads((d / "epi" / "epi.json").read_text())
+        steps = man["steps"]
+        assert [r["step"] for r in log["refreshes"]] == list(range(1, steps))
+        assert man["epi_refreshes"] == steps - 1 and len(man["epi_masks"]) == steps - 1
+        for rel, digest in man["epi_masks"].items():
+            m = MaskFile(d / rel)
+            assert sum(int(m.read(n).sum()) for n in m.names()) == log["refreshes"][0]["k"]
+        facts = json.loads((d / "freeze.json").read_text())
+        assert facts["epi"]["partition_mismatches"] == 0
+        assert facts["epi"]["frozen_in_partitions"] == log["refreshes"][0]["k"]
+        if d.parent.name == "sft" and d.name != "stage-1":  # static cores too, still checked
+            assert facts["checked"] == facts["frozen"] > 0 and not facts["mismatched_tensors"]
+        AutoModelForCausalLM.from_pretrained(d / "model")
+    assert "multitask" in json.loads((run / "eval" / "scores.json").read_text())["scores"]
+    assert "| epi |" in res["table"]
+    md = (run / "report" / "report.md").read_text()
+    assert "## Evolving isolation" in md and "| baselines/epi/stage-1 |" in md
+    assert "isolation-drift.png" in md and (run / "report" / "isolation-drift.png").is_file()

@@ -10,6 +10,7 @@ group (``max_failures``), and the loop resumes from its last DeepSpeed checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -58,9 +59,10 @@ def train_on_ray(name: str, job: SFTJob, num_workers: int = 2, max_failures: int
         env.setdefault("DS_ACCELERATOR", "cpu")
     if FAULT_ENV in os.environ:  # fault injection reaches the rank workers too
         env.setdefault(FAULT_ENV, os.environ[FAULT_ENV])
-    job = SFTJob(Path(job.model).resolve(), {t: Path(p).resolve() for t, p in job.data.items()},
-                 Path(job.out).resolve(), job.cfg, job.formats, job.samples,
-                 [Path(p).resolve() for p in job.freeze])  # workers may start elsewhere
+    job = dataclasses.replace(  # absolute paths: workers may start elsewhere
+        job, model=Path(job.model).resolve(), out=Path(job.out).resolve(),
+        data={t: Path(p).resolve() for t, p in job.data.items()},
+        freeze=[Path(p).resolve() for p in job.freeze])
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"job": job, "env": env},

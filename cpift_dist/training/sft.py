@@ -177,8 +177,11 @@ def stage_job(cfg: RunConfig, stage: Stage) -> SFTJob:
     train = (cfg.sft.train or cfg.train).model_copy(update={"max_steps": stage.steps})
     train = TrainConfig.model_validate(train.model_dump())
     masks = [cfg.run_dir / "analysis" / "masks" / f"{t}.safetensors" for t in stage.frozen_tasks]
-    epi = (cfg.sft.epi or EPIConfig()) if stage.method == "epi" else \
-        cfg.sft.epi if stage.method == "cpi" else None
+    epi = cfg.sft.epi
+    if stage.method == "epi":
+        epi = epi or EPIConfig()
+    elif stage.method != "cpi" or (epi is not None and not epi.cpi_stages):
+        epi = None
     return SFTJob(stage.init, {t: tasks[t].train_data for t in chosen}, stage.out, train,
                   {t: (tasks[t].data_shape, tasks[t].columns) for t in chosen},
                   samples={t: n for t, n in samples.items() if n}, freeze=masks, epi=epi)
