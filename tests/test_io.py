@@ -104,8 +104,8 @@ def test_overrides_and_schema_docs(tmp_path):
     c = load_config(ROOT / "configs" / "analyze-example.yaml",
                     ["analysis.p=0.02", "analysis.selection=per-layer", "ray.num_cpus=2"])
     assert c.analysis.p == 0.02 and c.analysis.selection == "per-layer" and c.ray.num_cpus == 2
-    from cpift_dist.config import EvalConfig, SFTConfig, SuiteConfig
-    for model in (RunConfig, type(c.analysis), type(c.ray), type(c.tasks[0]), SFTConfig,
+    from cpift_dist.config import EPIConfig, EvalConfig, SFTConfig, SuiteConfig
+    for model in (RunConfig, type(c.analysis), type(c.ray), type(c.tasks[0]), SFTConfig, EPIConfig,
                   EvalConfig, SuiteConfig, type(c.train), type(c.fusion), type(c.finetune)):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no docstring"
