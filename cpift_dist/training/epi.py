@@ -137,9 +137,10 @@ class EvolvingIsolation:
         names = {id(p): n for n, p in named}
         self.parts: list[_Part] = []
         for flat, entries in _layout(engine):
-            segs = [_Seg(names[id(p)], index[names[id(p)]], p_off, flat_off, length,
-                         layer_id[selection_group(names[id(p)], "per-layer")])
-                    for p, flat_off, p_off, length in entries if length > 0]
+            segs = sorted((_Seg(names[id(p)], index[names[id(p)]], p_off, flat_off, length,
+                                layer_id[selection_group(names[id(p)], "per-layer")])
+                           for p, flat_off, p_off, length in entries if length > 0),
+                          key=lambda s: s.flat_off)  # indices built in this order are sorted
             self.parts.append(_Part(flat, torch.zeros_like(flat, dtype=torch.float32), segs))
         self._by_flat = {id(part.flat): part for part in self.parts}
         self.device = engine.device
@@ -289,28 +290,37 @@ class EvolvingIsolation:
             self.released_at = step
         return self._write(step, sel)
 
+    @staticmethod
+    def _split(part: _Part, idx: torch.Tensor) -> list[tuple[_Seg, torch.Tensor]]:
+        """A sorted flat index of one partition, cut at its segments' bounds."""
+        starts = torch.tensor([s.flat_off for s in part.segs], dtype=idx.dtype,
+                              device=idx.device)
+        lo = torch.searchsorted(idx, starts).tolist()
+        hi = torch.searchsorted(idx, starts + torch.tensor(
+            [s.length for s in part.segs], dtype=idx.dtype, device=idx.device)).tolist()
+        return [(s, idx[a:b]) for s, a, b in zip(part.segs, lo, hi) if b > a]
+
     def _freeze(self, chosen: list[torch.Tensor]) -> None:
         groups = []
         for part, idx in zip(self.parts, chosen):
             if idx.numel():
                 counts: dict[str, int] = {}
-                for s in part.segs:
-                    c = int(((idx >= s.flat_off) & (idx < s.flat_off + s.length)).sum())
-                    if c:
-                        counts[s.name] = counts.get(s.name, 0) + c
+                for s, inside in self._split(part, idx):
+                    counts[s.name] = counts.get(s.name, 0) + int(inside.numel())
                 groups.append(_Frozen(part.flat, idx, part.flat.detach()[idx].clone(), counts))
         self.freezer.replace(groups)
 
     def _positions(self) -> list[tuple[str, np.ndarray]]:
-        """This rank's frozen elements as (tensor, flat positions in the tensor)."""
+        """This rank's frozen elements as (tensor, flat positions in the tensor; int32 where
+        the tensor allows: half the bytes gathered to rank 0)."""
         out = []
         for g in self.freezer.groups:
             part = self._by_flat[id(g.flat)]
-            idx = g.index.cpu()
-            for s in part.segs:
-                inside = idx[(idx >= s.flat_off) & (idx < s.flat_off + s.length)]
-                if inside.numel():
-                    out.append((s.name, (inside - s.flat_off + s.p_off).numpy()))
+            for s, inside in self._split(part, g.index):
+                pos = (inside - s.flat_off + s.p_off).cpu()
+                if math.prod(self.shapes[s.name]) < 2 ** 31:
+                    pos = pos.to(torch.int32)
+                out.append((s.name, pos.numpy()))
         return out
 
     def _write(self, step: int, sel: Selection) -> dict:
