@@ -30,8 +30,9 @@ class AnalysisConfig(_Model):
     """Share of parameters in each task's core region, in (0, 1] (paper default 0.01)."""
     selection: Literal["global", "per-tensor", "per-layer"] = "global"
     """Top-k over the whole model (the paper's), within each tensor, or within each layer."""
-    chunk_elements: int = Field(1 << 20, ge=1024)
-    """Largest row chunk read at once per tensor (elements); bounds a worker's memory."""
+    chunk_elements: int = Field(1 << 22, ge=1024)
+    """Largest row chunk per tensor handed to the compiled loops at once (elements; read
+    through memory maps, so it bounds the pages in flight and the per-chunk outputs)."""
     unit_elements: int = Field(1 << 25, ge=1024)
     """Elements per unit of work (one Ray task holds one chunk per model at a time)."""
     sample_every: int = Field(64, ge=0)

@@ -215,24 +215,24 @@ def test_fused_loops_equal_the_whole_array_definitions(dtype):
     tuned[0][:3] = torch.tensor([-0.0, 0.0, 1.0])
     tuned[1][10], tuned[1][11] = float("inf"), float("nan")
     b = _as_kernel_input(base)
-    ts = _as_kernel_input(torch.stack(tuned))
+    ts = tuple(_as_kernel_input(t) for t in tuned) + (b, b)  # a group of 4, 2 inactive
     bf16 = dtype == torch.bfloat16
     bits = [update_magnitude(base, t).view(torch.int32).numpy() for t in tuned]
-    active = np.array([True, True])
-    hist = np.zeros((2, HIGH_BINS), np.int64)
-    fused.high_histograms(b, ts, bf16, active, hist)
+    active = np.array([True, True, False, False])
+    hist = np.zeros((4, HIGH_BINS), np.int64)
+    fused.high_histograms(b, ts, bf16, active, hist, n, n)
     for k in range(2):
         assert np.array_equal(hist[k], high_histogram(update_magnitude(base, tuned[k])).numpy())
-    high = np.array([bits[0][50] >> 16, bits[1][60] >> 16], np.int64)
-    low = np.zeros((2, LOW_BINS), np.int64)
+    high = np.array([bits[0][50] >> 16, bits[1][60] >> 16, 0, 0], np.int64)
+    low = np.zeros((4, LOW_BINS), np.int64)
     fused.low_histograms(b, ts, bf16, active, high, low)
     for k in range(2):
         sel = bits[k][(bits[k] >> 16) == high[k]]
         assert np.array_equal(low[k], np.bincount(sel & 0xFFFF, minlength=LOW_BINS))
-    lo = np.array([np.quantile(x, 0.9) for x in bits], np.int64)
-    hi = np.array([np.quantile(x, 0.95) for x in bits], np.int64)
-    packed = np.zeros((2, (n + 7) // 8), np.uint8)
-    above, bad = np.zeros(2, np.int64), np.zeros(2, bool)
+    lo = np.array([np.quantile(x, 0.9) for x in bits] + [0, 0], np.int64)
+    hi = np.array([np.quantile(x, 0.95) for x in bits] + [0, 0], np.int64)
+    packed = np.zeros((4, (n + 7) // 8), np.uint8)
+    above, bad = np.zeros(4, np.int64), np.zeros(4, bool)
     c_task, c_idx, c_bits = fused.window(b, ts, bf16, active, lo, hi, packed, above, bad)
     for k in range(2):
         x = bits[k]
@@ -241,14 +241,22 @@ def test_fused_loops_equal_the_whole_array_definitions(dtype):
         want = np.flatnonzero((x >= lo[k]) & (x < hi[k]))
         assert np.array_equal(c_idx[c_task == k], want)
         assert np.array_equal(c_bits[c_task == k], x[want])
-    thr = np.array([bits[0][100], bits[1][200]], np.int64)
-    quota, taken = np.array([1, 0], np.int64), np.zeros(2, np.int64)
-    packed = np.zeros((2, (n + 7) // 8), np.uint8)
+    thr = np.array([bits[0][100], bits[1][200], 0, 0], np.int64)
+    quota, taken = np.array([1, 0, 0, 0], np.int64), np.zeros(4, np.int64)
+    packed = np.zeros((4, (n + 7) // 8), np.uint8)
     fused.threshold_masks(b, ts, bf16, active, thr, quota, taken, packed)
     for k in range(2):
         sel = bits[k] > thr[k]
         sel[np.flatnonzero(bits[k] == thr[k])[:quota[k]]] = True
         assert np.array_equal(packed[k], np.packbits(sel, bitorder="little"))
+    assert not packed[2:].any() and not hist[2:].any() and not low[2:].any()  # inactive
+    every = 3  # the sample: segments of 256 elements, every third
+    hist = np.zeros((4, HIGH_BINS), np.int64)
+    fused.high_histograms(b, ts, bf16, active, hist, 256, 256 * every)
+    pick = np.concatenate([np.arange(s, min(n, s + 256)) for s in range(0, n, 256 * every)])
+    for k in range(2):
+        assert np.array_equal(hist[k], high_histogram(update_magnitude(base[pick],
+                                                                       tuned[k][pick])).numpy())
 
 
 def test_the_sample_is_spread_over_the_rows(tmp_path):

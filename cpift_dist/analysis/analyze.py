@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
+from cpift_dist.analysis import fused
 from cpift_dist.analysis.masks import MaskWriter
 from cpift_dist.analysis.overlap import mask_counts
 from cpift_dist.analysis.plan import Unit, plan_units
@@ -83,6 +86,9 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
     sels = {(t, g): Selection(math.floor(cfg.p * n), n)
             for t in tuned for g, n in group_numel.items()}
     ctx = ScanContext(str(base), {t: str(p) for t, p in tuned.items()}, cfg.check_finite)
+    # numba's loops loaded once here, before the executor's threads or workers start: threads
+    # that each load them at once serialise on numba's compiler lock (measured on 16 cores)
+    fused.warm({np.uint16 if p.dtype == torch.bfloat16 else np.float32 for p in params})
     bar = _bars(progress, len(units))
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -149,8 +155,9 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
 
         digests = {"base": checkpoint_digest(base)}
         digests.update({f"tuned/{t}": checkpoint_digest(p) for t, p in tuned.items()})
-        for t, w in writers.items():
-            w.close(_mask_metadata(t, cfg, sels, digests))
+        with ThreadPoolExecutor(len(writers)) as pool:  # the copies release the GIL
+            list(pool.map(lambda t: writers[t].close(_mask_metadata(t, cfg, sels, digests)),
+                          writers))
 
         counts, inter = mask_counts([tmp / "masks" / f"{t}.safetensors" for t in tuned],
                                     list(shapes), progress=progress)

@@ -14,10 +14,11 @@ torch path computed (no fast-math, no contraction; bf16 widens exactly by a 16-b
 its bit pattern, and every mask built from it, is unchanged (tested against the torch
 definition and the ``torch.topk`` oracle).
 
-Inputs are arrays, the base 1-d and the tasks 2-d ``[N, n]`` (one array, so that a loop compiles
-once per dtype, not once per task count): ``uint16`` holding bf16 bits, or ``float32`` (any
-other float dtype is widened to float32 by the caller). Per-task outputs are indexed by the
-task's row.
+Inputs are read-only 1-d arrays, usually straight over memory maps of the checkpoint files (no
+copy): the base, and the tasks as a tuple of exactly :data:`GROUP` arrays (a loop compiles once
+per dtype, not once per task count: fewer tasks are padded with inactive entries, more run in
+groups). ``uint16`` holds bf16 bits, ``float32`` is as is (any other float dtype is widened to
+float32 by the caller). Per-task outputs are indexed by the task's place in the group.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from numba import njit
 
 BLOCK = 4096  # elements widened at a time: the scratch stays in L1/L2
+GROUP = 4  # tasks per call
 NONFINITE = 0x7F800000  # bits of +Inf; NaN magnitudes lie above
 
 
@@ -54,24 +56,30 @@ def _magnitude_bits(base_f32, tuned, start, m, bf16, tu, tf):
 
 
 @njit(nogil=True, cache=True)
-def high_histograms(base, tuned, bf16, active, hists):
+def high_histograms(base, tuned, bf16, active, hists, seg, step):
     """Adds the high 16 bits of every magnitude into ``hists[task]`` (int64, 32,768 bins) for
-    each task with ``active[task]``. Non-finite magnitudes land in bins >= 0x7F80."""
+    each task with ``active[task]``. Non-finite magnitudes land in bins >= 0x7F80.
+
+    Only the elements ``[s, s + seg)`` for ``s`` in ``range(0, n, step)`` are read (the sample
+    pass: ``seg`` a few whole rows, ``step`` every ``sample_every``-th such segment); ``seg =
+    step = n`` reads all."""
     n = base.size
     bu = np.empty(BLOCK, np.uint32)
     bf = bu.view(np.float32)
     tu = np.empty(BLOCK, np.uint32)
     tf = tu.view(np.float32)
-    for start in range(0, n, BLOCK):
-        m = min(BLOCK, n - start)
-        _widen(base, start, m, bf16, bu, bf)
-        for k in range(len(tuned)):
-            if not active[k]:
-                continue
-            _magnitude_bits(bf, tuned[k], start, m, bf16, tu, tf)
-            h = hists[k]
-            for i in range(m):
-                h[tu[i] >> np.uint32(16)] += 1
+    for s0 in range(0, n, max(1, step)):
+        e = min(n, s0 + seg)
+        for start in range(s0, e, BLOCK):
+            m = min(BLOCK, e - start)
+            _widen(base, start, m, bf16, bu, bf)
+            for k in range(len(tuned)):
+                if not active[k]:
+                    continue
+                _magnitude_bits(bf, tuned[k], start, m, bf16, tu, tf)
+                h = hists[k]
+                for i in range(m):
+                    h[tu[i] >> np.uint32(16)] += 1
 
 
 @njit(nogil=True, cache=True)
@@ -218,17 +226,20 @@ def threshold_masks(base, tuned, bf16, active, thr, quota, taken, packed):
             _pack_flags(flags, m, packed[k], start >> 3)
 
 
-def warm() -> None:
+def warm(dtypes=(np.uint16, np.float32)) -> None:
     """Compiles every loop for bf16 and float32 chunks (or loads them from numba's on-disk
     cache), with the argument types :mod:`cpift_dist.analysis.scan` passes: done once up front,
-    worker processes started later load the cache instead of compiling at the same time."""
-    i64 = np.zeros(2, np.int64)
-    active = np.ones(2, np.bool_)
-    for dt in (np.uint16, np.float32):
-        b, t, bf16 = np.zeros(16, dt), np.zeros((2, 16), dt), dt == np.uint16
-        high_histograms(b, t, bf16, active, np.zeros((2, 1 << 15), np.int64))
-        low_histograms(b, t, bf16, active, i64, np.zeros((2, 1 << 16), np.int64))
-        window(b, t, bf16, active, i64, i64, np.zeros((2, 2), np.uint8), np.zeros(2, np.int64),
-               np.zeros(2, np.bool_))
-        threshold_masks(b, t, bf16, active, i64, i64, np.zeros(2, np.int64),
-                        np.zeros((2, 2), np.uint8))
+    in the driver before its threads start and before worker processes are started (they load
+    the cache instead of compiling at the same time)."""
+    i64 = np.zeros(GROUP, np.int64)
+    active = np.ones(GROUP, np.bool_)
+    for dt in dtypes:
+        b = np.zeros(16, dt)
+        b.flags.writeable = False  # as the memory-mapped chunks are
+        t, bf16 = (b,) * GROUP, dt == np.uint16
+        high_histograms(b, t, bf16, active, np.zeros((GROUP, 1 << 15), np.int64), 16, 16)
+        low_histograms(b, t, bf16, active, i64, np.zeros((GROUP, 1 << 16), np.int64))
+        window(b, t, bf16, active, i64, i64, np.zeros((GROUP, 2), np.uint8),
+               np.zeros(GROUP, np.int64), np.zeros(GROUP, np.bool_))
+        threshold_masks(b, t, bf16, active, i64, i64, np.zeros(GROUP, np.int64),
+                        np.zeros((GROUP, 2), np.uint8))

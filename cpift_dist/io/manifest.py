@@ -22,6 +22,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sha256_files(paths: list) -> list[str]:
+    """:func:`sha256_file` of each path, on up to one thread per core (hashlib releases the
+    GIL on large blocks)."""
+    if len(paths) < 2:
+        return [sha256_file(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -65,8 +76,8 @@ def write_manifest(directory: str | Path, stage: str, config: Any, inputs: dict[
     """
     directory = Path(directory)
     if outputs is None:
-        outputs = {str(p.relative_to(directory)): sha256_file(p)
-                   for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+        files = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME]
+        outputs = dict(zip((str(p.relative_to(directory)) for p in files), sha256_files(files)))
     man = {
         "stage": stage,
         "status": "complete",
