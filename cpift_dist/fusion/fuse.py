@@ -169,16 +169,37 @@ class _Tensor:
     reserved: int = 0
 
 
+class _Shared:
+    """What the shard fusers of one process share: one scheduler (so that its threads go on
+    from one output shard into the next, and a shard's hashing overlaps the next one's work:
+    measured on 2 cores, 4 shards fused one after the other took 1.3x as long as one shard of
+    the same tensors), the threads' open readers and CUDA streams, the pooled buffers and the
+    cache budget."""
+
+    def __init__(self, threads: int, budget: int, bar=None):
+        self.sched = _Scheduler(threads)
+        self.lock = threading.Lock()
+        self.budget = budget
+        self.local = threading.local()
+        self.closers: list = []  # every thread's open files
+        self.pool: dict[int, list[torch.Tensor]] = {}  # free buffers by size
+        self.bar = bar  # progress in output bytes, or None
+
+
 class _ShardFuser:
     """The tasks of one output shard: per chunk, read once -> Gram -> (fold) -> apply -> write
     at the chunk's offset. A tensor fits one chunk, or with one angle per row, its chunks are
     independent; otherwise its chunks' Gram partials are summed, and the last one folds the
     coefficients and queues the tensor's apply tasks, which reuse the chunks kept in memory
-    (up to ``cache_bytes`` for all tensors in flight; beyond, they are read again)."""
+    (up to ``cache_bytes`` for all tensors in flight; beyond, they are read again).
 
-    def __init__(self, ctx: FuseContext, shard: OutShard, writer: PositionalWriter):
+    :meth:`submit` queues the shard's tasks on the shared scheduler; once it has run,
+    :meth:`finish` writes the tied copies and returns the counts."""
+
+    def __init__(self, ctx: FuseContext, shard: OutShard, writer: PositionalWriter,
+                 shared: _Shared):
         cfg = ctx.cfg
-        self.ctx, self.shard, self.writer = ctx, shard, writer
+        self.ctx, self.shard, self.writer, self.shared = ctx, shard, writer, shared
         self.device, self.backend = _device_and_backend(cfg)
         self.kernels = None
         if self.backend == "triton":
@@ -191,12 +212,8 @@ class _ShardFuser:
         self.t = fold_weights(len(self.tasks), cfg.omega)
         self.tv = cfg.space == "task-vectors"
         self.counts: dict[str, list[int]] = {}
-        self.lock = threading.Lock()
-        self.budget = cfg.cache_bytes
-        self.local = threading.local()
-        self.closers: list = []  # every thread's open files
-        self.pool: dict[int, list[torch.Tensor]] = {}  # free buffers by size
-        self.sched = _Scheduler(ctx.threads)
+        self.lock, self.local, self.pool = shared.lock, shared.local, shared.pool
+        self.sched = shared.sched
         self.cuda = self.device == "cuda"
         if self.kernels is not None:
             _tune_once(self.kernels, len(self.tasks), self._float_dtype(), self.tv, cfg.overlap,
@@ -208,7 +225,7 @@ class _ShardFuser:
                 return self.base.info(name).dtype
         return torch.float32
 
-    def run(self) -> dict:
+    def submit(self) -> None:
         for name in self.shard.names:
             info = self.base.info(name)
             if name in self.base.tied or info.numel == 0:
@@ -227,11 +244,8 @@ class _ShardFuser:
             st = _Tensor(name, chunks, segments, len(chunks), [None] * len(chunks), None)
             for i in range(len(chunks)):
                 self.sched.submit(_GRAM, self._gram_part, st, i, nbytes)
-        try:
-            self.sched.run()
-        finally:
-            for close in self.closers:
-                close()
+
+    def finish(self) -> dict:
         for name in self.shard.names:
             if name in self.base.tied:
                 self.writer.copy(self.base.tied[name], name)
@@ -244,8 +258,9 @@ class _ShardFuser:
             r = self.local.readers = ([self.base.reader()] + [c.reader() for c in self.tuned],
                                       [MaskFile(p) for p in self.mask_paths])
             with self.lock:
-                self.closers += [functools.partial(x.__exit__, None, None, None) for x in r[0]]
-                self.closers += [m.close for m in r[1]]
+                self.shared.closers += [functools.partial(x.__exit__, None, None, None)
+                                        for x in r[0]]
+                self.shared.closers += [m.close for m in r[1]]
         return r
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
@@ -353,6 +368,8 @@ class _ShardFuser:
         with self.lock:
             self.counts[c.name][0] += union
             self.counts[c.name][1] += multi
+            if self.shared.bar is not None:
+                self.shared.bar.update(nbytes)
 
     def _whole(self, c: Chunk, segments: int) -> None:
         """A chunk whose coefficients depend on it alone."""
@@ -363,9 +380,9 @@ class _ShardFuser:
     def _gram_part(self, st: _Tensor, i: int, nbytes: int) -> None:
         with self.lock:
             if st.cached is None:  # the tensor's first chunk to start: reserve its cache
-                keep = nbytes <= self.budget
+                keep = nbytes <= self.shared.budget
                 st.cached, st.reserved = {}, nbytes if keep else -1
-                self.budget -= nbytes if keep else 0
+                self.shared.budget -= nbytes if keep else 0
         data = self._load(st.chunks[i])
         g = self._gram(st.chunks[i], data, st.segments)
         with self.lock:
@@ -387,7 +404,7 @@ class _ShardFuser:
         self._apply(st.chunks[i], data if data is not None else self._load(st.chunks[i]), coef)
         with self.lock:
             if st.reserved > 0 and not st.cached:
-                self.budget += st.reserved
+                self.shared.budget += st.reserved
                 st.reserved = 0
 
 
@@ -406,22 +423,43 @@ def _tune_once(kernels, n_tasks: int, dtype: torch.dtype, tv: bool, overlap: str
             _TUNED.add(key)
 
 
-def fuse_shard(ctx: FuseContext, shard: OutShard) -> dict:
-    """Fuses the tensors of one output shard on ``ctx.threads`` threads and writes it; returns
-    its sha256 and counts."""
+def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict]:
+    """Fuses the tensors of ``shards`` on ``ctx.threads`` threads shared by all of them, and
+    writes each; returns per shard its sha256 and counts. The tasks run in shard order (the
+    scheduler's priorities), so memory is bounded as for one shard at a time."""
     base = _checkpoint(ctx.base)
-    entries = {n: (base.info(n).dtype, base.info(n).shape) for n in shard.names}
-    writer = PositionalWriter(Path(ctx.out) / shard.file, entries, {"format": "pt"})
+    shared = _Shared(ctx.threads, ctx.cfg.cache_bytes, bar)
+    writers: list[PositionalWriter] = []
     try:
         with torch_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.threads))):
-            fuser = _ShardFuser(ctx, shard, writer)
-            counts = fuser.run()
-        sha = writer.close()
+            fusers = []
+            for shard in shards:
+                entries = {n: (base.info(n).dtype, base.info(n).shape) for n in shard.names}
+                writers.append(PositionalWriter(Path(ctx.out) / shard.file, entries,
+                                                {"format": "pt"}))
+                fusers.append(_ShardFuser(ctx, shard, writers[-1], shared))
+                fusers[-1].submit()
+            try:
+                shared.sched.run()
+            finally:
+                for close in shared.closers:
+                    close()
+            out = []
+            for shard, fuser, writer in zip(shards, fusers, writers):
+                counts = fuser.finish()
+                out.append({"file": shard.file, "sha256": writer.close(),
+                            "names": list(shard.names), "counts": counts,
+                            "device": fuser.device, "backend": fuser.backend})
     except BaseException:
-        writer.abort()
+        for w in writers:
+            w.abort()
         raise
-    return {"file": shard.file, "sha256": sha, "names": list(shard.names), "counts": counts,
-            "device": fuser.device, "backend": fuser.backend}
+    return out
+
+
+def fuse_shard(ctx: FuseContext, shard: OutShard) -> dict:
+    """One output shard (a Ray task): see :func:`fuse_shards`."""
+    return fuse_shards(ctx, [shard])[0]
 
 
 def _unpack(packed: np.ndarray, n: int) -> torch.Tensor:
@@ -495,13 +533,18 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
         threads = getattr(executor, "threads", None) or max(1, int(executor.num_cpus))
         ctx = FuseContext(str(base), {t: str(p) for t, p in tuned.items()}, mask_files,
                           str(tmp), cfg, threads)
-        if isinstance(executor, InProcessExecutor):  # the threads work inside one shard
-            executor = InProcessExecutor(1)
-        results = []
-        for _, r in tqdm(executor.map(fuse_shard, ctx, [(s,) for s in shards]),
-                         total=len(shards), desc="fuse shards", unit="shard",
-                         disable=not progress, leave=False):
-            results.append(r)
+        if isinstance(executor, InProcessExecutor):  # the threads share every shard's work
+            total = sum(base_ck.info(n).numel * base_ck.info(n).dtype.itemsize
+                        for sh in shards for n in sh.names if n not in base_ck.tied)
+            with tqdm(total=total, desc="fuse", unit="B", unit_scale=True,
+                      disable=not progress, leave=False) as bar:
+                results = fuse_shards(ctx, shards, bar)
+        else:
+            results = []
+            for _, r in tqdm(executor.map(fuse_shard, ctx, [(s,) for s in shards]),
+                             total=len(shards), desc="fuse shards", unit="shard",
+                             disable=not progress, leave=False):
+                results.append(r)
         results.sort(key=lambda r: r["file"])
         outputs = {r["file"]: r["sha256"] for r in results}
         if len(shards) > 1:

@@ -149,6 +149,7 @@ class PositionalWriter:
             self._cv.notify()
         self._hasher.join()
         os.close(self._fd)
+        self._fd = -1
         if self._frontier != self.size:
             first = next(n for n in self.entries
                          if self.offsets[n] + self._sizes[n] > self._frontier)
@@ -158,9 +159,13 @@ class PositionalWriter:
         return self._sha.hexdigest()
 
     def abort(self) -> None:
-        """Stops the hasher and closes the file (after an error; the file is incomplete)."""
+        """Stops the hasher and closes the file (after an error; the file is incomplete). Does
+        nothing after :meth:`close`."""
+        if self._fd < 0:
+            return
         with self._cv:
             self._closing = True
             self._cv.notify()
         self._hasher.join()
         os.close(self._fd)
+        self._fd = -1
