@@ -289,7 +289,9 @@ class _ShardFuser:
 
     def _load(self, c: Chunk):
         """The chunk's base [n] and tasks' [N, n] values (read straight into one pooled
-        buffer), packed masks [N, bytes] (numpy), the buffer (release it when done) and, on
+        buffer; in weight space the base is read only where the chunk holds a core element,
+        as no other element's result depends on it: a SLERP pair reads 2 models, not 3),
+        packed masks [N, bytes] (numpy), the buffer (release it when done) and, on
         CUDA, the masks on the device. On CUDA the values are copied to the device (one
         asynchronous copy of the page-locked buffer on this thread's stream) and the host
         buffer goes back to the pool: the values returned are device tensors."""
@@ -297,13 +299,14 @@ class _ShardFuser:
         dtype = self.base.info(c.name).dtype
         nb = c.numel * dtype.itemsize
         buf = self._buffer(nb * (len(self.tasks) + 1))
+        p = np.stack([m.read_packed(c.name, c.flat_start // 8, (c.flat_start + c.numel + 7) // 8)
+                      for m in masks])
         b = buf[:nb].view(dtype)
-        readers[0].read_rows(c.name, c.row_start, c.row_stop, b)
+        if self.tv or p.any():  # in weight space only a core element looks at the base (its
+            readers[0].read_rows(c.name, c.row_start, c.row_stop, b)  # |x - base|): else skip
         x = buf[nb:].view(dtype).view(len(self.tasks), c.numel)
         for k, r in enumerate(readers[1:]):
             r.read_rows(c.name, c.row_start, c.row_stop, x[k])
-        p = np.stack([m.read_packed(c.name, c.flat_start // 8, (c.flat_start + c.numel + 7) // 8)
-                      for m in masks])
         if not self.cuda:
             return b, x, p, buf, None
         stream = self._stream()
@@ -529,6 +532,9 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
     device, backend = _device_and_backend(cfg)
     if device == "cuda" and not torch.cuda.is_available():
         raise CpiftError("fusion.device=cuda but no CUDA device is available")
+    if backend == "numba":
+        fused.warm({torch.bfloat16 if base_ck.info(n).dtype == torch.bfloat16 else torch.float32
+                    for n in base_ck.names() if base_ck.info(n).dtype.is_floating_point})
     with atomic_dir(out, overwrite=overwrite) as tmp:
         threads = getattr(executor, "threads", None) or max(1, int(executor.num_cpus))
         ctx = FuseContext(str(base), {t: str(p) for t, p in tuned.items()}, mask_files,
