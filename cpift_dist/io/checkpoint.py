@@ -83,12 +83,14 @@ class Checkpoint:
             weight_map = _read_index(index)
             files = {}
             for name, rel in weight_map.items():
-                file = (self.path / rel)
-                if Path(rel).is_absolute() or not _inside(file.resolve(), root):
-                    raise CheckpointError(
-                        f"{index}: entry {name!r} points outside the checkpoint directory: {rel!r}")
-                if not file.is_file():
-                    raise CheckpointError(f"{index}: shard {rel!r} of tensor {name!r} is missing")
+                if rel not in files:  # each shard checked once, not once per tensor
+                    file = (self.path / rel)
+                    if Path(rel).is_absolute() or not _inside(file.resolve(), root):
+                        raise CheckpointError(f"{index}: entry {name!r} points outside the "
+                                              f"checkpoint directory: {rel!r}")
+                    if not file.is_file():
+                        raise CheckpointError(
+                            f"{index}: shard {rel!r} of tensor {name!r} is missing")
                 files.setdefault(rel, []).append(name)
         elif (self.path / SINGLE_NAME).is_file():
             weight_map = None
@@ -298,14 +300,14 @@ class CheckpointReader:
 
 _MAPS: "OrderedDict[tuple, mmap.mmap]" = OrderedDict()
 _MAPS_LOCK = threading.Lock()
-_MAPS_KEEP = 256
+_MAPS_KEEP = 64  # each map holds a file descriptor (Python's mmap keeps a dup)
 
 
 def _file_map(fd: int) -> mmap.mmap:
     """A read-only map of a whole file, shared by every reader and thread of this process.
 
     Keyed by the file's identity and version (device, inode, size, mtime), so a file replaced
-    at the same path gets a fresh map; the least recently used maps beyond 256 are released
+    at the same path gets a fresh map; the least recently used maps beyond 64 are released
     (their pages stay mapped while an array still uses them)."""
     st = os.fstat(fd)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
