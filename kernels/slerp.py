@@ -377,10 +377,14 @@ def gram(x: torch.Tensor, base: torch.Tensor, packed: torch.Tensor, segments: in
     args = (x, base, packed, partial, L, gmax, x.stride(0), packed.stride(0))
     meta = dict(N=n_tasks, TASK_VECTORS=task_vectors, ALIGNED=L % 8 == 0,
                 PERSISTENT=not _interpreted())
+    # Every one of the gmax programs writes its partial sums (zeros when its first tile lies
+    # past the segment), whatever the tile: the autotuner runs each configuration on the same
+    # buffer, and a grid that shrank with the tile would leave the slots a smaller tile wrote
+    # in the sum (the Gram came out 2x on an H200, caught by the CUDA test).
     if block:
-        _gram_fast[(segments, min(gmax, triton.cdiv(L, block)))](*args, **meta, BLOCK=block)
+        _gram_fast[(segments, gmax)](*args, **meta, BLOCK=block)
     else:
-        _gram_tuned[lambda m: (segments, min(gmax, triton.cdiv(L, m["BLOCK"])))](*args, **meta)
+        _gram_tuned[(segments, gmax)](*args, **meta)
     return partial.sum(dim=1)[:, :n_tasks, :n_tasks]
 
 
