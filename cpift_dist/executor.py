@@ -67,6 +67,10 @@ class InProcessExecutor:
     def __init__(self, threads: int = 1):
         self.threads = max(1, int(threads))
 
+    def parallelism(self) -> int:
+        """Items that run at once."""
+        return self.threads
+
     def map(self, fn: Callable, shared: Any, items: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
         if self.threads == 1:
             for i, args in enumerate(items):
@@ -112,6 +116,15 @@ class RayExecutor:
         self.max_retries = max_retries
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
+
+    def parallelism(self) -> int:
+        """Items that run at once: ``max_in_flight``, else the cluster's free CPUs over each
+        task's share."""
+        import ray
+
+        if self.max_in_flight:
+            return self.max_in_flight
+        return max(1, int(ray.available_resources().get("CPU", 1) / max(self.num_cpus, 1e-9)))
 
     def map(self, fn: Callable, shared: Any, items: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
         import ray

@@ -74,8 +74,11 @@ class MaskWriter:
 
     def write(self, name: str, byte_offset: int, packed: np.ndarray) -> None:
         """Writes packed bytes of parameter ``name`` starting at its byte ``byte_offset``."""
-        os.pwrite(self._fd, np.ascontiguousarray(packed, dtype=np.uint8).tobytes(),
-                  self.offsets[name] + byte_offset)
+        mv = memoryview(np.ascontiguousarray(packed, dtype=np.uint8)).cast("B")
+        at = self.offsets[name] + byte_offset
+        done = 0
+        while done < len(mv):  # no copy, GIL released (the driver writes every unit's bytes)
+            done += os.pwrite(self._fd, mv[done:], at + done)
 
     def set_bits(self, name: str, positions: np.ndarray) -> None:
         """Sets the bits of flat element ``positions`` (any order) of parameter ``name``."""

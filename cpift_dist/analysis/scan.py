@@ -224,7 +224,8 @@ def scan_window(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> WindowR
                                                      hi[g0:g1], packed[g0:g1], above[g0:g1],
                                                      bad[g0:g1])
                 found.append((c_task + g0, c_idx, c_bits))
-            c_task, c_idx, c_bits = (np.concatenate(x) for x in zip(*found))
+            c_task, c_idx, c_bits = (found[0] if len(found) == 1 else
+                                     (np.concatenate(x) for x in zip(*found)))
             if ctx.check_finite and bad.any():
                 raise _non_finite(ctx, tasks[int(np.flatnonzero(bad)[0])], c.name)
             bounds = np.searchsorted(c_task, np.arange(n_t + 1))
