@@ -61,6 +61,20 @@ def row(section: str, what: str, figure: str) -> None:
 
 
 # ---- measurements run in fresh processes -------------------------------------------------------
+PHASES: list[str] = []  # cpift's own debug timings of the measured call
+
+
+def _collect_phases() -> None:
+    import logging
+
+    class _H(logging.Handler):
+        def emit(self, record):
+            PHASES.append(record.getMessage())
+    log = logging.getLogger("cpift_dist")
+    log.setLevel(logging.DEBUG)
+    log.addHandler(_H())
+
+
 def m_analyze(base: str, tuned: list[str], out: str, threads: int) -> dict:
     from cpift_dist.analysis import analyze
     from cpift_dist.config import AnalysisConfig
@@ -73,7 +87,7 @@ def m_analyze(base: str, tuned: list[str], out: str, threads: int) -> dict:
     t1 = time.perf_counter()
     analyze(base, {Path(t).name: t for t in tuned}, out, AnalysisConfig(p=0.01),
             executor=InProcessExecutor(threads), overwrite=True, progress=False)
-    return {"seconds": time.perf_counter() - t0, "start": t1 - t0}
+    return {"seconds": time.perf_counter() - t0, "start": t1 - t0, "phases": PHASES}
 
 
 def m_fuse(base: str, tuned: list[str], masks: str, out: str, device: str, space: str,
@@ -93,7 +107,7 @@ def m_fuse(base: str, tuned: list[str], masks: str, out: str, device: str, space
                FusionConfig(space=space, omega=omega, device=device,
                             max_shard_bytes=shard_bytes),
                InProcessExecutor(threads), overwrite=True, progress=False)
-    return {"seconds": time.perf_counter() - t0, "backend": man["backend"]}
+    return {"seconds": time.perf_counter() - t0, "backend": man["backend"], "phases": PHASES}
 
 
 def child(kind: str, *args, timeout: float = 300, profile: Path | None = None) -> dict:
@@ -241,6 +255,7 @@ def s_analyze(work: Path) -> None:
             f"{s:6.2f} s = {raw['seconds'] / s:.2f}x raw-read throughput, "
             f"{res[1]['seconds'] / s:.1f}x one thread; without numba's start ({st:.2f} s): "
             f"{raw['seconds'] / (s - st):.2f}x raw, {(res[1]['seconds'] - res[1]['start']) / (s - st):.1f}x")
+        row("analyze", f"   phases, {n} thread(s)", "; ".join(res[n]["phases"]))
     a, b = work / "an-1" / "masks", work / f"an-{os.cpu_count()}" / "masks"
     same = all((a / f.name).read_bytes() == f.read_bytes() for f in b.glob("*.safetensors"))
     row("analyze", "masks on 1 thread == on every core", "byte-identical" if same else "DIFFER")
@@ -307,6 +322,7 @@ def s_fuse(work: Path) -> None:
             row("fuse", f"{label}, {device}, first run in this machine",
                 f"{first['seconds']:6.2f} s (compiling and tuning included)")
             runs[label, device] = r["seconds"]
+            row("fuse", f"   phases, {label}, {device}", "; ".join(r["phases"]))
             row("fuse", f"{label}, {device} ({r['backend']}, {cores} threads)",
                 f"{r['seconds']:6.2f} s" + (f" = {r['seconds'] / raw['seconds']:.1f}x the raw read"
                                             if label == "pair" else ""))
@@ -461,6 +477,7 @@ def main() -> None:
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
     if a.measure:
+        _collect_phases()
         print(json.dumps({"analyze": m_analyze, "fuse": m_fuse}[a.measure](*json.loads(a.args))))
         return
     import torch

@@ -12,7 +12,9 @@ rename) or not at all.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +39,9 @@ from cpift_dist.errors import CpiftError
 from cpift_dist.executor import InProcessExecutor
 from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
                            write_manifest)
+
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +70,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
     Raises:
         CpiftError: bad task names, incompatible or corrupt checkpoints, non-finite weights.
     """
+    marks = [("start", time.perf_counter())]
     cfg = cfg or AnalysisConfig()
     executor = executor or InProcessExecutor()
     out = Path(out)
@@ -89,7 +95,9 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
     ctx = ScanContext(str(base), {t: str(p) for t, p in tuned.items()}, cfg.check_finite)
     # numba's loops loaded once here, before the executor's threads or workers start: threads
     # that each load them at once serialise on numba's compiler lock (measured on 16 cores)
+    marks.append(("checks", time.perf_counter()))
     fused.warm({np.uint16 if p.dtype == torch.bfloat16 else np.float32 for p in params})
+    marks.append(("numba's loops", time.perf_counter()))
     bar = _bars(progress, len(units))
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -112,6 +120,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
                 if w is not None:
                     plan[key] = ("window", *w)
             passes.append("sample")
+            marks.append(("sample", time.perf_counter()))
         # Window pass: one full pass resolves every selection whose window was right.
         done: set = set()
         if plan:
@@ -119,6 +128,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
             for key in done:
                 sels[key].method = "sample-window"
             passes.append("window")
+            marks.append(("window", time.perf_counter()))
 
         # Radix select for the rest (no sample, a window that missed, a mass of ties).
         rest = active - done
@@ -153,6 +163,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
                     sels[key].method = "radix-3pass"
                 passes.append("radix-mask")
             del unit_low
+            marks.append(("radix", time.perf_counter()))
 
         digests = {"base": checkpoint_digest(base)}
         digests.update({f"tuned/{t}": checkpoint_digest(p) for t, p in tuned.items()})
@@ -160,6 +171,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
             list(pool.map(lambda t: writers[t].close(_mask_metadata(t, cfg, sels, digests)),
                           writers))
 
+        marks.append(("mask files", time.perf_counter()))
         counts, inter = mask_counts([tmp / "masks" / f"{t}.safetensors" for t in tuned],
                                     list(shapes), progress=progress)
         stats = {t: task_stats(t, cfg, sels, params, counts[:, j], skipped)
@@ -169,11 +181,15 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
                 raise CpiftError(f"internal error: mask of task {t!r} holds {s['selected']} "
                                  f"elements, expected k={s['k']}")
         overlap = _overlap(list(tuned), inter)
+        marks.append(("counts", time.perf_counter()))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         (tmp / "overlap.json").write_text(json.dumps(overlap, indent=2) + "\n")
         write_manifest(tmp, "analyze", cfg.model_dump(mode="json"), digests,
                        extra={"tasks": list(tuned), "executor": executor.name,
                               "units": len(units), "passes": passes})
+    marks.append(("manifest", time.perf_counter()))
+    _log.debug("analyze, %d units: %s", len(units), ", ".join(
+        f"{name} {t - marks[i][1]:.2f} s" for i, (name, t) in enumerate(marks[1:])))
     return AnalysisResult(out, stats, overlap)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cpift_dist.errors import CpiftError
+from cpift_dist.io.manifest import sha256_update
 
 DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
@@ -135,10 +136,8 @@ class PositionalWriter:
                     target = self._frontier
                     if target == hashed:
                         return
-                while hashed < target:
-                    data = os.pread(self._fd, min(self._block, target - hashed), hashed)
-                    self._sha.update(data)
-                    hashed += len(data)
+                sha256_update(self._sha, self._fd, hashed, target)
+                hashed = target
         except BaseException as e:  # reported by close()
             self._error = e
 
