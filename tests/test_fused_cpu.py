@@ -1,6 +1,9 @@
 """The fusion's CPU loops (numba) against the float64 definition, the torch path and torch's own
 float32 arithmetic, bit for bit where the contract says so."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +135,23 @@ def test_warm_compiles_every_signature_the_stages_use(models, bf16_models, tmp_p
         fuse(m["base"], tuned, d / "an" / "masks", d / "fu",
              FusionConfig(chunk_elements=1024, device="cpu"), progress=False)
     assert [len(f.signatures) for f in loops] == [2] * len(loops)
+
+
+@pytest.mark.timeout(120)
+def test_numba_registries_load_without_the_blas_probe_and_leave_it_importable():
+    """``load_registries`` keeps SciPy's BLAS module out of numba's first load, then removes its
+    block: the loops run, and SciPy (where installed) imports as usual afterwards."""
+    code = (
+        "import sys\n"
+        "from cpift_dist.analysis import fused\n"
+        "fused.load_registries()\n"
+        "assert 'numba.np.arraymath' in sys.modules\n"
+        "assert fused._BLAS_PROBE not in sys.modules, 'the block or the module stayed'\n"
+        "fused.warm()\n"
+        "try:\n"
+        "    import scipy.linalg.cython_blas\n"
+        "except ModuleNotFoundError as e:\n"
+        "    assert e.name == 'scipy', e  # not installed (a block left would name the probe)\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -23,6 +23,9 @@ float32 by the caller). Per-task outputs are indexed by the task's place in the 
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import numpy as np
 from numba import njit
 
@@ -226,11 +229,39 @@ def threshold_masks(base, tuned, bf16, active, thr, quota, taken, packed):
             _pack_flags(flags, m, packed[k], start >> 3)
 
 
+_BLAS_PROBE = "scipy.linalg.cython_blas"
+
+
+def load_registries() -> None:
+    """Loads numba's array-math registries without SciPy's BLAS probe, once per process.
+
+    numba's first compile or cache load in a process imports ``numba.np.arraymath``, which
+    imports ``scipy.linalg.cython_blas`` only to learn whether ``np.dot``/``np.vdot`` may call
+    BLAS (``numba.np.linalg.ensure_blas``). With SciPy installed that import is slow (0.42 s
+    alone, ``python -X importtime``; SciPy's array-API shim imports ``numpy.f2py``); measured
+    on 2 cores, loading every loop from the cache took 0.48-0.57 s without the probe against
+    0.57-0.67 s with it, in fresh processes. These loops call no
+    BLAS: while ``numba.np.arraymath`` is imported the probe's module reads as absent, so
+    numba's ``np.vdot`` falls back to its own loop in this process; every other linear-algebra
+    function probes SciPy again when it is compiled (the entry is removed right after)."""
+    if "numba.np.arraymath" in sys.modules:
+        return
+    blocked = _BLAS_PROBE not in sys.modules
+    if blocked:
+        sys.modules[_BLAS_PROBE] = None  # "import" of it raises ImportError
+    try:
+        importlib.import_module("numba.np.arraymath")
+    finally:
+        if blocked and sys.modules.get(_BLAS_PROBE, 0) is None:
+            del sys.modules[_BLAS_PROBE]
+
+
 def warm(dtypes=(np.uint16, np.float32)) -> None:
     """Compiles every loop for bf16 and float32 chunks (or loads them from numba's on-disk
     cache), with the argument types :mod:`cpift_dist.analysis.scan` passes: done once up front,
     in the driver before its threads start and before worker processes are started (they load
     the cache instead of compiling at the same time)."""
+    load_registries()
     i64 = np.zeros(GROUP, np.int64)
     active = np.ones(GROUP, np.bool_)
     for dt in dtypes:

@@ -90,6 +90,7 @@ def _chunks(ctx: ScanContext, unit: Unit):
     """Yields (chunk index, chunk, base, [tuned in task order], bf16) for the unit's chunks,
     each a read-only view over a memory map of the file (no copy). Consume a chunk before the
     next: its pages are then dropped from this process's page tables."""
+    fused.load_registries()  # a Ray worker's first loop (the driver's warm() did it there)
     base = _checkpoint(ctx.base)
     tuned = [_checkpoint(p) for p in ctx.tuned.values()]
     with ExitStack() as stack:

@@ -436,6 +436,7 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict
     writes each; returns per shard its sha256 and counts. The tasks run in shard order (the
     scheduler's priorities), so memory is bounded as for one shard at a time."""
     t_start = time.perf_counter()
+    fused.load_registries()  # a Ray worker's first loop (the driver's warm() did it there)
     base = _checkpoint(ctx.base)
     shared = _Shared(ctx.threads, ctx.cfg.cache_bytes, bar)
     writers: list[PositionalWriter] = []

@@ -32,6 +32,7 @@ import torch
 from numba import njit
 
 from cpift_dist.analysis.fused import _widen  # the same bf16/float32 widening
+from cpift_dist.analysis.fused import load_registries
 
 BLOCK = 2048  # elements per block: N + 1 widened float32 rows stay in L1/L2
 
@@ -281,6 +282,7 @@ def warm(dtypes=(torch.bfloat16, torch.float32)) -> None:
     cache), with the argument types :func:`gram_chunk` and :func:`apply_chunk` pass: done in
     the driver before the fuse threads start (threads that each load them at once serialise
     on numba's compiler lock: 31% of the workers' samples on 16 cores)."""
+    load_registries()
     for dtype in dtypes:
         b, x = torch.zeros(16, dtype=dtype), torch.zeros((2, 16), dtype=dtype)
         p = np.zeros((2, 2), np.uint8)
