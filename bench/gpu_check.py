@@ -91,7 +91,7 @@ def m_analyze(base: str, tuned: list[str], out: str, threads: int) -> dict:
 
 
 def m_fuse(base: str, tuned: list[str], masks: str, out: str, device: str, space: str,
-           omega, threads: int, shard_bytes: int = 2 << 30) -> dict:
+           omega, threads: int, shard_bytes: int = 2 << 30, chunk: int | None = None) -> dict:
     import torch
 
     from cpift_dist.config import FusionConfig
@@ -105,7 +105,8 @@ def m_fuse(base: str, tuned: list[str], masks: str, out: str, device: str, space
     t0 = time.perf_counter()
     man = fuse(base, {Path(t).name: t for t in tuned}, masks, out,
                FusionConfig(space=space, omega=omega, device=device,
-                            max_shard_bytes=shard_bytes),
+                            max_shard_bytes=shard_bytes,
+                            **({"chunk_elements": chunk} if chunk else {})),
                InProcessExecutor(threads), overwrite=True, progress=False)
     return {"seconds": time.perf_counter() - t0, "backend": man["backend"], "phases": PHASES}
 
@@ -330,6 +331,18 @@ def s_fuse(work: Path) -> None:
                        work / f"fuse-{label.replace(' ', '')}-cpu")
         row("fuse", f"{label}: CUDA vs CPU output", f"{d:,} of {t:,} elements differ; CUDA "
             f"{runs[label, 'cpu'] / runs[label, 'cuda']:.2f}x the CPU path's speed")
+    from cpift_dist.config import FusionConfig
+
+    default = FusionConfig().chunk_elements
+    for chunk in sorted({1 << 20, 1 << 22} - {default}):
+        for device in ("cuda", "cpu"):
+            r = child("fuse", paths["base"], pair, str(work / "empty" / "masks"),
+                      str(work / f"fuse-chunk-{device}"), device, "weights", 0.5, cores,
+                      2 << 30, chunk)
+            d, t = _differ(work / f"fuse-pair-{device}", work / f"fuse-chunk-{device}")
+            row("fuse", f"pair, {device}, chunks of {chunk >> 20}M elements (default "
+                f"{default >> 20}M)", f"{r['seconds']:6.2f} s against {runs['pair', device]:.2f} "
+                f"s; {d:,} elements differ from the default's output")
     try:
         mk = _mergekit(pair[0], pair[1], work / "mk")
         d, t = _differ(work / "fuse-pair-cuda", work / "mk")
