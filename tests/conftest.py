@@ -11,28 +11,7 @@ os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="cpift-t-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# two xdist workers share the 2 cores: one torch thread each (else OpenMP pools oversubscribe)
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
-
-# Tests that start a Ray (the session's, or their own in a subprocess) run on one xdist worker,
-# one after the other, as without xdist: one Ray at a time on the machine, one `tiny_run`.
-RAY_MODULES = {"test_ray_start", "test_cli", "test_pipeline"}
-
-
-def pytest_collection_modifyitems(config, items):
-    """xdist groups (``--dist loadgroup``): the Ray tests in one; the tests of a module that
-    share a module-scoped fixture (an end-to-end run, say) in one per module, so that the fixture
-    runs once; every other test goes to whichever worker is free."""
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        defs = item._fixtureinfo.name2fixturedefs
-        if "ray_local" in item.fixturenames or module in RAY_MODULES:
-            group = "ray"
-        elif any(d[-1].scope == "module" for d in defs.values()):
-            group = module
-        else:
-            continue
-        item.add_marker(pytest.mark.xdist_group(group))
+torch.set_num_threads(2)
 
 from helpers import make_chat_tokenizer, make_llama, perturb  # noqa: E402
 
