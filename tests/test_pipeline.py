@@ -78,37 +78,73 @@ def test_frozen_elements_hold_across_the_stages(tiny_run):
     assert checked > 0
 
 
-def test_rerun_skips_and_reruns_exactly_what_changed(tiny_run):
-    cfg, _, _, _ = tiny_run
-    run = cfg.run_dir
-    stamp = {p: p.stat().st_mtime_ns for p in (run / "groups.json",
-                                               run / "sft" / "stage-1" / "manifest.json")}
+def test_reruns_redo_what_changed_then_evolving_isolation_in_cpi_and_as_a_baseline(
+        tiny_run, tmp_path):
+    """On a copy of the finished run (one test: each SFT re-run costs a minute here), a rerun
+    skips every stage and re-runs exactly what changed. The last change is `sft.epi` (evolving
+    masks inside CPI-FT's stages) with the epi method as a baseline and a new fusion omega: the
+    fuse, the SFT, the baselines' new method (multitask is kept), the eval and the report
+    re-run; every output loads; the drift plot is there."""
+    from transformers import AutoModelForCausalLM
+
+    from cpift_dist.analysis.masks import MaskFile
+
+    _, _, _, pristine = tiny_run
+    shutil.copytree(pristine, tmp_path / "runs")
 
     def rerun(*overrides, from_stage=None):
         logs = []
-        c = load_config(preset_path("tiny"), [f"runs_dir={cfg.runs_dir}", *TINY, *overrides])
-        Pipeline(c, from_stage, progress=False, log=logs.append).run()
-        return {line.split()[0]: "skipped" not in line for line in logs}
+        c = load_config(preset_path("tiny"), [f"runs_dir={tmp_path / 'runs'}", *TINY,
+                                              *overrides])
+        res = Pipeline(c, from_stage, progress=False, log=logs.append).run()
+        ran = {line.split()[0]: "skipped" not in line for line in logs}
+        return c.run_dir, res, ran, [s for s in STAGES if ran.get(s)]
 
-    ran = rerun()
+    run, _, ran, _ = rerun()
     assert not any(ran[s] for s in STAGES[:-1]), ran  # everything complete: only the report
+    groups, stage1 = run / "groups.json", run / "sft" / "stage-1" / "manifest.json"
+    stamp = {p: p.stat().st_mtime_ns for p in (groups, stage1)}
     shutil.rmtree(run / "eval")
-    ran = rerun()
-    assert [s for s in STAGES if ran[s]] == ["eval", "report"]
-    # a changed fusion field: the backbone changes, so cpi's stages and the eval re-run;
-    # the multitask baseline starts from the base and is kept
-    ran = rerun("fusion.omega=0.5")
-    assert [s for s in STAGES if ran[s]] == ["fuse", "sft", "eval", "report"], ran
-    assert (run / "groups.json").stat().st_mtime_ns == stamp[run / "groups.json"]
-    assert (run / "sft" / "stage-1" / "manifest.json").stat().st_mtime_ns != \
-        stamp[run / "sft" / "stage-1" / "manifest.json"]
-    ran = rerun("fusion.omega=0.5", from_stage="baselines")
-    assert [s for s in STAGES if ran[s]] == ["baselines", "eval", "report"], ran
+    assert rerun()[3] == ["eval", "report"]
+    # --from restarts there: the baselines are deleted and re-run, then the eval and report
+    assert rerun(from_stage="baselines")[3] == ["baselines", "eval", "report"]
+    multitask = run / "baselines" / "multitask" / "stage-1" / "manifest.json"
+    stamp[multitask] = multitask.stat().st_mtime_ns
+    # a changed fusion field: the backbone changes, so cpi's stages re-run (here with evolving
+    # isolation) and the eval; the multitask baseline starts from the base and is kept
+    _, res, _, order = rerun("fusion.omega=0.5", "sft.epi.p=0.02", "sft.epi.refresh_every=1",
+                             "sft.epi.warmup_steps=1", "baselines=[multitask, epi]")
+    assert order == ["fuse", "sft", "baselines", "eval", "report"], order
+    assert groups.stat().st_mtime_ns == stamp[groups]
+    assert multitask.stat().st_mtime_ns == stamp[multitask]
+    assert stage1.stat().st_mtime_ns != stamp[stage1]
+    stages = sorted(run.glob("sft/stage-*")) + [run / "baselines" / "epi" / "stage-1"]
+    for d in stages:
+        man = json.loads((d / "manifest.json").read_text())
+        log = json.loads((d / "epi" / "epi.json").read_text())
+        steps = man["steps"]
+        assert [r["step"] for r in log["refreshes"]] == list(range(1, steps))
+        assert man["epi_refreshes"] == steps - 1 and len(man["epi_masks"]) == steps - 1
+        for rel, digest in man["epi_masks"].items():
+            m = MaskFile(d / rel)
+            assert sum(int(m.read(n).sum()) for n in m.names()) == log["refreshes"][0]["k"]
+        facts = json.loads((d / "freeze.json").read_text())
+        assert facts["epi"]["partition_mismatches"] == 0
+        assert facts["epi"]["frozen_in_partitions"] == log["refreshes"][0]["k"]
+        if d.parent.name == "sft" and d.name != "stage-1":  # static cores too, still checked
+            assert facts["checked"] == facts["frozen"] > 0 and not facts["mismatched_tensors"]
+        AutoModelForCausalLM.from_pretrained(d / "model")
+    assert "multitask" in json.loads((run / "eval" / "scores.json").read_text())["scores"]
+    assert "| epi |" in res["table"]
+    md = (run / "report" / "report.md").read_text()
+    assert "## Evolving isolation" in md and "| baselines/epi/stage-1 |" in md
+    assert "isolation-drift.png" in md and (run / "report" / "isolation-drift.png").is_file()
 
 
 def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
     """`ray job submit --working-dir . -- python ray_jobs/run.py ...` on a head on 127.0.0.1
-    (token authentication, as Ray 2.60 requires): the job re-runs the eval on that cluster."""
+    (token authentication, as Ray 2.60 requires): the job re-runs the eval on that cluster and
+    skips every stage before it."""
     import os
     import secrets
     import subprocess
@@ -172,7 +208,8 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
                 break
             time.sleep(3)
         assert job.returncode == 0 and "succeeded" in out, out[-3000:]
-        assert "eval      done" in out and "finetune  complete: skipped" in out
+        assert "eval      done" in out  # and nothing before the eval: the run is unchanged
+        assert all(f"{s:9s} complete: skipped" in out for s in STAGES[:STAGES.index("eval")])
         assert (cfg.run_dir / "eval" / "scores.json").is_file()
         import psutil
 
@@ -235,44 +272,3 @@ def test_the_heatmap_scale_spans_the_off_diagonal_overlaps(tmp_path):
     assert offdiagonal_range([[1]]) == (0.0, 1.0)
     lo, hi = offdiagonal_range([[1, .05], [.05, 1]])  # all equal: still a non-empty range
     assert lo < .05 < hi
-
-
-def test_cpift_run_with_evolving_isolation_in_cpi_and_as_a_baseline(tiny_run, tmp_path):
-    """`cpift run --preset tiny` with sft.epi (evolving masks inside CPI-FT's stages) and the
-    epi method as a baseline, on a copy of the finished run: only the SFT, the baselines' new
-    method, the eval and the report re-run; every output loads; the drift plot is there."""
-    from transformers import AutoModelForCausalLM
-
-    from cpift_dist.analysis.masks import MaskFile
-
-    cfg, _, _, pristine = tiny_run
-    shutil.copytree(pristine, tmp_path / "runs")
-    logs = []
-    c = load_config(preset_path("tiny"), [
-        f"runs_dir={tmp_path / 'runs'}", *TINY, "sft.epi.p=0.02", "sft.epi.refresh_every=1",
-        "sft.epi.warmup_steps=1", "baselines=[multitask, epi]"])
-    res = Pipeline(c, progress=False, log=logs.append).run()
-    ran = {line.split()[0]: "skipped" not in line for line in logs}
-    assert [s for s in STAGES if ran[s]] == ["sft", "baselines", "eval", "report"], logs
-    run = c.run_dir
-    stages = sorted(run.glob("sft/stage-*")) + [run / "baselines" / "epi" / "stage-1"]
-    for d in stages:
-        man = json.loads((d / "manifest.json").read_text())
-        log = json.loads((d / "epi" / "epi.json").read_text())
-        steps = man["steps"]
-        assert [r["step"] for r in log["refreshes"]] == list(range(1, steps))
-        assert man["epi_refreshes"] == steps - 1 and len(man["epi_masks"]) == steps - 1
-        for rel, digest in man["epi_masks"].items():
-            m = MaskFile(d / rel)
-            assert sum(int(m.read(n).sum()) for n in m.names()) == log["refreshes"][0]["k"]
-        facts = json.loads((d / "freeze.json").read_text())
-        assert facts["epi"]["partition_mismatches"] == 0
-        assert facts["epi"]["frozen_in_partitions"] == log["refreshes"][0]["k"]
-        if d.parent.name == "sft" and d.name != "stage-1":  # static cores too, still checked
-            assert facts["checked"] == facts["frozen"] > 0 and not facts["mismatched_tensors"]
-        AutoModelForCausalLM.from_pretrained(d / "model")
-    assert "multitask" in json.loads((run / "eval" / "scores.json").read_text())["scores"]
-    assert "| epi |" in res["table"]
-    md = (run / "report" / "report.md").read_text()
-    assert "## Evolving isolation" in md and "| baselines/epi/stage-1 |" in md
-    assert "isolation-drift.png" in md and (run / "report" / "isolation-drift.png").is_file()
