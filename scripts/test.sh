@@ -7,5 +7,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/scripts/setup_venv.sh" test
 venv=${CPIFT_VENV:-$root/.venv}
 cd "$root"
-export RAY_TMPDIR=${RAY_TMPDIR:-$(mktemp -d /tmp/cpift-ray-XXXX)}
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+if [ -z "${RAY_TMPDIR:-}" ]; then  # the suite's Ray sessions and logs, removed afterwards
+  RAY_TMPDIR=$(mktemp -d /tmp/cpift-ray-XXXX)
+  export RAY_TMPDIR
+  trap 'rm -rf "$RAY_TMPDIR"' EXIT  # the script still exits with pytest's status
+fi
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

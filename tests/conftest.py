@@ -7,7 +7,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="cpift-t-"))
+if "RAY_TMPDIR" not in os.environ:  # a temp dir only where none is given (no empty leftovers)
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="cpift-t-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
