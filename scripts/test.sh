@@ -12,4 +12,4 @@ if [ -z "${RAY_TMPDIR:-}" ]; then  # the suite's Ray sessions and logs, removed 
   export RAY_TMPDIR
   trap 'rm -rf "$RAY_TMPDIR"' EXIT  # the script still exits with pytest's status
 fi
-"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider --durations=25 "$@"

@@ -95,3 +95,7 @@ def test_a_deepspeed_rank_killed_after_a_checkpoint(tiny_run, tmp_path, monkeypa
     if stage == "sft":
         man = json.loads((tmp_path / "runs" / cfg.name / stage_dir / "manifest.json").read_text())
         assert man["frozen_elements"] == man["checked_elements"] > 0
+        for k in range(1, n):  # the deleted stage re-ran alone: the earlier ones were kept
+            rel = Path(cfg.name) / "sft" / f"stage-{k}" / "manifest.json"
+            assert (tmp_path / "runs" / rel).stat().st_mtime_ns == \
+                (pristine / rel).stat().st_mtime_ns, rel
