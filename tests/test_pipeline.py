@@ -81,10 +81,11 @@ def test_frozen_elements_hold_across_the_stages(tiny_run):
 def test_reruns_redo_what_changed_then_evolving_isolation_in_cpi_and_as_a_baseline(
         tiny_run, tmp_path):
     """On a copy of the finished run (one test: each SFT re-run costs a minute here), a rerun
-    skips every stage and re-runs exactly what changed. The last change is `sft.epi` (evolving
-    masks inside CPI-FT's stages) with the epi method as a baseline and a new fusion omega: the
-    fuse, the SFT, the baselines' new method (multitask is kept), the eval and the report
-    re-run; every output loads; the drift plot is there."""
+    skips every stage and re-runs exactly what changed: a deleted eval; then `sft.epi` alone
+    (evolving masks inside CPI-FT's stages) with the epi method as a baseline: the SFT, the
+    baselines' new method (multitask is kept), the eval and the report re-run, the fuse does
+    not; then a new fusion omega: the fuse, the SFT, the eval and the report, the baselines
+    (which start from the base) do not. Every output loads; the drift plot is there."""
     from transformers import AutoModelForCausalLM
 
     from cpift_dist.analysis.masks import MaskFile
@@ -103,20 +104,29 @@ def test_reruns_redo_what_changed_then_evolving_isolation_in_cpi_and_as_a_baseli
     run, _, ran, _ = rerun()
     assert not any(ran[s] for s in STAGES[:-1]), ran  # everything complete: only the report
     groups, stage1 = run / "groups.json", run / "sft" / "stage-1" / "manifest.json"
-    stamp = {p: p.stat().st_mtime_ns for p in (groups, stage1)}
+    backbone = run / "fusion" / "backbone" / "manifest.json"
+    multitask = run / "baselines" / "multitask" / "stage-1" / "manifest.json"
+    stamp = {p: p.stat().st_mtime_ns for p in (groups, stage1, backbone, multitask)}
     shutil.rmtree(run / "eval")
     assert rerun()[3] == ["eval", "report"]
-    # --from restarts there: the baselines are deleted and re-run, then the eval and report
-    assert rerun(from_stage="baselines")[3] == ["baselines", "eval", "report"]
-    multitask = run / "baselines" / "multitask" / "stage-1" / "manifest.json"
-    stamp[multitask] = multitask.stat().st_mtime_ns
-    # a changed fusion field: the backbone changes, so cpi's stages re-run (here with evolving
-    # isolation) and the eval; the multitask baseline starts from the base and is kept
-    _, res, _, order = rerun("fusion.omega=0.5", "sft.epi.p=0.02", "sft.epi.refresh_every=1",
-                             "sft.epi.warmup_steps=1", "baselines=[multitask, epi]")
-    assert order == ["fuse", "sft", "baselines", "eval", "report"], order
-    assert groups.stat().st_mtime_ns == stamp[groups]
-    assert multitask.stat().st_mtime_ns == stamp[multitask]
+    # an SFT field alone: cpi's stages re-run (now with evolving isolation) on the same
+    # backbone; the new baseline method runs, the multitask baseline is kept
+    epi = ("sft.epi.p=0.02", "sft.epi.refresh_every=1", "sft.epi.warmup_steps=1",
+           "baselines=[multitask, epi]")
+    order = rerun(*epi)[3]
+    assert order == ["sft", "baselines", "eval", "report"], order
+    assert [p.stat().st_mtime_ns for p in (groups, backbone, multitask)] == [
+        stamp[groups], stamp[backbone], stamp[multitask]]
+    assert stage1.stat().st_mtime_ns != stamp[stage1]
+    epi_base = run / "baselines" / "epi" / "stage-1" / "manifest.json"
+    stamp.update({p: p.stat().st_mtime_ns for p in (stage1, epi_base)})
+    # a fusion field: the backbone changes, so cpi's stages re-run and the eval; the
+    # baselines start from the base and are kept
+    _, res, _, order = rerun("fusion.omega=0.5", *epi)
+    assert order == ["fuse", "sft", "eval", "report"], order
+    assert [p.stat().st_mtime_ns for p in (groups, multitask, epi_base)] == [
+        stamp[groups], stamp[multitask], stamp[epi_base]]
+    assert backbone.stat().st_mtime_ns != stamp[backbone]
     assert stage1.stat().st_mtime_ns != stamp[stage1]
     stages = sorted(run.glob("sft/stage-*")) + [run / "baselines" / "epi" / "stage-1"]
     for d in stages:
