@@ -135,9 +135,15 @@ def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str,
         ex = InProcessExecutor(threads=threads)
     baseline = _tree_rss()
     t0 = time.perf_counter()
-    if executor != "ray":  # numba's per-process start, timed apart (analyze would do it first)
+    if executor != "ray":  # numba's per-process start, timed apart (analyze would do it first,
+        import numpy as np  # for the dtypes of the checkpoint: the same loops)
+        import torch
+
         from cpift_dist.analysis import fused
-        fused.warm()
+        from cpift_dist.io import Checkpoint
+        ck = Checkpoint(base)
+        fused.warm({np.uint16 if ck.info(n).dtype == torch.bfloat16 else np.float32
+                    for n in ck.names() if ck.info(n).dtype.is_floating_point})
     t_loops = time.perf_counter()
     res = analyze(base, {Path(t).name: t for t in tuned}, out, AnalysisConfig(p=p),
                   executor=ex, overwrite=True, progress=False)

@@ -155,3 +155,29 @@ def test_numba_registries_load_without_the_blas_probe_and_leave_it_importable():
         "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("was_on", [True, False])
+def test_warm_pauses_the_garbage_collector_and_restores_it(monkeypatch, was_on):
+    """Both ``warm``s load numba's registries and loops with the collector off, and leave it as
+    they found it, on or off."""
+    import gc
+
+    from cpift_dist.analysis import fused as analysis_loops
+
+    states = []
+
+    def load_registries():
+        states.append(gc.isenabled())
+
+    monkeypatch.setattr(analysis_loops, "load_registries", load_registries)
+    monkeypatch.setattr(fused, "load_registries", load_registries)
+    try:
+        gc.enable() if was_on else gc.disable()
+        analysis_loops.warm()
+        assert gc.isenabled() is was_on
+        fused.warm()
+        assert gc.isenabled() is was_on
+    finally:
+        gc.enable()
+    assert states == [False, False]

@@ -32,7 +32,7 @@ import torch
 from numba import njit
 
 from cpift_dist.analysis.fused import _widen  # the same bf16/float32 widening
-from cpift_dist.analysis.fused import load_registries
+from cpift_dist.analysis.fused import gc_paused, load_registries
 
 BLOCK = 2048  # elements per block: N + 1 widened float32 rows stay in L1/L2
 
@@ -277,6 +277,7 @@ def _round_bf16(bits):
     return np.uint16(0x7FC0) if nan else rounded
 
 
+@gc_paused()
 def warm(dtypes=(torch.bfloat16, torch.float32)) -> None:
     """Compiles both passes for bf16 and float32 chunks (or loads them from numba's on-disk
     cache), with the argument types :func:`gram_chunk` and :func:`apply_chunk` pass: done in
