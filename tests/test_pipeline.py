@@ -21,9 +21,15 @@ def test_every_stage_writes_outputs_that_load(tiny_run):
     cfg, res, logs, _ = tiny_run
     run = cfg.run_dir
     assert [line.split()[0] for line in logs] == list(STAGES)
+    spans = []
     for t in ("arithmetic", "strings", "logic", "format"):
         assert (run / "finetune" / t / "model" / "config.json").is_file()
         assert (run / "analysis" / "masks" / f"{t}.safetensors").is_file()
+        rank = json.loads((run / "finetune" / t / "ranks" / "0.json").read_text())
+        spans.append((rank["start"], rank["end"]))
+    # Ray ran the fine-tunes side by side (1 CPU each, 2 CPUs): some two trained at once
+    assert any(a0 < b1 and b0 < a1 for i, (a0, a1) in enumerate(spans)
+               for b0, b1 in spans[i + 1:]), spans
     groups = json.loads((run / "groups.json").read_text())
     stages = [s["tasks"] for s in groups["stages"]]
     assert sorted(sum(stages, [])) == sorted(t.name for t in cfg.tasks)

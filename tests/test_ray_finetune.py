@@ -1,4 +1,5 @@
-"""Per-task fine-tunes on Ray: concurrency, placement on 2 nodes, retry, failure reporting."""
+"""Per-task fine-tunes on Ray: placement on 2 nodes, retry, failure reporting (that Ray runs
+the tasks' fine-tunes side by side is asserted on the tiny pipeline's run, test_pipeline.py)."""
 
 import json
 import os
@@ -24,12 +25,12 @@ def setup(train_setup):
     return train_setup
 
 
-def test_two_tasks_on_a_two_node_cluster_with_a_worker_crash(setup, tmp_path):
+def test_a_two_rank_fine_tune_spread_over_two_nodes_with_a_worker_crash(setup, tmp_path):
     from ray.cluster_utils import Cluster
 
     cfg = {"name": "ft", "runs_dir": str(tmp_path), "base": str(setup / "model"),
            "tasks": [{"name": t, "train_data": str(setup / "suite" / t / "train.jsonl")}
-                     for t in ("arithmetic", "logic")],
+                     for t in ("arithmetic",)],
            "train": TRAIN,
            "finetune": {"workers_per_task": 2, "max_failures": 1, "placement": "STRICT_SPREAD"}}
     (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))  # JSON is YAML
@@ -43,19 +44,14 @@ def test_two_tasks_on_a_two_node_cluster_with_a_worker_crash(setup, tmp_path):
     finally:
         cluster.shutdown()
     assert r.returncode == 0, r.stderr[-4000:]
-    spans = {}
-    for t in ("arithmetic", "logic"):
-        out = tmp_path / "ft" / "finetune" / t
-        ranks = [json.loads((out / "ranks" / f"{i}.json").read_text()) for i in (0, 1)]
-        assert ranks[0]["node"] != ranks[1]["node"]  # a job's two ranks on different nodes
-        assert all(x["step"] == 4 for x in ranks)
-        steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-        assert steps == [1, 2, 3, 4]  # crashed after step 2, resumed from its checkpoint
-        from transformers import AutoModelForCausalLM
-        AutoModelForCausalLM.from_pretrained(out / "model")
-        spans[t] = (min(x["start"] for x in ranks), max(x["end"] for x in ranks))
-    (a0, a1), (b0, b1) = spans.values()
-    assert a0 < b1 and b0 < a1  # the two tasks trained at the same time
+    out = tmp_path / "ft" / "finetune" / "arithmetic"
+    ranks = [json.loads((out / "ranks" / f"{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["node"] != ranks[1]["node"]  # a job's two ranks on different nodes
+    assert all(x["step"] == 4 for x in ranks)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # crashed after step 2, resumed from its checkpoint
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out / "model")
 
 
 def test_exhausted_retries_name_the_task_and_others_finish(setup, tmp_path, ray_local):
