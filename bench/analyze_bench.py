@@ -178,7 +178,9 @@ def _sample_tree(peak: list, stop: threading.Event) -> None:
 
 
 def warm_read(paths: list[str]) -> None:
-    """Reads the checkpoints once so that what follows reads them from page cache."""
+    """Reads the checkpoints once so that what follows reads them from page cache, after
+    flushing what earlier measurements wrote: their writeback would compete for the cores."""
+    os.sync()
     m_raw(paths)
 
 

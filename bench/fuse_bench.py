@@ -10,7 +10,11 @@ process reading from page cache, with peak RSS from the process's own high-water
             whole, SLERP per tensor, save) vs `mergekit-yaml` (when installed; default shards
             and 200 MB shards).
   3-task    t1..t3 with their p = 1% core masks, task-vector space, uniform omega.
-  raw       a sequential read of the pair's inputs (page cache): fusion's target is 2x it.
+  raw       a sequential read of the pair's inputs (page cache): fusion's target is 2x it;
+            and a raw write of the output's bytes into a new file beside the outputs (8 MB
+            pwrites, as the fuser's chunks): the floor no fuser goes below, since every byte of
+            a new file lands in freshly allocated page cache (on the 2-core VM this costs 5-20x
+            an overwrite of cached pages, and varies run to run).
   threads   the pair on each of --threads threads (they share the work of every shard), and
             on the most threads with backend torch (the unfused reference ops) side by side;
             also printed without the fixed per-process start of numba's loops (timed apart).
@@ -84,6 +88,24 @@ def m_naive(a, b, out):
     return {"seconds": time.perf_counter() - t0}
 
 
+def m_write(path: str, nbytes: int) -> dict:
+    """A new file of ``nbytes`` written in 8 MB ``pwrite``s from one reused buffer (kept until
+    the caller removes it, as a fused output stays: removing it at once would hand its pages
+    to the next write warm): what writing the fused output costs before any fusing."""
+    import numpy as np
+
+    buf = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, nbytes)
+        for at in range(0, nbytes, len(buf)):
+            os.pwrite(fd, buf[:min(len(buf), nbytes - at)], at)
+    finally:
+        os.close(fd)
+    return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
+
+
 def m_gpu():
     import torch
     import triton
@@ -152,7 +174,7 @@ def main() -> None:
     ap.add_argument("args", nargs="?")
     a = ap.parse_args()
     if a.measure:
-        res = {"cpift": m_cpift, "naive": m_naive, "gpu": m_gpu}[a.measure](*json.loads(a.args))
+        res = {"cpift": m_cpift, "naive": m_naive, "gpu": m_gpu, "write": m_write}[a.measure](*json.loads(a.args))
         res["peak_rss"] = _vm_hwm()
         print(json.dumps(res))
         return
@@ -187,6 +209,12 @@ def main() -> None:
     threads = [int(x) for x in a.threads.split(",")]
     warm_read([paths["base"], paths["t1"], paths["t2"]])
     raw = raw_child("raw", [paths["t1"], paths["t2"]], best_of=3)
+    out_bytes = raw["bytes"] // 2  # the fused pair: one model of the inputs' dtype
+    writes = sorted(child("write", str(d / f"raw-write-{i}.bin"), out_bytes)["seconds"]
+                    for i in range(3))
+    for i in range(3):
+        (d / f"raw-write-{i}.bin").unlink()
+    write = {"seconds": writes[1]}
     sweep = {}
     for n in threads:
         warm_read([paths["t1"], paths["t2"]])
@@ -202,6 +230,10 @@ def main() -> None:
                   str(d / "out-3"), "task-vectors", "uniform")
     print(f"\n== fuse, {a.size} {a.dtype} ({os.cpu_count()} cores), output shards 200 MB ==")
     print(f"pair  raw read of its inputs {raw['seconds']:6.2f} s")
+    floor = raw["seconds"] + write["seconds"]
+    print(f"pair  raw write of its output ({out_bytes / 1e9:.2f} GB, new file) "
+          f"{write['seconds']:6.2f} s (median of {', '.join(f'{w:.2f}' for w in writes)}); raw "
+          f"read + raw write {floor:.2f} s")
     for n, r in sweep.items():
         loops = {m: sweep[m]["seconds"] - sweep[m]["start"] for m in sweep}
         print(f"pair  cpift, {n:2d} thread(s)     {r['seconds']:6.2f} s   "
@@ -209,7 +241,8 @@ def main() -> None:
               f"{min(threads)} thread(s) {sweep[min(threads)]['seconds'] / r['seconds']:.2f}x"
               f"   without numba's start ({r['start']:.2f} s): {loops[n]:.2f} s, "
               f"{loops[n] / raw['seconds']:.2f}x the raw read, speed-up "
-              f"{loops[min(threads)] / loops[n]:.2f}x")
+              f"{loops[min(threads)] / loops[n]:.2f}x; {r['seconds'] / floor:.2f}x the raw read "
+              "+ write")
 
     print(f"pair  cpift, {max(threads):2d} thread(s), backend torch (unfused ops) "
           f"{unfused['seconds']:6.2f} s   numba {unfused['seconds'] / sweep[max(threads)]['seconds']:.2f}x faster")
