@@ -77,9 +77,10 @@ class FusionConfig(_Model):
     of every input and the output). Fewer, larger chunks cut the per-chunk Python work that
     holds the GIL between the compiled loops (same outputs: tested on 348M bf16)."""
     cache_bytes: int = Field(2 << 30, ge=0)
-    """Inputs of multi-chunk tensors kept in memory between the Gram and apply passes (per
-    output shard being fused: all its tensors in flight together); a tensor beyond what is left
-    is read twice."""
+    """Inputs of multi-chunk tensors kept in memory (or on the device) between the Gram and
+    apply passes by the torch and Triton backends (per output shard being fused: all its
+    tensors in flight together); a tensor beyond what is left is read twice. The numba loops
+    read chunks straight from the files' maps and map them again instead."""
 
 
 class TrainConfig(_Model):

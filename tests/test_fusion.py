@@ -177,16 +177,21 @@ def test_bad_masks_are_rejected(three, tmp_path, capsys):
 
 
 def test_threads_and_cache_budget_give_the_same_bytes(three, tmp_path):
-    """Multi-chunk tensors (1,024-element chunks) fused on 1 thread with their chunks kept in
-    memory, and on 3 threads with no cache (every such tensor read twice), give byte-identical
-    files: the Gram partials are summed in chunk order whatever finishes first."""
+    """Multi-chunk tensors (1,024-element chunks) fused on 1 thread and on 3 give
+    byte-identical files: the Gram partials are summed in chunk order whatever finishes first.
+    The numba loops map every chunk again for the apply pass; the torch path (as the Triton
+    one) keeps a tensor's chunks in memory between its passes, within ``cache_bytes``: kept on
+    1 thread, with no cache (every such tensor read twice) on 3, the same bytes."""
     cfg = dict(FAST, space="task-vectors")
-    a = fuse(three["base"], three["tuned"], three["masks"], tmp_path / "a",
-             FusionConfig(**cfg), InProcessExecutor(1), progress=False)
-    b = fuse(three["base"], three["tuned"], three["masks"], tmp_path / "b",
-             FusionConfig(**cfg, cache_bytes=0), InProcessExecutor(3), progress=False)
-    assert len([f for f in a["outputs"] if f.endswith(".safetensors")]) > 1
-    assert a["outputs"] == b["outputs"] and a["per_tensor"] == b["per_tensor"]
+    for backend in ("numba", "torch"):
+        a = fuse(three["base"], three["tuned"], three["masks"], tmp_path / backend / "a",
+                 FusionConfig(**cfg, backend=backend), InProcessExecutor(1), progress=False)
+        b = fuse(three["base"], three["tuned"], three["masks"], tmp_path / backend / "b",
+                 FusionConfig(**cfg, backend=backend, cache_bytes=0), InProcessExecutor(3),
+                 progress=False)
+        assert a["backend"] == b["backend"] == backend
+        assert len([f for f in a["outputs"] if f.endswith(".safetensors")]) > 1
+        assert a["outputs"] == b["outputs"] and a["per_tensor"] == b["per_tensor"], backend
 
 
 @pytest.mark.gpu
@@ -284,3 +289,63 @@ def test_group_outputs_orders_and_plots(three, tmp_path, capsys):
     assert main(["group", "--analysis", str(three["analysis"]), "--tau", "2",
                  "--out", str(tmp_path / "bad.json")]) == 2
     assert "field 'tau'" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+
+
+def test_fusion_reads_odd_layouts_from_file_maps_exactly(tmp_path):
+    """The numba loops read each chunk straight from the files' maps. Tensors stored at odd
+    offsets (safetensors does not pad: a 3-byte uint8 buffer first), a float16 tensor (widened)
+    and weight space without any core element (the base is then not read at all), or with
+    competing cores (their values compared with the base), give exactly
+    the loops' result on the same values held in memory, in both spaces."""
+    from cpift_dist.analysis.masks import MaskFile as Masks
+    from cpift_dist.fusion import fused
+    from cpift_dist.fusion.slerp import fold_coefficients
+
+    shapes = {"a.buffer": (torch.uint8, (3,)), "b.weight": (torch.bfloat16, (7, 5)),
+              "c.weight": (torch.float16, (4, 6)), "d.weight": (torch.float32, (5, 3))}
+
+    def write(path: Path, seed: int, base=None) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        values = {}
+        for name, (dtype, shape) in shapes.items():
+            if dtype == torch.uint8:
+                values[name] = torch.arange(3, dtype=torch.uint8)
+            elif base is None:
+                values[name] = torch.randn(shape, generator=g).to(dtype)
+            else:
+                step = 0.1 * torch.randn(shape, generator=g)
+                values[name] = (base[name].float() + step).to(dtype)
+        path.mkdir()
+        w = PositionalWriter(path / "model.safetensors", shapes, {"format": "pt"})
+        for name, v in values.items():
+            w.write(name, v)
+        w.close()
+        return values
+
+    b = write(tmp_path / "base", 0)
+    tuned = {t: tmp_path / t for t in ("x", "y", "z")}
+    vals = {t: write(p, i + 1, b) for i, (t, p) in enumerate(tuned.items())}
+    ck = Checkpoint(tmp_path / "base")
+    assert [ck.info(n).offset % 2 for n in ("b.weight", "c.weight")] == [1, 1]  # odd offsets
+    for p, space in ((0.1, "task-vectors"), (0.5, "weights"), (1e-12, "weights")):
+        d = tmp_path / f"{space}-{p}"
+        analyze(tmp_path / "base", tuned, d / "an", AnalysisConfig(p=p), progress=False)
+        cfg = FusionConfig(space=space, device="cpu")
+        man = fuse(tmp_path / "base", tuned, d / "an" / "masks", d / "fu", cfg, progress=False)
+        assert man["backend"] == "numba"
+        out = Checkpoint(d / "fu")
+        masks = [Masks(d / "an" / "masks" / f"{t}.safetensors") for t in tuned]
+        assert (man["overlap_elements"] > 0) == (p > 0.01)  # cores that compete
+        for name, (dtype, _) in shapes.items():
+            got = out.read(name)
+            if dtype == torch.uint8:
+                assert torch.equal(got, b[name])
+                continue
+            x = torch.stack([vals[t][name].reshape(-1) for t in tuned])
+            packed = np.stack([m.read_packed(name) for m in masks])
+            tv = space == "task-vectors"
+            coef = fold_coefficients(fused.gram_chunk(b[name].reshape(-1), x, packed, 1, tv),
+                                     fold_weights(3, "uniform"))
+            want, _, _ = fused.apply_chunk(b[name].reshape(-1), x, packed, coef, tv,
+                                           "max-magnitude", dtype)
+            assert got.dtype == dtype and torch.equal(got.reshape(-1), want), (space, p, name)

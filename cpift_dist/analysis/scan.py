@@ -66,11 +66,11 @@ def sample_ranges(rows: int, row_numel: int, every: int) -> list[tuple[int, int]
 
 
 def _as_kernel_input(x: torch.Tensor) -> np.ndarray:
-    """A tensor as the fused loops take it (see :func:`_kernel_view`)."""
-    return _kernel_view(x.contiguous().reshape(-1).view(torch.uint8).numpy(), x.dtype)
+    """A tensor as the fused loops take it (see :func:`kernel_view`)."""
+    return kernel_view(x.contiguous().reshape(-1).view(torch.uint8).numpy(), x.dtype)
 
 
-def _kernel_view(raw: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+def kernel_view(raw: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     """Raw bytes of a chunk as the fused loops take them, read-only: bf16 as its uint16 bits,
     float32 as is (both views, no copy), any other float dtype widened to float32 (exactly, as
     torch does). A chunk that is not aligned to its item size (safetensors does not pad between
@@ -98,9 +98,9 @@ def _chunks(ctx: ScanContext, unit: Unit):
         readers = [stack.enter_context(c.reader()) for c in tuned]
         for ci, c in enumerate(unit.chunks):
             dtype = base.info(c.name).dtype
-            ts = [_kernel_view(r.map_rows(c.name, c.row_start, c.row_stop), dtype)
+            ts = [kernel_view(r.map_rows(c.name, c.row_start, c.row_stop), dtype)
                   for r in readers]
-            b = _kernel_view(rb.map_rows(c.name, c.row_start, c.row_stop), dtype)
+            b = kernel_view(rb.map_rows(c.name, c.row_start, c.row_stop), dtype)
             yield ci, c, b, ts, dtype == torch.bfloat16
             for r in (rb, *readers):
                 r.drop_mapped()

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from cpift_dist.analysis.masks import MaskFile, unpack_mask
 from cpift_dist.analysis.plan import Chunk, plan_units
+from cpift_dist.analysis.scan import kernel_view
 from cpift_dist.config import FusionConfig
 from cpift_dist.errors import CpiftError, MaskError
 from cpift_dist.executor import InProcessExecutor, torch_threads
@@ -220,6 +221,9 @@ class _ShardFuser:
         self.lock, self.local, self.pool = shared.lock, shared.local, shared.pool
         self.sched = shared.sched
         self.cuda = self.device == "cuda"
+        # the numba loops read the chunks straight from the files' maps; the torch and Triton
+        # paths take tensors (on CUDA copied from page-locked buffers)
+        self.maps = self.backend == "numba"
         if self.kernels is not None:
             _tune_once(self.kernels, len(self.tasks), self._float_dtype(), self.tv, cfg.overlap,
                        self.device)
@@ -293,6 +297,36 @@ class _ShardFuser:
         return s
 
     def _load(self, c: Chunk):
+        """The chunk's inputs: see :meth:`_map` (the numba loops) and :meth:`_read`."""
+        return self._map(c) if self.maps else self._read(c)
+
+    def _masks(self, c: Chunk) -> np.ndarray:
+        """The tasks' packed mask bytes of the chunk, ``[N, bytes]``."""
+        return np.stack([m.read_packed(c.name, c.flat_start // 8,
+                                       (c.flat_start + c.numel + 7) // 8)
+                         for m in self._readers()[1]])
+
+    def _map(self, c: Chunk):
+        """The chunk's base and tasks' values as read-only arrays straight over the files' maps
+        (no copy; the loops read them once, and :meth:`_unmap` drops the pages from this
+        process's page tables after the chunk), its packed masks [N, bytes], and no buffer. In
+        weight space the base is mapped only where the chunk holds a core element: elsewhere
+        the loops do not read it, and the first task's array stands in for it."""
+        readers, _ = self._readers()
+        dtype = self.base.info(c.name).dtype
+        p = self._masks(c)
+        xs = [kernel_view(r.map_rows(c.name, c.row_start, c.row_stop), dtype)
+              for r in readers[1:]]
+        b = (kernel_view(readers[0].map_rows(c.name, c.row_start, c.row_stop), dtype)
+             if self.tv or p.any() else xs[0])
+        return b, xs, p, None, None
+
+    def _unmap(self) -> None:
+        if self.maps:
+            for r in self._readers()[0]:
+                r.drop_mapped()
+
+    def _read(self, c: Chunk):
         """The chunk's base [n] and tasks' [N, n] values (read straight into one pooled
         buffer; in weight space the base is read only where the chunk holds a core element,
         as no other element's result depends on it: a SLERP pair reads 2 models, not 3),
@@ -300,12 +334,11 @@ class _ShardFuser:
         CUDA, the masks on the device. On CUDA the values are copied to the device (one
         asynchronous copy of the page-locked buffer on this thread's stream) and the host
         buffer goes back to the pool: the values returned are device tensors."""
-        readers, masks = self._readers()
+        readers, _ = self._readers()
         dtype = self.base.info(c.name).dtype
         nb = c.numel * dtype.itemsize
         buf = self._buffer(nb * (len(self.tasks) + 1))
-        p = np.stack([m.read_packed(c.name, c.flat_start // 8, (c.flat_start + c.numel + 7) // 8)
-                      for m in masks])
+        p = self._masks(c)
         b = buf[:nb].view(dtype)
         if self.tv or p.any():  # in weight space only a core element looks at the base (its
             readers[0].read_rows(c.name, c.row_start, c.row_stop, b)  # |x - base|): else skip
@@ -384,15 +417,18 @@ class _ShardFuser:
         data = self._load(c)
         coef = fold_coefficients(self._gram(c, data, segments), self.t)
         self._apply(c, data, coef)
+        self._unmap()
 
     def _gram_part(self, st: _Tensor, i: int, nbytes: int) -> None:
         with self.lock:
             if st.cached is None:  # the tensor's first chunk to start: reserve its cache
-                keep = nbytes <= self.shared.budget
+                # (mapped chunks are not kept: mapping one again reads the page cache)
+                keep = nbytes <= self.shared.budget and not self.maps
                 st.cached, st.reserved = {}, nbytes if keep else -1
                 self.shared.budget -= nbytes if keep else 0
         data = self._load(st.chunks[i])
         g = self._gram(st.chunks[i], data, st.segments)
+        self._unmap()
         with self.lock:
             st.gram[i] = g  # summed in chunk order at the end: the same bits on any threads
             if st.reserved > 0:
@@ -410,6 +446,7 @@ class _ShardFuser:
         with self.lock:
             data = st.cached.pop(i, None)
         self._apply(st.chunks[i], data if data is not None else self._load(st.chunks[i]), coef)
+        self._unmap()
         with self.lock:
             if st.reserved > 0 and not st.cached:
                 self.shared.budget += st.reserved

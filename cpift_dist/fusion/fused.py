@@ -19,17 +19,24 @@ kernels (tests hold all three against each other and the float64 definition):
   into FMAs; core elements take the winning task's value bit for bit; bf16 output rounds to
   nearest even (a NaN becomes the quiet NaN 0x7FC0), as ``torch.Tensor.to(torch.bfloat16)``.
 
-Inputs are arrays (the base 1-d, the tasks 2-d ``[N, n]``): ``uint16`` holding bf16 bits, or
-``float32`` (the caller widens other float dtypes). ``packed`` is ``uint8 [N, ceil(n / 8)]``:
-the chunk's mask bytes per task, bit i of the chunk at byte i >> 3, bit i & 7 (chunks start on a
-byte, see ``plan_units``).
+Inputs: the base, a 1-d array, and the tasks as a ``uint64`` array of the addresses of their
+1-d arrays (same dtype and size as the base): a loop compiles once per dtype whatever the task
+count, and the tasks' arrays can lie anywhere, straight over memory maps of the checkpoint files
+included (no copy). ``uint16`` holds bf16 bits, ``float32`` is as is (the caller widens other
+float dtypes). :func:`gram_chunk` and :func:`apply_chunk` take the arrays and keep them alive
+for the call. ``packed`` is ``uint8 [N, ceil(n / 8)]``: the chunk's mask bytes per task, bit i
+of the chunk at byte i >> 3, bit i & 7 (chunks start on a byte, see ``plan_units``). In weight
+space a chunk without core elements never reads the base, so callers may pass any array of the
+right dtype and size there (the fuser passes the first task's, so as not to read the base file).
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 from cpift_dist.analysis.fused import _widen  # the same bf16/float32 widening
 from cpift_dist.analysis.fused import gc_paused, load_registries
@@ -37,31 +44,50 @@ from cpift_dist.analysis.fused import gc_paused, load_registries
 BLOCK = 2048  # elements per block: N + 1 widened float32 rows stay in L1/L2
 
 
-def inputs(base: torch.Tensor, tuned: torch.Tensor):
-    """(bf16?, base [n], tuned [N, n]) as the numpy arrays the loops take: bf16 as its uint16
-    bits (no copy), float32 as is, other float dtypes widened to float32. One 2-d array for
-    the tasks, so the loops compile once per dtype, not once per task count."""
-    if base.dtype == torch.bfloat16:
-        return True, _u16(base), _u16(tuned)
-    return False, base.float().numpy(), tuned.float().numpy()
+def inputs(base, tuned) -> tuple[bool, np.ndarray, list[np.ndarray]]:
+    """(bf16?, base, [task arrays]) as the loops take them, the base read-only (one signature
+    whatever the caller holds). Either torch tensors (``base [n]``, ``tuned [N, n]``): bf16 as
+    its uint16 bits (no copy), float32 as is, other float dtypes widened to float32; or numpy
+    arrays already in that form (``uint16`` or ``float32``, e.g. views over memory maps)."""
+    if isinstance(base, np.ndarray):
+        b, xs = base, list(tuned)
+    elif base.dtype == torch.bfloat16:
+        b, xs = _u16(base), list(_u16(tuned).reshape(len(tuned), -1))
+    else:
+        b, xs = base.float().numpy(), list(tuned.float().numpy().reshape(len(tuned), -1))
+    if b.dtype not in (np.uint16, np.float32):
+        raise TypeError(f"fusion loops take uint16 (bf16 bits) or float32 arrays, not {b.dtype}")
+    for x in xs:
+        if x.dtype != b.dtype or x.size != b.size or not x.flags.c_contiguous:
+            raise ValueError(f"task array {x.dtype} [{x.size}] does not match the base "
+                             f"{b.dtype} [{b.size}] (or is not contiguous)")
+    b = b.view()
+    b.flags.writeable = False
+    return b.dtype == np.uint16, b, xs
+
+
+def _addresses(xs: list[np.ndarray]) -> np.ndarray:
+    return np.array([x.ctypes.data for x in xs], dtype=np.uint64)
 
 
 def _u16(x: torch.Tensor) -> np.ndarray:
     return x.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
-def gram_chunk(base: torch.Tensor, tuned: torch.Tensor, packed: np.ndarray,
-               segments: int, task_vectors: bool) -> np.ndarray:
+def gram_chunk(base, tuned, packed: np.ndarray, segments: int,
+               task_vectors: bool) -> np.ndarray:
     """float64 ``[S, N, N]`` Gram matrices of one chunk's non-core elements (CPU tensors,
-    ``tuned`` ``[N, n]``; the chunk's elements are S equal consecutive segments)."""
+    ``tuned`` ``[N, n]``, or arrays: see :func:`inputs`; the chunk's elements are S equal
+    consecutive segments)."""
     bf16, b, xs = inputs(base, tuned)
     out = np.zeros((segments, len(xs), len(xs)))
-    gram(b, xs, bf16, np.ascontiguousarray(packed), task_vectors, b.size // segments, out)
+    gram(b, _addresses(xs), bf16, np.ascontiguousarray(packed), task_vectors,
+         b.size // segments, out)
     return out
 
 
-def apply_chunk(base: torch.Tensor, tuned: torch.Tensor, packed: np.ndarray,
-                coef: np.ndarray, task_vectors: bool, overlap: str, out_dtype: torch.dtype,
+def apply_chunk(base, tuned, packed: np.ndarray, coef: np.ndarray, task_vectors: bool,
+                overlap: str, out_dtype: torch.dtype,
                 buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
     """Fused values of one chunk (``out_dtype``; in ``buffer``, uint8 of the right size, when
     given), and its elements in any core and in two or more cores; ``coef`` is ``[S, N]``
@@ -70,7 +96,7 @@ def apply_chunk(base: torch.Tensor, tuned: torch.Tensor, packed: np.ndarray,
     kind = np.uint16 if bf16 else np.float32
     out = np.empty(b.size, kind) if buffer is None else buffer.numpy().view(kind)
     counts = np.zeros(2, np.int64)
-    apply(b, xs, bf16, np.ascontiguousarray(packed), task_vectors,
+    apply(b, _addresses(xs), bf16, np.ascontiguousarray(packed), task_vectors,
           np.ascontiguousarray(coef, dtype=np.float32), b.size // len(coef),
           overlap == "max-magnitude", out, counts)
     res = torch.from_numpy(out)
@@ -85,6 +111,24 @@ def _bit_table() -> np.ndarray:
 
 
 _BITS = _bit_table()
+
+
+@intrinsic
+def _at(typingctx, like, address):
+    """A pointer to ``like``'s dtype at ``address`` (an integer): with ``numba.carray``, a task's
+    array from the address the caller took of it."""
+    ptr = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[1], context.get_value_type(ptr))
+    return ptr(like, address), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _task(base, addresses, k):
+    """Task k's array: ``base.size`` elements of the base's dtype at ``addresses[k]``."""
+    return numba.carray(_at(base, addresses[k]), base.size)
+
 
 # Inner loops index their arrays with the loop variable only (slices taken per block): an
 # index such as ``start + i`` keeps numba's negative-index wraparound in the loop, which stops
@@ -117,9 +161,10 @@ def _union(packed, b0, nb, union):
 @njit(nogil=True, cache=True)
 def gram(base, tuned, bf16, packed, task_vectors, seg_len, out):
     """Adds the Gram matrices of the chunk's non-core elements into ``out[s]``
-    (float64 ``[S, N, N]``); segment s of the chunk is elements ``s*seg_len:(s+1)*seg_len``."""
+    (float64 ``[S, N, N]``); segment s of the chunk is elements ``s*seg_len:(s+1)*seg_len``.
+    ``tuned``: the tasks' array addresses (see the module's docstring)."""
     n = base.size
-    N = len(tuned)
+    N = tuned.size
     bu = np.empty(BLOCK, np.uint32)
     bf = bu.view(np.float32)
     xu = np.empty(BLOCK, np.uint32)
@@ -135,9 +180,10 @@ def gram(base, tuned, bf16, packed, task_vectors, seg_len, out):
         if masked:
             for j in range(nb):
                 core[j] = _BITS[union[j]]
-        _widen(base, start, m, bf16, bu, bf)
+        if task_vectors:
+            _widen(base, start, m, bf16, bu, bf)
         for k in range(N):
-            _widen(tuned[k], start, m, bf16, xu, xf)
+            _widen(_task(base, tuned, k), start, m, bf16, xu, xf)
             vk = v[k]
             if task_vectors:
                 for i in range(m):
@@ -169,9 +215,10 @@ def apply(base, tuned, bf16, packed, task_vectors, coef, seg_len, max_magnitude,
 
     A core element takes the value of the task whose core holds it, among several the one with
     the larger ``|x_j - base|`` (``max_magnitude``; ties: task order) or the first.
+    ``tuned``: the tasks' array addresses (see the module's docstring).
     """
     n = base.size
-    N = len(tuned)
+    N = tuned.size
     bu = np.empty(BLOCK, np.uint32)
     bf = bu.view(np.float32)
     xu = np.empty((N, BLOCK), np.uint32)
@@ -181,16 +228,18 @@ def apply(base, tuned, bf16, packed, task_vectors, coef, seg_len, max_magnitude,
     union = np.empty(BLOCK // 8, np.uint8)
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
-        _widen(base, start, m, bf16, bu, bf)
+        masked = _union(packed, start >> 3, (m + 7) >> 3, union)
+        if task_vectors or masked:
+            _widen(base, start, m, bf16, bu, bf)
         for k in range(N):
-            _widen(tuned[k], start, m, bf16, xu[k], xf[k])
+            _widen(_task(base, tuned, k), start, m, bf16, xu[k], xf[k])
         lo = 0
         while lo < m:
             s = (start + lo) // seg_len
             hi = min(m, (s + 1) * seg_len - start)
             _combine(xf, lo, hi, bf[lo:hi], coef[s], task_vectors, acc[lo:hi])
             lo = hi
-        if _union(packed, start >> 3, (m + 7) >> 3, union):
+        if masked:
             _transplant(packed, start, m, union, xf, bf, max_magnitude, acc, counts)
         o = out[start:start + m]
         if bf16:
