@@ -174,7 +174,8 @@ def main() -> None:
     ap.add_argument("args", nargs="?")
     a = ap.parse_args()
     if a.measure:
-        res = {"cpift": m_cpift, "naive": m_naive, "gpu": m_gpu, "write": m_write}[a.measure](*json.loads(a.args))
+        measure = {"cpift": m_cpift, "naive": m_naive, "gpu": m_gpu, "write": m_write}
+        res = measure[a.measure](*json.loads(a.args))
         res["peak_rss"] = _vm_hwm()
         print(json.dumps(res))
         return

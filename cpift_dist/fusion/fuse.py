@@ -196,8 +196,9 @@ class _ShardFuser:
     """The tasks of one output shard: per chunk, read once -> Gram -> (fold) -> apply -> write
     at the chunk's offset. A tensor fits one chunk, or with one angle per row, its chunks are
     independent; otherwise its chunks' Gram partials are summed, and the last one folds the
-    coefficients and queues the tensor's apply tasks, which reuse the chunks kept in memory
-    (up to ``cache_bytes`` for all tensors in flight; beyond, they are read again).
+    coefficients and queues the tensor's apply tasks, which map the chunks again (numba) or
+    reuse the chunks kept in memory (torch, Triton: up to ``cache_bytes`` for all tensors in
+    flight; beyond, they are read again).
 
     :meth:`submit` queues the shard's tasks on the shared scheduler; once it has run,
     :meth:`finish` writes the tied copies and returns the counts."""
