@@ -199,15 +199,15 @@ def test_threaded_in_process_is_identical(models, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_loops_equal_the_whole_array_definitions(dtype):
     """The compiled per-chunk loops against the torch/numpy definitions of each pass, with
-    zeros, negative zeros, ties, an Inf and a NaN, over 2 tasks and a size that is not a
-    multiple of the block."""
+    zeros, negative zeros, ties, an Inf and a NaN, over 2 tasks and a size that is a multiple
+    of neither the block nor a byte; the window pass also with an empty window (lo >= hi)."""
     from cpift_dist.analysis import fused
     from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, high_histogram,
                                                   update_magnitude)
     from cpift_dist.analysis.scan import _as_kernel_input
 
     g = torch.Generator().manual_seed(7)
-    n = 4096 * 2 + 40
+    n = 4096 * 2 + 43
     base = torch.randn(n, generator=g).to(dtype)
     tuned = [(base.float() + torch.randn(n, generator=g) * 1e-2 *
               (torch.rand(n, generator=g) < 0.5)).to(dtype) for _ in range(2)]
@@ -241,6 +241,13 @@ def test_fused_loops_equal_the_whole_array_definitions(dtype):
         want = np.flatnonzero((x >= lo[k]) & (x < hi[k]))
         assert np.array_equal(c_idx[c_task == k], want)
         assert np.array_equal(c_bits[c_task == k], x[want])
+    packed2 = np.zeros_like(packed)
+    above2 = np.zeros(4, np.int64)
+    c_task, _, _ = fused.window(b, ts, bf16, active, hi, lo, packed2, above2, bad)  # lo > hi
+    assert len(c_task) == 0
+    for k in range(2):  # everything at or above "hi" (here lo) is in the mask
+        assert np.array_equal(packed2[k], np.packbits(bits[k] >= lo[k], bitorder="little"))
+        assert above2[k] == int((bits[k] >= lo[k]).sum())
     thr = np.array([bits[0][100], bits[1][200], 0, 0], np.int64)
     quota, taken = np.array([1, 0, 0, 0], np.int64), np.zeros(4, np.int64)
     packed = np.zeros((4, (n + 7) // 8), np.uint8)

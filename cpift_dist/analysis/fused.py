@@ -110,6 +110,44 @@ def low_histograms(base, tuned, bf16, active, high, hists):
                     h[tu[i] & np.uint32(0xFFFF)] += 1
 
 
+_ONES = np.uint64(0x0101010101010101)  # bit 0 of each byte of a word
+_GATHER = np.uint64(0x0102040810204080)  # a multiply that gathers bit 0 of 8 bytes into one
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _bits_at(src, i, bf16, base_f32):
+    """Bit pattern of |src[i] - base| (float32) for one element, as the loops compute it."""
+    if bf16:
+        x = np.uint32(np.uint32(src[i]) << np.uint32(16)).view(np.float32)
+    else:
+        x = src[i]
+    return np.float32(abs(x - base_f32)).view(np.uint32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _window_flags(src, start, m, bf16, base_f32, h, low, flags):
+    """``flags[i]`` = (bits >= h) | (bits >= low) << 1 for the block's magnitudes, computed in
+    registers (no scratch array of magnitudes); returns the largest bit pattern.
+
+    Written for LLVM's vectoriser: one store per element, 32-bit compares only (an expression
+    such as ``b - low < width`` on uint32 is typed uint64 by numba, which halves the lanes and
+    measured 2x slower), and no counters (counted from the packed words instead)."""
+    s = src[start:start + m]
+    top = np.uint32(0)
+    if bf16:
+        for i in range(m):
+            x = np.uint32(np.uint32(s[i]) << np.uint32(16)).view(np.float32)
+            b = np.float32(abs(x - base_f32[i])).view(np.uint32)
+            flags[i] = np.uint8(b >= h) | (np.uint8(b >= low) << np.uint8(1))
+            top = max(top, b)
+    else:
+        for i in range(m):
+            b = np.float32(abs(s[i] - base_f32[i])).view(np.uint32)
+            flags[i] = np.uint8(b >= h) | (np.uint8(b >= low) << np.uint8(1))
+            top = max(top, b)
+    return top
+
+
 @njit(nogil=True, cache=True)
 def window(base, tuned, bf16, active, lo, hi, packed, above, nonfinite):
     """The window pass of a chunk, for each task with ``active[task]``.
@@ -118,43 +156,49 @@ def window(base, tuned, bf16, active, lo, hi, packed, above, nonfinite):
     ``hi[task]``, counts them into ``above[task]``, flags ``nonfinite[task]`` when a bit pattern
     is >= +Inf's, and returns the elements with ``lo <= bits < hi`` as three arrays (task, flat
     index in the chunk, int32 bits), in task then index order.
+
+    Per block and task: one vectorised sweep writes two flag bits per element
+    (:func:`_window_flags`); one pass over the flags, 8 at a time as a uint64 word, packs the
+    mask bits and counts both flags (a multiply each); the window's few elements are found
+    from the words (a zero word, the usual case, is skipped) and their bits computed again.
+    Measured on 2 cores, 348M bf16, 3 tasks, real window: 0.6-0.8 ns per task and element
+    against 0.9-1.3 ns for the loop it replaced (a magnitude scratch array, then a sweep with
+    counters).
     """
     n = base.size
     bu = np.empty(BLOCK, np.uint32)
     bf = bu.view(np.float32)
-    tu = np.empty(BLOCK, np.uint32)
-    tf = tu.view(np.float32)
     cap = 1024
     c_task = np.empty(cap, np.int32)
     c_idx = np.empty(cap, np.int64)
     c_bits = np.empty(cap, np.int32)
     count = 0
     flags = np.zeros(BLOCK, np.uint8)
+    words = flags.view(np.uint64)
     for start in range(0, n, BLOCK):  # BLOCK is a multiple of 8: a block fills whole bytes
         m = min(BLOCK, n - start)
+        nb = (m + 7) >> 3
         _widen(base, start, m, bf16, bu, bf)
         for k in range(len(tuned)):
             if not active[k]:
                 continue
             h = np.uint32(hi[k])
-            low = np.uint32(lo[k])
-            width = h - low if h > low else np.uint32(0)
-            _magnitude_bits(bf, tuned[k], start, m, bf16, tu, tf)
-            n_above = 0
-            n_in = 0
-            top = np.uint32(0)
-            for i in range(m):  # one vectorised sweep: the mask bits, the counts, the maximum
-                b = tu[i]
-                f = np.uint8(b >= h)
-                flags[i] = f
-                n_above += f
-                n_in += b - low < width  # unsigned: low <= b < low + width
-                top = max(top, b)
+            low = np.uint32(min(lo[k], hi[k]))  # an empty window when lo >= hi
+            top = _window_flags(tuned[k], start, m, bf16, bf, h, low, flags)
             flags[m:] = 0
-            _pack_flags(flags, m, packed[k], start >> 3)
+            o = packed[k][start >> 3:(start >> 3) + nb]
+            n_above = np.uint64(0)
+            n_low = np.uint64(0)
+            for j in range(nb):
+                w = words[j]
+                a = w & _ONES
+                o[j] |= np.uint8((a * _GATHER) >> np.uint64(56))
+                n_above += (a * _ONES) >> np.uint64(56)  # the byte sum lands in the top byte
+                n_low += (((w >> np.uint64(1)) & _ONES) * _ONES) >> np.uint64(56)
             above[k] += n_above
             if top >= NONFINITE:
                 nonfinite[k] = True
+            n_in = n_low - n_above  # low <= bits < hi
             if n_in == 0:  # the usual case: the window is narrow
                 continue
             if count + n_in > cap:
@@ -162,22 +206,19 @@ def window(base, tuned, bf16, active, lo, hi, packed, above, nonfinite):
                 c_task = _grow(c_task, cap)
                 c_idx = _grow(c_idx, cap)
                 c_bits = _grow(c_bits, cap)
-            count = _collect(tu, m, low, width, k, start, c_task, c_idx, c_bits, count)
+            for j in range(nb):
+                inside = (words[j] >> np.uint64(1)) & ~words[j] & _ONES
+                if inside == 0:
+                    continue
+                for q in range(8):
+                    if (inside >> np.uint64(8 * q)) & np.uint64(1):
+                        i = 8 * j + q
+                        c_task[count] = k
+                        c_idx[count] = start + i
+                        c_bits[count] = np.int32(_bits_at(tuned[k], start + i, bf16, bf[i]))
+                        count += 1
     order = np.argsort(c_task[:count], kind="mergesort")  # stable: index order within a task
     return c_task[:count][order], c_idx[:count][order], c_bits[:count][order]
-
-
-@njit(nogil=True, cache=True)
-def _collect(bits, m, low, width, k, start, c_task, c_idx, c_bits, count):
-    """Appends the elements with ``low <= bits < low + width``; returns the new count."""
-    for i in range(m):
-        b = bits[i]
-        if b - low < width:  # unsigned: low <= b < low + width
-            c_task[count] = k
-            c_idx[count] = start + i
-            c_bits[count] = np.int32(b)
-            count += 1
-    return count
 
 
 @njit(nogil=True, cache=True)
