@@ -166,6 +166,33 @@ def test_ray_and_in_process_give_identical_masks(models, tmp_path, ray_local):
     assert man["executor"] == "ray" and man["units"] > 4 and man["status"] == "complete"
 
 
+def test_mask_counts_equal_numpy_over_blocks_and_ragged_ends(tmp_path):
+    """Sizes and pairwise intersections of 3 mask files against numpy on the unpacked masks:
+    a tensor spanning two read blocks with a last block that is not whole words, tiny ones, and
+    an empty mask."""
+    from cpift_dist.analysis.masks import MaskWriter, pack_mask
+    from cpift_dist.analysis.overlap import _BLOCK, mask_counts
+
+    shapes = {"big": (1000, 2101), "odd": (7,), "small": (3, 5)}
+    assert 8 * _BLOCK < 1000 * 2101 < 16 * _BLOCK and (1000 * 2101 // 8) % 8  # 2 blocks, ragged
+    g = np.random.default_rng(3)
+    masks = [{n: g.random(math.prod(s)) < d for n, s in shapes.items()} for d in (0.3, 0.5, 0.0)]
+    paths = []
+    for t, m in enumerate(masks):
+        w = MaskWriter(tmp_path / f"t{t}.safetensors", shapes)
+        for n, bits in m.items():
+            w.write(n, 0, pack_mask(bits))
+        w.close({"task": f"t{t}"})
+        paths.append(tmp_path / f"t{t}.safetensors")
+    names = sorted(shapes)
+    counts, inter = mask_counts(paths, names)
+    for ti, n in enumerate(names):
+        assert counts[ti].tolist() == [int(m[n].sum()) for m in masks]
+    for i in range(3):
+        for j in range(3):
+            assert inter[i, j] == sum(int((masks[i][n] & masks[j][n]).sum()) for n in names)
+
+
 def test_mask_file_format(models, tmp_path):
     analyze(models["base"], {"a": models["a"]}, tmp_path / "out", AnalysisConfig(p=0.02),
             progress=False)
