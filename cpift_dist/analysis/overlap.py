@@ -35,13 +35,13 @@ def and_counts(words, counts, inter):
         c = np.uint64(0)
         for x in range(wi.size):
             c += _popcount(wi[x])
-        counts[i] += c
+        counts[i] += np.int64(c)  # (int64 + uint64 would be typed float64)
         for j in range(i + 1, n):
             wj = words[j]
             c = np.uint64(0)
             for x in range(wi.size):
                 c += _popcount(wi[x] & wj[x])
-            inter[i, j] += c
+            inter[i, j] += np.int64(c)
 
 
 def mask_counts(paths: list[Path], names: list[str],
