@@ -12,6 +12,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 from tqdm.auto import tqdm
 
+from cpift_dist.errors import MaskError
 from cpift_dist.io.checkpoint import read_header
 
 _BLOCK = 1 << 18  # packed bytes per file and read: 2M elements; N such rows stay in L2/L3
@@ -82,7 +83,7 @@ def mask_counts(paths: list[Path], names: list[str],
             for i, (fd, h) in enumerate(zip(fds, headers)):
                 got = os.preadv(fd, [memoryview(buf[i, :size])], h[name][2] + s)
                 if got != size:
-                    raise OSError(f"{paths[i]}: tensor {name!r} ends early")
+                    raise MaskError(f"{paths[i]}: tensor {name!r} ends early (truncated)")
             and_counts(buf[:, :padded].view(np.uint64), counts[ti], part)
         return part
 
