@@ -268,7 +268,7 @@ def test_fused_loops_equal_the_whole_array_definitions(dtype):
         want = np.flatnonzero((x >= lo[k]) & (x < hi[k]))
         assert np.array_equal(c_idx[c_task == k], want)
         assert np.array_equal(c_bits[c_task == k], x[want])
-    packed2 = np.zeros_like(packed)
+    packed2 = np.full_like(packed, 0xFF)  # the loops write every byte of an active row
     above2 = np.zeros(4, np.int64)
     c_task, _, _ = fused.window(b, ts, bf16, active, hi, lo, packed2, above2, bad)  # lo > hi
     assert len(c_task) == 0
@@ -278,6 +278,7 @@ def test_fused_loops_equal_the_whole_array_definitions(dtype):
     thr = np.array([bits[0][100], bits[1][200], 0, 0], np.int64)
     quota, taken = np.array([1, 0, 0, 0], np.int64), np.zeros(4, np.int64)
     packed = np.zeros((4, (n + 7) // 8), np.uint8)
+    packed[:2] = 0xFF  # written, not ORed into
     fused.threshold_masks(b, ts, bf16, active, thr, quota, taken, packed)
     for k in range(2):
         sel = bits[k] > thr[k]
