@@ -115,13 +115,25 @@ _GATHER = np.uint64(0x0102040810204080)  # a multiply that gathers bit 0 of 8 by
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _from_bf16(u):
+    """The float32 value of bf16 bits ``u`` (exact: a 16-bit shift)."""
+    return np.uint32(np.uint32(u) << np.uint32(16)).view(np.float32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _magnitude(x, base):
+    """Bit pattern of the float32 |x - base|: the magnitude every mask is selected on."""
+    return np.float32(abs(x - base)).view(np.uint32)
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _bits_at(src, i, bf16, base_f32):
     """Bit pattern of |src[i] - base| (float32) for one element, as the loops compute it."""
     if bf16:
-        x = np.uint32(np.uint32(src[i]) << np.uint32(16)).view(np.float32)
+        x = _from_bf16(src[i])
     else:
         x = src[i]
-    return np.float32(abs(x - base_f32)).view(np.uint32)
+    return _magnitude(x, base_f32)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -137,13 +149,12 @@ def _window_flags(src, start, m, bf16, base_f32, h, low, flags):
     top = np.uint32(0)
     if bf16:
         for i in range(m):
-            x = np.uint32(np.uint32(s[i]) << np.uint32(16)).view(np.float32)
-            b = np.float32(abs(x - base_f32[i])).view(np.uint32)
+            b = _magnitude(_from_bf16(s[i]), base_f32[i])
             flags[i] = np.uint8(b >= h) | (np.uint8(b >= low) << np.uint8(1))
             top = max(top, b)
     else:
         for i in range(m):
-            b = np.float32(abs(s[i] - base_f32[i])).view(np.uint32)
+            b = _magnitude(s[i], base_f32[i])
             flags[i] = np.uint8(b >= h) | (np.uint8(b >= low) << np.uint8(1))
             top = max(top, b)
     return top
