@@ -10,9 +10,10 @@ every matrix (a sample of the first rows of each chunk misses them). Then, in on
 measurement in a fresh process (peak RSS from VmHWM; for Ray, sampled over the process tree):
   raw       sequential read of the files from page cache (16 MiB blocks)
   naive     load base and one tuned model whole, torch.topk on the concatenated magnitudes
-  cpift     cpift's analysis of 1 and of 3 tasks, in-process on each of --threads threads,
-            and on a local Ray (in-process runs also print their throughput without the
-            fixed per-process start of numba's loops, timed apart)
+  cpift     cpift's analysis of 1 and of 3 tasks into a fresh output directory, in-process
+            on each of --threads threads and on a local Ray (in-process runs also print
+            their throughput without the fixed per-process start of numba's loops, timed
+            apart)
 and prints the ratios the targets are stated in (throughput against the raw read, the thread
 speed-up) and how each selection was resolved (sample-window: one full pass). Raw reads are
 the best of 3 runs, cpift runs the best of 2, the naive analysis runs once.
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -133,6 +135,8 @@ def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str,
         threading.Thread(target=_sample_tree, args=(tree_peak, stop), daemon=True).start()
     else:
         ex = InProcessExecutor(threads=threads)
+    shutil.rmtree(out, ignore_errors=True)  # a fresh output, as a first run writes: replacing
+    # the previous one (overwrite) cost 0.04-0.05 s more here, and is not the analysis's work
     baseline = _tree_rss()
     t0 = time.perf_counter()
     if executor != "ray":  # numba's per-process start, timed apart (analyze would do it first,
