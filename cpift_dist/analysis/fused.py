@@ -166,8 +166,9 @@ def window(base, tuned, bf16, active, lo, hi, packed, above, nonfinite):
 
     Writes every byte of ``packed[task]`` once, without reading it (see :func:`_pack_flags`):
     bit i (little bit order) set where the magnitude's bits are >= ``hi[task]``. Counts those
-    into ``above[task]``, flags ``nonfinite[task]`` when a bit pattern is >= +Inf's, and returns the elements with ``lo <= bits < hi`` as three arrays (task, flat
-    index in the chunk, int32 bits), in task then index order.
+    into ``above[task]``, flags ``nonfinite[task]`` when a bit pattern is >= +Inf's, and returns
+    the elements with ``lo <= bits < hi`` as three arrays (task, flat index in the chunk, int32
+    bits), in task then index order.
 
     Per block and task: one vectorised sweep writes two flag bits per element
     (:func:`_window_flags`); one pass over the flags, 8 at a time as a uint64 word, packs the
@@ -243,7 +244,7 @@ def _pack_flags(flags, m, out, byte0):
     maps the shared zero page, so that the write then faults again to copy it and flushes the
     other cores' TLBs by interrupt (``do_wp_page``). Measured on 2 cores (348M bf16, 3 tasks,
     2 threads): those faults were 12-18% of the window pass's thread samples; the pass took
-    0.61-0.66 s with ``|=`` against 0.48-0.52 s now."""
+    0.62-0.64 s with ``|=`` against 0.49-0.55 s now (4 alternated runs each)."""
     words = flags.view(np.uint64)
     nb = (m + 7) >> 3
     o = out[byte0:byte0 + nb]
