@@ -13,6 +13,9 @@ Sections, in order (``--only`` picks some; each runs even if an earlier one fail
   fuse       `cpift fuse` of a pair (empty masks, weights, omega 0.5) and of the 3 tasks with
              their masks: CUDA (Triton) vs CPU (numba, every core) vs `mergekit-yaml --cuda`
              (pair), elements that differ between them
+  writes     bench/write_bench.py in --work: 2 GiB written in 8 MiB blocks by 1 thread, by
+             every core into one file (as the fuser's threads write one shard), into one
+             file each, and into a shared map of one file
   zero3      a masked SFT stage, DeepSpeed ZeRO-3 bf16 on NCCL (one rank per GPU), then an
              independent check with safetensors and numpy: every frozen element bit-identical
   tests      the test files that touch the GPU path, on this machine (Triton CPU-reference tests
@@ -44,7 +47,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
-SECTIONS = ["bandwidth", "build", "analyze", "fuse", "zero3", "tests", "masked", "profile"]
+SECTIONS = ["bandwidth", "build", "analyze", "fuse", "writes", "zero3", "tests", "masked",
+            "profile"]
 OUT: Path | None = None
 SHAPE = dict(hidden=2048, layers=22, inter=5632, vocab=32000, heads=32, kv=4)
 # --dry: a small model and "cuda" replaced by the CPU, to check this script where no GPU is
@@ -459,6 +463,14 @@ def s_masked(work: Path) -> None:
             row("masked", line.split(":")[0], line.split(":", 1)[1].strip())
         elif line.strip().startswith("EPI"):
             row("masked", "  " + line.strip().split(":")[0], line.split(":", 1)[1].strip())
+
+
+def s_writes(work: Path) -> None:
+    import write_bench
+
+    size, times = write_bench.run(work / "writes", 0.25 if DRY else 2.0, os.cpu_count() or 1)
+    for way, fig in write_bench.lines(size, times):
+        row("writes", write_bench.WHAT[way].format(n=os.cpu_count()), fig.strip())
 
 
 def s_tests(work: Path) -> None:
