@@ -60,7 +60,7 @@ def measure(way: str, d: Path, size: int, threads: int, buf: np.ndarray) -> floa
         _run(n, lambda k: [os.pwrite(fd, buf, off) for off in range(k * BLOCK, size, n * BLOCK)])
         os.close(fd)
     elif way == "files":
-        part = size // threads // BLOCK * BLOCK
+        part = size // threads
         fds = [_new(p, part) for p in paths]
         _run(threads, lambda k: [os.pwrite(fds[k], buf, off) for off in range(0, part, BLOCK)])
         for fd in fds:
@@ -91,7 +91,8 @@ WHAT = {"one": "1 thread, one file", "same": "{n} threads, one file",
 def run(d: Path, gib: float, threads: int, rounds: int = 3) -> tuple[int, dict[str, list[float]]]:
     """The bytes written and each way's seconds, ``rounds`` alternated rounds."""
     d.mkdir(parents=True, exist_ok=True)
-    size = max(1, int(gib * (1 << 30)) // BLOCK) * BLOCK
+    step = BLOCK * max(1, threads)  # every way writes the same bytes: whole blocks per file
+    size = max(1, int(gib * (1 << 30)) // step) * step
     buf = np.random.default_rng(0).integers(0, 256, BLOCK, dtype=np.uint8)
     times: dict[str, list[float]] = {w: [] for w in WAYS}
     for _ in range(rounds):
