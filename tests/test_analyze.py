@@ -226,7 +226,7 @@ def test_threaded_in_process_is_identical(models, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_loops_equal_the_whole_array_definitions(dtype):
     """The compiled per-chunk loops against the torch/numpy definitions of each pass, with
-    zeros, negative zeros, ties, an Inf and a NaN, over 2 tasks and a size that is a multiple
+    zeros, negative zeros, subnormals, ties, an Inf and a NaN, over 2 tasks and a size that is a multiple
     of neither the block nor a byte; the window pass also with an empty window (lo >= hi)."""
     from cpift_dist.analysis import fused
     from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, high_histogram,
@@ -241,6 +241,8 @@ def test_fused_loops_equal_the_whole_array_definitions(dtype):
     base[:3] = torch.tensor([0.0, -0.0, 1.0])
     tuned[0][:3] = torch.tensor([-0.0, 0.0, 1.0])
     tuned[1][10], tuned[1][11] = float("inf"), float("nan")
+    base[20:23] = 0.0  # magnitudes in the high bins 0-7 that are not zero (subnormals)
+    tuned[0][20:23] = torch.tensor([1e-40, -6e-40, 3e-40]).to(dtype)
     b = _as_kernel_input(base)
     ts = tuple(_as_kernel_input(t) for t in tuned) + (b, b)  # a group of 4, 2 inactive
     bf16 = dtype == torch.bfloat16

@@ -67,7 +67,14 @@ def high_histograms(base, tuned, bf16, active, hists, seg, step):
 
     Only the elements ``[s, s + seg)`` for ``s`` in ``range(0, n, step)`` are read (the sample
     pass: ``seg`` a few whole rows, ``step`` every ``sample_every``-th such segment); ``seg =
-    step = n`` reads all."""
+    step = n`` reads all.
+
+    Most magnitudes are often exactly zero (elements a fine-tune left unchanged, or whose
+    update bf16 rounded away: 77% in the benchmark's checkpoints). Incrementing ``h[0]`` for
+    each made every increment wait for the previous one's store (about 5 cycles per element);
+    zeros are counted in a register instead, and add 0 to one of bins 0-7 in turn so that the
+    loop stays branch-free (measured: 1.95 ns per element and task before, 0.94 ns now, with
+    the same histograms)."""
     n = base.size
     bu = np.empty(BLOCK, np.uint32)
     bf = bu.view(np.float32)
@@ -83,8 +90,13 @@ def high_histograms(base, tuned, bf16, active, hists, seg, step):
                     continue
                 _magnitude_bits(bf, tuned[k], start, m, bf16, tu, tf)
                 h = hists[k]
+                nonzero = 0
                 for i in range(m):
-                    h[tu[i] >> np.uint32(16)] += 1
+                    u = tu[i]
+                    nz = np.int64(u != np.uint32(0))
+                    h[(u >> np.uint32(16)) if u != np.uint32(0) else np.uint32(i & 7)] += nz
+                    nonzero += nz
+                h[0] += m - nonzero  # the zero magnitudes, counted in a register
 
 
 @njit(nogil=True, cache=True)
