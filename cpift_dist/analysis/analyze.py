@@ -38,7 +38,7 @@ from cpift_dist.config import TASK_NAME, AnalysisConfig
 from cpift_dist.errors import CpiftError
 from cpift_dist.executor import InProcessExecutor
 from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
-                           sha256_file, write_manifest)
+                           write_manifest)
 
 
 _log = logging.getLogger(__name__)
@@ -167,11 +167,9 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
 
         digests = {"base": checkpoint_digest(base)}
         digests.update({f"tuned/{t}": checkpoint_digest(p) for t, p in tuned.items()})
-        with ThreadPoolExecutor(len(writers)) as pool:  # hashing and copying release the GIL
-            outputs = dict(zip(
-                (f"masks/{t}.safetensors" for t in writers),
-                pool.map(lambda t: writers[t].close(_mask_metadata(t, cfg, sels, digests)),
-                         writers)))
+        with ThreadPoolExecutor(len(writers)) as pool:  # the copies release the GIL
+            list(pool.map(lambda t: writers[t].close(_mask_metadata(t, cfg, sels, digests)),
+                          writers))
 
         marks.append(("mask files", time.perf_counter()))
         counts, inter = mask_counts([tmp / "masks" / f"{t}.safetensors" for t in tuned],
@@ -184,10 +182,9 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
                                  f"elements, expected k={s['k']}")
         overlap = _overlap(list(tuned), inter)
         marks.append(("counts", time.perf_counter()))
-        for name, obj in (("stats.json", stats), ("overlap.json", overlap)):
-            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-            outputs[name] = sha256_file(tmp / name)
-        write_manifest(tmp, "analyze", cfg.model_dump(mode="json"), digests, outputs=outputs,
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        (tmp / "overlap.json").write_text(json.dumps(overlap, indent=2) + "\n")
+        write_manifest(tmp, "analyze", cfg.model_dump(mode="json"), digests,
                        extra={"tasks": list(tuned), "executor": executor.name,
                               "units": len(units), "passes": passes})
     marks.append(("manifest", time.perf_counter()))
