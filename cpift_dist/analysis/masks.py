@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from cpift_dist.analysis.fused import set_bits
 from cpift_dist.errors import MaskError
 from cpift_dist.io.checkpoint import read_header
 from cpift_dist.io.safetensors_stream import build_header
@@ -84,12 +85,15 @@ class MaskWriter:
         """Sets the bits of flat element ``positions`` (any order) of parameter ``name``."""
         if len(positions) == 0:
             return
-        byte = positions >> 3
-        lo, hi = int(byte.min()), int(byte.max()) + 1
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        lo, hi = int(positions.min()) >> 3, (int(positions.max()) >> 3) + 1
         where = self.offsets[name] + lo
-        buf = np.frombuffer(os.pread(self._fd, hi - lo, where), dtype=np.uint8).copy()
-        np.bitwise_or.at(buf, byte - lo, (1 << (positions & 7)).astype(np.uint8))
-        os.pwrite(self._fd, buf.tobytes(), where)
+        buf = np.empty(hi - lo, np.uint8)
+        if os.preadv(self._fd, [buf], where) != len(buf):
+            raise MaskError(f"{self._scratch}: mask scratch file ends early")
+        set_bits(buf, positions, 8 * lo)  # compiled (GIL released): numpy's bitwise_or.at
+        # took 10-20 ns per position
+        os.pwrite(self._fd, buf, where)
 
     def close(self, metadata: dict[str, str]) -> None:
         """Writes the final file (header with ``metadata``, then the bytes) and the scratch away."""
