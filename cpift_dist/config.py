@@ -37,8 +37,12 @@ class AnalysisConfig(_Model):
     """Elements per unit of work (one Ray task holds one chunk per model at a time)."""
     sample_every: int = Field(64, ge=0)
     """Sample 1 row in N to predict each threshold (one full pass instead of two); 0 = off."""
-    collect_limit: int = Field(1 << 22, ge=0)
-    """Most candidate elements a window may hold (larger: radix select with a third pass)."""
+    collect_limit: int | None = Field(None, ge=0)
+    """Most window candidates held at once, all tasks and selection groups together (24 bytes
+    each counted: what the driver keeps, and the working copies of the selection being
+    resolved). Selections whose windows do not fit take the radix path: 2 full passes instead
+    of 1, or 3 when even the threshold's bin does not fit. None: as many as fit in a quarter
+    of the memory available when the analysis starts (the machine's, or its cgroup's)."""
     check_finite: bool = True
     """Reject NaN or Inf weights (naming the tensor and file)."""
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_fp32_matches_oracle(models, tmp_path, p, path):
 def test_mispredicted_window_falls_back_to_radix(models, tmp_path, monkeypatch):
     import sys
     mod = sys.modules["cpift_dist.analysis.analyze"]
-    monkeypatch.setattr(mod, "sample_window", lambda sel, h, limit: (0x3F000000, 0x3F800000))
+    monkeypatch.setattr(mod, "sample_window", lambda sel, h: (0x3F000000, 0x3F800000, 0))
     tuned = {"a": models["a"]}
     res = analyze(models["base"], tuned, tmp_path / "out", AnalysisConfig(p=0.02, **SMALL),
                   progress=False)
@@ -70,6 +71,59 @@ def test_mispredicted_window_falls_back_to_radix(models, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["passes"] == [
         "sample", "window", "radix-histogram", "radix-bin"]
     assert_masks_equal(tmp_path / "out", models["base"], tuned, 0.02)
+
+
+def test_windows_are_collected_within_the_budget(models, tmp_path, monkeypatch):
+    """collect_limit bounds the window candidates of all selections together: the smallest
+    windows are collected, the others take the radix path, and every mask stays exact. The
+    default is a quarter of the available memory, at 24 bytes a candidate."""
+    import sys
+    mod = sys.modules["cpift_dist.analysis.analyze"]
+    estimates = []
+    real = mod.sample_window
+
+    def spy(sel, h):
+        w = real(sel, h)
+        estimates.append(w[2])
+        return w
+
+    monkeypatch.setattr(mod, "sample_window", spy)
+    tuned = {"a": models["a"], "b": models["b"]}
+    res = analyze(models["base"], tuned, tmp_path / "all", AnalysisConfig(p=0.02, **SMALL),
+                  progress=False)
+    assert methods(res) == {"sample-window"} and len(estimates) == 2
+    small, large = sorted(estimates)
+    assert small > 0
+    monkeypatch.setattr(mod, "available_memory", lambda: 96 * small)  # the default's source
+    assert mod.collect_limit(AnalysisConfig()) == small
+    for limit, want in ((small + large, ["sample-window", "sample-window"]),
+                        (small + large - 1, ["radix", "sample-window"]),
+                        (small - 1, ["radix", "radix"])):
+        out = tmp_path / f"l{limit}"
+        res = analyze(models["base"], tuned, out,
+                      AnalysisConfig(p=0.02, collect_limit=limit, **SMALL), progress=False)
+        assert sorted(s["groups"]["all"]["method"] for s in res.stats.values()) == want, limit
+        assert json.loads((out / "manifest.json").read_text())["collect_limit"] == limit
+        assert_masks_equal(out, models["base"], tuned, 0.02)
+
+
+def test_available_memory_respects_cgroup_limits(tmp_path, monkeypatch):
+    """A cgroup's limit caps the budget; its inactive page cache counts as room."""
+    from cpift_dist.analysis.analyze import _cgroup_room, available_memory
+
+    d = tmp_path / "cg"
+    d.mkdir()
+    (d / "memory.max").write_text("1000000\n")
+    (d / "memory.current").write_text("700000\n")
+    (d / "memory.stat").write_text("anon 500000\ninactive_file 150000\n")
+    assert _cgroup_room(d, "memory.max", "memory.current", "inactive_file") == 450000
+    (d / "memory.max").write_text("max\n")
+    assert _cgroup_room(d, "memory.max", "memory.current", "inactive_file") >= 1 << 60
+    assert _cgroup_room(tmp_path / "none", "memory.max", "memory.current", "x") >= 1 << 60
+    meminfo = Path("/proc/meminfo").read_text()
+    avail = next(int(x.split()[1]) * 1024 for x in meminfo.splitlines()
+                 if x.startswith("MemAvailable:"))
+    assert 0 < available_memory() <= avail + (256 << 20)  # another process may free memory
 
 
 @pytest.mark.parametrize("path", list(PATHS))

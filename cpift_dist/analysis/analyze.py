@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
     sels = {(t, g): Selection(math.floor(cfg.p * n), n)
             for t in tuned for g, n in group_numel.items()}
     ctx = ScanContext(str(base), {t: str(p) for t, p in tuned.items()}, cfg.check_finite)
+    limit = collect_limit(cfg)
     # numba's loops loaded once here, before the executor's threads or workers start: threads
     # that each load them at once serialise on numba's compiler lock (measured on 16 cores)
     marks.append(("checks", time.perf_counter()))
@@ -115,10 +117,10 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
                                            [(u, cfg.sample_every) for u in units]), "sample"):
                 for key, sparse in res.items():
                     add_sparse(hist[key], sparse)
-            for key in active:
-                w = sample_window(sels[key], hist[key], cfg.collect_limit)
-                if w is not None:
-                    plan[key] = ("window", *w)
+            windows = {key: w for key in active
+                       if (w := sample_window(sels[key], hist[key])) is not None}
+            for key in _admit({key: w[2] for key, w in windows.items()}, limit):
+                plan[key] = ("window", *windows[key][:2])
             passes.append("sample")
             marks.append(("sample", time.perf_counter()))
         # Window pass: one full pass resolves every selection whose window was right.
@@ -138,12 +140,11 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
                               "radix histogram"):
                 for key, sparse in res.items():
                     add_sparse(high[key], sparse)
-            plan = {}
             for key in rest:
-                sel = sels[key]
-                resolve_high(sel, high[key])
-                plan[key] = (("window", sel.high << 16, (sel.high + 1) << 16)
-                             if sel.in_bin <= cfg.collect_limit else ("histogram", sel.high))
+                resolve_high(sels[key], high[key])
+            fits = _admit({key: sels[key].in_bin for key in rest}, limit)
+            plan = {key: (("window", sels[key].high << 16, (sels[key].high + 1) << 16)
+                          if key in fits else ("histogram", sels[key].high)) for key in rest}
             del high
             ok, unit_low = _window_pass(plan, units, ctx, executor, writers, sels, bar,
                                         "radix bin")
@@ -186,7 +187,8 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
         (tmp / "overlap.json").write_text(json.dumps(overlap, indent=2) + "\n")
         write_manifest(tmp, "analyze", cfg.model_dump(mode="json"), digests,
                        extra={"tasks": list(tuned), "executor": executor.name,
-                              "units": len(units), "passes": passes})
+                              "units": len(units), "passes": passes,
+                              "collect_limit": limit})
     marks.append(("manifest", time.perf_counter()))
     _log.debug("analyze, %d units: %s", len(units), ", ".join(
         f"{name} {t - marks[i][1]:.2f} s" for i, (name, t) in enumerate(marks[1:])))
@@ -194,6 +196,83 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
 
 
 UNITS_PER_WORKER = 4
+CANDIDATE_BYTES = 24
+"""Driver memory counted per window candidate: 12 bytes kept from the window pass (int64
+index, int32 bits) and up to 12 more while its selection is resolved (the bits concatenated
+and partitioned, the winners' positions)."""
+
+
+def collect_limit(cfg: AnalysisConfig) -> int:
+    """Window candidates the driver may hold: ``cfg.collect_limit``, or by default a quarter of
+    the memory available now (the smaller of the machine's and its cgroup's), at
+    :data:`CANDIDATE_BYTES` each. The masks never depend on it: it only decides how many full
+    passes the analysis takes (a fixed 4M candidates sent every selection of a model above
+    about 1.6B parameters at p = 1% to the radix path's 2-3 passes)."""
+    if cfg.collect_limit is not None:
+        return cfg.collect_limit
+    return available_memory() // 4 // CANDIDATE_BYTES
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: ``MemAvailable``, capped by the room left under
+    each memory cgroup limit from this process's cgroup up to the root (SLURM and Kubernetes
+    set them; cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``). A cgroup's usage
+    counts page cache, so its inactive file pages, which the kernel reclaims first, count as
+    room (as the kubelet's working set does). The free physical memory where ``/proc`` is
+    absent. Written here: psutil reports only the machine's figure."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return avail
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":  # v2
+            root, files = Path("/sys/fs/cgroup"), ("memory.max", "memory.current",
+                                                   "inactive_file")
+        elif "memory" in controllers.split(","):  # v1
+            root, files = Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes",
+                                                          "memory.usage_in_bytes",
+                                                          "total_inactive_file")
+        else:
+            continue
+        d = root / rel.strip().lstrip("/")
+        while True:
+            avail = min(avail, _cgroup_room(d, *files))
+            if d == root or d == d.parent:
+                break
+            d = d.parent
+    return avail
+
+
+def _cgroup_room(d: Path, limit_file: str, usage_file: str, inactive_key: str) -> int:
+    """Room under one cgroup's memory limit (a huge number where it has none or is unread)."""
+    try:
+        limit = (d / limit_file).read_text().strip()
+        if limit == "max" or int(limit) >= 1 << 60:
+            return 1 << 62
+        used = int((d / usage_file).read_text())
+        stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
+        return max(0, int(limit) - used + int(stat.get(inactive_key, 0)))
+    except (OSError, ValueError):
+        return 1 << 62
+
+
+def _admit(sizes: dict, limit: int) -> set:
+    """The selections whose windows are collected: smallest first while their candidates
+    fit in ``limit`` together."""
+    admitted, total = set(), 0
+    for key in sorted(sizes, key=lambda k: (sizes[k], k)):
+        if total + sizes[key] > limit:
+            break
+        admitted.add(key)
+        total += sizes[key]
+    return admitted
 
 
 def unit_size(cfg: AnalysisConfig, total: int, executor) -> int:

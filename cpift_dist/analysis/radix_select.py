@@ -165,7 +165,7 @@ def select_candidates(sel: Selection, above: int, bits: np.ndarray) -> np.ndarra
     return out
 
 
-def sample_window(sel: Selection, sample_hist: np.ndarray, limit: int) -> tuple[int, int] | None:
+def sample_window(sel: Selection, sample_hist: np.ndarray) -> tuple[int, int, int] | None:
     """A window of magnitude bits [lo, hi) that very likely holds the k-th largest element.
 
     From a high-bits histogram of a sample (a 1/s share of the elements), the window spans the
@@ -174,8 +174,9 @@ def sample_window(sel: Selection, sample_hist: np.ndarray, limit: int) -> tuple[
     exactly afterwards (see :func:`select_candidates`); this only predicts.
 
     Returns:
-        (lo, hi) bit bounds, or None when k == 0 or the window would hold more than ``limit``
-        elements (estimated), e.g. when the threshold falls inside a mass of equal values.
+        (lo, hi) bit bounds and the number of elements the window is expected to hold (the
+        caller decides whether to collect them: a threshold inside a mass of equal values makes
+        a huge window), or None when k == 0.
     """
     n = int(sample_hist.sum())
     if sel.k == 0 or n == 0:
@@ -194,6 +195,4 @@ def sample_window(sel: Selection, sample_hist: np.ndarray, limit: int) -> tuple[
     lo_bin = min(lo_bin, hi_bin)
     inside = (from_top[lo_bin] - (from_top[hi_bin] if hi_bin < nb else 0)) * scale
     hi_bin = min(hi_bin, NONFINITE_BIN)  # every finite magnitude lies below +Inf's bits
-    if inside > limit:
-        return None
-    return lo_bin << 16, hi_bin << 16
+    return lo_bin << 16, hi_bin << 16, math.ceil(inside)
