@@ -198,7 +198,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
 UNITS_PER_WORKER = 4
 CANDIDATE_BYTES = 24
 """Driver memory counted per window candidate: 12 bytes kept from the window pass (int64
-index, int32 bits) and up to 12 more while its selection is resolved (the bits concatenated
+index, int32 bits) and about 12 more while its selection is resolved (the bits concatenated
 and partitioned, the winners' positions)."""
 
 
