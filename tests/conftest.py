@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -7,8 +8,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-if "RAY_TMPDIR" not in os.environ:  # a temp dir only where none is given (no empty leftovers)
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="cpift-t-")
+_OWN_TMP = None
+if "RAY_TMPDIR" not in os.environ:  # a temp dir only where none is given, removed at the end
+    _OWN_TMP = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="cpift-t-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -88,3 +90,9 @@ def tiny_run(tmp_path_factory, ray_local):
     pristine = tmp_path_factory.mktemp("pristine") / "runs"
     shutil.copytree(d, pristine)
     return cfg, res, logs, pristine
+
+
+def pytest_unconfigure(config):
+    """Removes the Ray temp dir this run made (scripts/test.sh makes and removes its own)."""
+    if _OWN_TMP:
+        shutil.rmtree(_OWN_TMP, ignore_errors=True)
