@@ -257,8 +257,9 @@ def _cgroup_room(d: Path, limit_file: str, usage_file: str, inactive_key: str) -
         if limit == "max" or int(limit) >= 1 << 60:
             return 1 << 62
         used = int((d / usage_file).read_text())
-        stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
-        return max(0, int(limit) - used + int(stat.get(inactive_key, 0)))
+        inactive = next((int(f[1]) for f in map(str.split, (d / "memory.stat").read_text()
+                                                   .splitlines()) if f[:1] == [inactive_key]), 0)
+        return max(0, int(limit) - used + inactive)
     except (OSError, ValueError):
         return 1 << 62
 
