@@ -39,8 +39,7 @@ class AnalysisConfig(_Model):
     """Sample 1 row in N to predict each threshold (one full pass instead of two); 0 = off."""
     collect_limit: int | None = Field(None, ge=0)
     """Most window candidates held at once, all tasks and selection groups together (24 bytes
-    each counted: what the driver keeps, and the working copies of the selection being
-    resolved). Selections whose windows do not fit take the radix path: 2 full passes instead
+    each counted: the 12 the driver keeps, the bits of the selection being resolved, room). Selections whose windows do not fit take the radix path: 2 full passes instead
     of 1, or 3 when even the threshold's bin does not fit. None: as many as fit in a quarter
     of the memory available when the analysis starts (the machine's, or its cgroup's)."""
     check_finite: bool = True

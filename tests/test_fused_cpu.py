@@ -135,6 +135,8 @@ def test_warm_compiles_every_signature_the_stages_use(models, bf16_models, tmp_p
         fuse(m["base"], tuned, d / "an" / "masks", d / "fu",
              FusionConfig(chunk_elements=1024, device="cpu"), progress=False)
     assert [len(f.signatures) for f in loops] == [2] * len(loops)
+    assert len(analysis_loops.kth_largest_bits.signatures) == 1
+    assert len(analysis_loops.set_winners.signatures) == 1
 
 
 @pytest.mark.timeout(120)

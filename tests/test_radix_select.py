@@ -6,9 +6,8 @@ import torch
 
 from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, Selection, find_bin, finite,
                                               high_histogram, low_histogram, magnitude_bits,
-                                              resolve_high, resolve_low, sample_window,
-                                              select_candidates,
-                                              update_magnitude)
+                                              resolve_high, resolve_low, resolve_window,
+                                              sample_window, update_magnitude)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,9 +42,50 @@ def test_exact_threshold_matches_sort(seed):
         sel2 = Selection(k, u.numel())
         resolve_high(sel2, high_histogram(u).numpy())
         in_bin = (bits >> 16) == sel2.high
-        chosen = select_candidates(sel2, sel2.above, bits[in_bin].numpy())
-        assert sel2.threshold_bits == sel.threshold_bits and chosen.sum() == sel2.need_in_bin
+        resolve_window(sel2, sel2.above, bits[in_bin].numpy())
+        assert sel2.threshold_bits == sel.threshold_bits
         assert (sel2.greater, sel2.ties) == (sel.greater, sel.ties)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_window_winners_match_a_stable_sort(seed):
+    """The compiled window selection against a stable descending sort of the candidates: the
+    same threshold and ties, and exactly the same winners' bits set (the first equal ones in
+    candidate order winning), segment by segment, each at its own flat offset."""
+    from cpift_dist.analysis import fused
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 30000))
+    spread = [1 << 8, 1 << 20, 1 << 31][seed % 3]  # one, a few or many high bins
+    bits = rng.integers(0, spread, n, dtype=np.int64).astype(np.int32)
+    bits[rng.random(n) < 0.3] = bits[0]  # a mass of equal values
+    cuts = np.sort(rng.integers(0, n + 1, int(rng.integers(0, 40))))
+    bounds = np.concatenate([[0], cuts, [n]])  # empty segments too
+    flat = 1000 + rng.permutation(n)  # distinct positions, in no order
+    firsts = rng.integers(0, 1000, len(bounds) - 1)
+    order = np.argsort(-bits.astype(np.int64), kind="stable")
+    for need in sorted({1, 2, n // 3 + 1, n // 2 + 1, n - 1 or 1, n}):
+        above = int(rng.integers(0, 1000))
+        sel = Selection(above + need, 10 ** 9)
+        resolve_window(sel, above, bits)
+        won = np.zeros(n, bool)
+        won[order[:need]] = True
+        thr = int(bits[order[need - 1]])
+        greater = int((bits > thr).sum())
+        assert (sel.threshold_bits, sel.greater, sel.ties) == (thr, above + greater,
+                                                                need - greater)
+        packed = np.zeros((1000 + n + 7) // 8, np.uint8)
+        left = sel.ties
+        for a, b, first in zip(bounds[:-1], bounds[1:], firsts):
+            left = fused.set_winners(fused.readonly(bits[a:b]), fused.readonly(flat[a:b] - first),
+                                     int(first), sel.threshold_bits, left, packed)
+        want = np.zeros(len(packed) * 8, bool)
+        want[flat[won]] = True
+        assert left == 0
+        np.testing.assert_array_equal(packed, np.packbits(want, bitorder="little"))
+    with pytest.raises(ValueError, match="does not hold"):
+        resolve_window(Selection(n + 5, 10 ** 9), 4, bits)
+    with pytest.raises(ValueError, match="does not hold"):
+        resolve_window(Selection(3, 10 ** 9), 3, bits)
 
 
 def test_non_finite_values_are_seen_by_the_histogram():

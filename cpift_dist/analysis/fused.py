@@ -302,6 +302,56 @@ def set_bits(packed, positions, first):
 
 
 @njit(nogil=True, cache=True)
+def kth_largest_bits(bits, need):
+    """The ``need``-th largest of the non-negative int32 ``bits`` (1 <= need <= bits.size),
+    and how many are strictly greater: a two-level radix select, two passes over ``bits``.
+    Four interleaved high histograms: a window's candidates fall in a few bins, and one
+    histogram would make every increment wait on the one before (a store chain)."""
+    h = np.zeros((4, 1 << 15), np.int64)
+    n = bits.size
+    q = n - n % 4
+    for i in range(0, q, 4):
+        h[0, bits[i] >> 16] += 1
+        h[1, bits[i + 1] >> 16] += 1
+        h[2, bits[i + 2] >> 16] += 1
+        h[3, bits[i + 3] >> 16] += 1
+    for i in range(q, n):
+        h[0, bits[i] >> 16] += 1
+    above = 0
+    hb = (1 << 15) - 1
+    while True:
+        c = h[0, hb] + h[1, hb] + h[2, hb] + h[3, hb]
+        if above + c >= need:
+            break
+        above += c
+        hb -= 1
+    low = np.zeros(1 << 16, np.int64)
+    for i in range(n):
+        b = bits[i]
+        if (b >> 16) == hb:
+            low[b & 0xFFFF] += 1
+    lb = 0xFFFF
+    while above + low[lb] < need:
+        above += low[lb]
+        lb -= 1
+    return (hb << 16) | lb, above
+
+
+@njit(nogil=True, cache=True)
+def set_winners(bits, idx, first, thr, left, packed):
+    """Sets, in the packed mask bytes ``packed``, bit ``idx[j] + first`` (little bit order) of
+    every candidate j above ``thr`` and of the first ``left`` equal to it; returns how many
+    ties are left for the next segment. Branch-free: every candidate ORs its flag in."""
+    for j in range(bits.size):
+        b = bits[j]
+        tie = (b == thr) & (left > 0)
+        left -= np.int64(tie)
+        p = idx[j] + first
+        packed[p >> 3] |= np.uint8((b > thr) | tie) << np.uint8(p & 7)
+    return left
+
+
+@njit(nogil=True, cache=True)
 def _grow(a, cap):
     out = np.empty(cap, a.dtype)
     out[:a.size] = a
@@ -339,6 +389,15 @@ def threshold_masks(base, tuned, bf16, active, thr, quota, taken, packed):
                         taken[k] += 1
             flags[m:] = 0
             _pack_flags(flags, m, packed[k], start >> 3)
+
+
+def readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view of ``a``. numba compiles a loop once per writability of its array
+    arguments: window candidates come back writable from threads and read-only from Ray's
+    object store, so they are always passed read-only (one signature, loaded by :func:`warm`)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 _BLAS_PROBE = "scipy.linalg.cython_blas"
@@ -407,3 +466,6 @@ def warm(dtypes=(np.uint16, np.float32)) -> None:
         threshold_masks(b, t, bf16, active, i64, i64, np.zeros(GROUP, np.int64),
                         np.zeros((GROUP, 2), np.uint8))
     set_bits(np.zeros(1, np.uint8), np.zeros(1, np.int64), 0)
+    kth_largest_bits(readonly(np.zeros(1, np.int32)), 1)
+    set_winners(readonly(np.zeros(1, np.int32)), readonly(np.zeros(1, np.int64)), 0, 0, 1,
+                np.zeros(1, np.uint8))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from pathlib import Path
 
@@ -94,6 +95,14 @@ class MaskWriter:
         set_bits(buf, positions, 8 * lo)  # compiled (GIL released): numpy's bitwise_or.at
         # took 10-20 ns per position
         os.pwrite(self._fd, buf, where)
+
+    def mapped(self) -> np.ndarray:
+        """The packed bytes of every parameter as one writable array over the scratch file
+        (parameter ``name`` starts at ``offsets[name]``), unmapped when the array is freed.
+        Writes go through the page cache: :meth:`write` and :meth:`close` see them."""
+        if self._size == 0:
+            return np.zeros(0, np.uint8)
+        return np.frombuffer(mmap.mmap(self._fd, self._size), np.uint8)
 
     def close(self, metadata: dict[str, str]) -> None:
         """Writes the final file (header with ``metadata``, then the bytes) and the scratch away."""

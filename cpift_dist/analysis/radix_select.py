@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cpift_dist.analysis import fused
+
 HIGH_BINS = 1 << 15  # high 16 bits of a non-negative float32: the sign bit is 0
 LOW_BINS = 1 << 16
 NONFINITE_BIN = 0x7F80  # high bits of +Inf; NaN magnitudes lie above it
@@ -137,32 +139,30 @@ def resolve_low(sel: Selection, low_hist: np.ndarray) -> None:
     sel.ties = sel.k - sel.greater
 
 
-def select_candidates(sel: Selection, above: int, bits: np.ndarray) -> np.ndarray:
-    """Resolves a selection from a window of candidates, given in canonical order.
+def resolve_window(sel: Selection, above: int, bits: np.ndarray) -> None:
+    """Resolves a selection from a window of candidates.
 
-    Every element above the window is selected (``above`` of them); the ``k - above`` largest
-    candidates are too, the first in order winning among equal values (a stable descending
-    sort). Sets the exact threshold, ``greater`` and ``ties`` in ``sel``.
+    Every element above the window is selected (``above`` of them); so are the ``k - above``
+    largest candidates, the first in canonical order winning among equal values (a stable
+    descending sort): :func:`~cpift_dist.analysis.fused.window_winners` picks them. Sets the
+    exact threshold, ``greater`` and ``ties`` in ``sel`` (a compiled two-pass radix select).
 
     Args:
         above: elements above the window.
-        bits: int32 magnitude bits of the window's elements, in canonical order.
+        bits: int32 magnitude bits of the window's elements.
 
-    Returns:
-        A boolean array aligned with ``bits``.
+    Raises:
+        ValueError: the window does not hold the k-th largest element.
     """
     need = sel.k - above
     if not 0 < need <= len(bits):
         raise ValueError(f"window does not hold the k-th largest: k={sel.k}, above={above}, "
                          f"window={len(bits)}")
-    thr = int(np.partition(bits, len(bits) - need)[len(bits) - need])  # need-th largest
-    out = bits > thr
-    ties = need - int(out.sum())
-    out[np.flatnonzero(bits == thr)[:ties]] = True  # the first equal ones win
-    sel.threshold_bits = thr
-    sel.greater = sel.k - ties
-    sel.ties = ties
-    return out
+    thr, greater = fused.kth_largest_bits(fused.readonly(np.ascontiguousarray(bits, np.int32)),
+                                          need)
+    sel.threshold_bits = int(thr)
+    sel.ties = need - int(greater)
+    sel.greater = sel.k - sel.ties
 
 
 def sample_window(sel: Selection, sample_hist: np.ndarray) -> tuple[int, int, int] | None:
@@ -171,7 +171,7 @@ def sample_window(sel: Selection, sample_hist: np.ndarray) -> tuple[int, int, in
     From a high-bits histogram of a sample (a 1/s share of the elements), the window spans the
     bins between the sample's quantiles at k(1 +- margin); the margin is 10% plus five standard
     deviations of the sampled count. Whether it really holds the k-th largest is checked
-    exactly afterwards (see :func:`select_candidates`); this only predicts.
+    exactly afterwards (see :func:`resolve_window`); this only predicts.
 
     Returns:
         (lo, hi) bit bounds and the number of elements the window is expected to hold (the
