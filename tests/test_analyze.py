@@ -277,6 +277,53 @@ def test_threaded_in_process_is_identical(models, tmp_path):
         assert sha256_file(tmp_path / "one" / f) == sha256_file(tmp_path / "two" / f)
 
 
+@pytest.mark.parametrize("read_ahead", [1, 1500])
+def test_cold_inputs_are_asked_ahead_and_give_the_same_masks(models, tmp_path, monkeypatch,
+                                                              read_ahead):
+    """Where the page cache lacks a unit's pages, the sample pass asks the kernel for exactly
+    its sampled rows, a full pass for each chunk once, a bounded distance ahead; a warm cache
+    asks for nothing; the masks are the same either way."""
+    from cpift_dist.analysis import scan
+    from cpift_dist.analysis.plan import plan_units
+    from cpift_dist.io.checkpoint import CheckpointReader
+
+    asked = []
+    monkeypatch.setattr(scan, "READ_AHEAD", read_ahead)
+    monkeypatch.setattr(CheckpointReader, "prefetch_rows",
+                        lambda self, name, ranges: asked.append((name, list(ranges))))
+    tuned = {"a": models["a"], "b": models["b"]}
+    cfg = AnalysisConfig(p=0.03, **SMALL)
+    for cold in (False, True):
+        monkeypatch.setattr(CheckpointReader, "cached", lambda self, points, c=cold: not c)
+        analyze(models["base"], tuned, tmp_path / str(cold), cfg, progress=False)
+        assert bool(asked) == cold
+    for t in tuned:
+        f = f"masks/{t}.safetensors"
+        assert sha256_file(tmp_path / "False" / f) == sha256_file(tmp_path / "True" / f)
+
+    ck = Checkpoint(models["base"])
+    units = plan_units([ck.tensors[n] for n in ck.names()], cfg.selection, cfg.chunk_elements,
+                       cfg.unit_elements)
+    ctx = scan.ScanContext(str(models["base"]), {t: str(p) for t, p in tuned.items()})
+    unit = max(units, key=lambda u: len(u.chunks))
+    assert len(unit.chunks) > 3
+    for every in (64, 1):
+        asked.clear()
+        chunks = unit.chunks
+        for ci, *_ in scan._chunks(ctx, unit, every):
+            if every == 1:  # asked for so far: this chunk and the next ones within READ_AHEAD
+                ahead = ci + 1
+                while ahead < len(chunks) and sum(c.numel for c in chunks[ci:ahead]) < read_ahead:
+                    ahead += 1
+                assert len(asked) == 3 * ahead
+        if every == 64:
+            want = [(c.name, [(c.row_start + a, c.row_start + b) for a, b in scan.sample_ranges(
+                c.row_stop - c.row_start, ck.info(c.name).row_numel, 64)]) for c in unit.chunks]
+        else:
+            want = [(c.name, [(c.row_start, c.row_stop)]) for c in unit.chunks]
+        assert asked == [w for w in want for _ in range(3)]  # base and the two tuned
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_loops_equal_the_whole_array_definitions(dtype):
     """The compiled per-chunk loops against the torch/numpy definitions of each pass, with

@@ -37,10 +37,11 @@ def test_mapped_rows_equal_the_read_rows_and_survive_dropping(models, bf16_model
                 for s in range(0, info.rows, 5):
                     e = min(info.rows, s + 5)
                     mapped = r.map_rows(name, s, e)
-                    assert not mapped.flags.writeable
+                    sparse = r.map_rows(name, s, e, random_access=True)  # the sample's map
+                    assert not mapped.flags.writeable and not sparse.flags.writeable
                     want = r.read_rows(name, s, e).view(torch.uint8).numpy().copy()
                     r.drop_mapped()  # the pages leave the page tables; the array refaults them
-                    assert (mapped == want).all()
+                    assert (mapped == want).all() and (sparse == want).all()
 
 
 def test_a_file_truncated_after_opening_is_an_error_not_a_crash(models, tmp_path):
@@ -56,7 +57,54 @@ def test_a_file_truncated_after_opening_is_an_error_not_a_crash(models, tmp_path
     with open(info.file, "r+b") as f:
         f.truncate(info.offset + 8)
     with ck.reader() as r, pytest.raises(CpiftError, match=f"{info.file.name}.*truncated"):
+        r.prefetch_rows(name, [(0, 1), (info.rows - 1, info.rows)])  # clipped at the end
         r.map_rows(name, 0, info.rows)
+
+
+def test_prefetch_asks_for_the_pages_of_each_range(models, monkeypatch):
+    """A cold pass's prefetch: one MADV_WILLNEED per row range, from the page holding its first
+    byte to its last byte, on the file's random-access map."""
+    import mmap
+
+    from cpift_dist.io import checkpoint
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, mm):
+            self.mm = mm
+
+        def __len__(self):
+            return len(self.mm)
+
+        def madvise(self, option, start, length):
+            calls.append((option, start, length))
+
+    real_map = checkpoint._file_map
+    monkeypatch.setattr(checkpoint, "_file_map",
+                        lambda fd, random_access=False: Recorder(real_map(fd, random_access)))
+    ck = Checkpoint(models["base"])
+    name = max(ck.names(), key=lambda n: ck.info(n).numel)
+    info = ck.info(name)
+    row_bytes = info.row_numel * info.dtype.itemsize
+    ranges = [(0, 1), (2, 4), (info.rows - 1, info.rows)]
+    with ck.reader() as r:
+        r.prefetch_rows(name, ranges)
+    want = []
+    for a, b in ranges:
+        begin, end = info.offset + a * row_bytes, info.offset + b * row_bytes
+        page = begin - begin % mmap.PAGESIZE
+        want.append((mmap.MADV_WILLNEED, page, end - page))
+    assert calls == want
+
+
+def test_cached_tells_pages_in_the_page_cache(models):
+    """``cached`` (mincore) finds the pages of a checkpoint just read in the page cache."""
+    ck = Checkpoint(models["base"])
+    for f in {ck.info(n).file for n in ck.names()}:
+        f.read_bytes()
+    with ck.reader() as r:
+        assert r.cached([(n, ck.info(n).rows - 1) for n in ck.names()])
 
 
 @pytest.mark.parametrize("shard_bytes", [30_000, 10 << 20])
