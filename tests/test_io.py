@@ -63,7 +63,7 @@ def test_a_file_truncated_after_opening_is_an_error_not_a_crash(models, tmp_path
 
 def test_prefetch_asks_for_the_pages_of_each_range(models, monkeypatch):
     """A cold pass's prefetch: one MADV_WILLNEED per row range, from the page holding its first
-    byte to its last byte, on the file's random-access map."""
+    byte to its last byte."""
     import mmap
 
     from cpift_dist.io import checkpoint

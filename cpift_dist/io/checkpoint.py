@@ -241,7 +241,7 @@ class CheckpointReader:
         at a time. Ranges past the end of a truncated file are left to :meth:`map_rows`."""
         info = self.checkpoint.info(name)
         row_bytes = info.row_numel * info.dtype.itemsize
-        mm = _file_map(self._fd(info.file), True)
+        mm = _file_map(self._fd(info.file))
         size = len(mm)
         for start, stop in ranges:
             begin = info.offset + start * row_bytes
@@ -259,7 +259,7 @@ class CheckpointReader:
         vec = ctypes.c_ubyte(0)
         for name, row in points:
             info = self.checkpoint.info(name)
-            mm = _file_map(self._fd(info.file), True)
+            mm = _file_map(self._fd(info.file))
             at = info.offset + row * info.row_numel * info.dtype.itemsize
             if at >= len(mm):
                 continue  # a truncated file: map_rows reports it
