@@ -313,7 +313,8 @@ def test_cold_inputs_are_asked_ahead_and_give_the_same_masks(models, tmp_path, m
         for ci, *_ in scan._chunks(ctx, unit, every):
             if every == 1:  # asked for so far: this chunk and the next ones within READ_AHEAD
                 ahead = ci + 1
-                while ahead < len(chunks) and sum(c.numel for c in chunks[ci:ahead]) < read_ahead:
+                while (ahead < len(chunks)
+                       and sum(c.numel for c in chunks[ci:ahead]) < read_ahead):
                     ahead += 1
                 assert len(asked) == 3 * ahead
         if every == 64:

@@ -194,6 +194,70 @@ def test_threads_and_cache_budget_give_the_same_bytes(three, tmp_path):
         assert a["outputs"] == b["outputs"] and a["per_tensor"] == b["per_tensor"], backend
 
 
+@pytest.mark.parametrize("space", ["task-vectors", "weights"])
+def test_cold_inputs_are_asked_ahead_and_fuse_the_same(three, tmp_path, monkeypatch, space):
+    """Where the page cache lacks the inputs, the fuser asks the kernel for every chunk of
+    every tuned checkpoint once, ahead of its first read and at most ``READ_AHEAD`` elements
+    per thread (and a chunk) ahead; the base only where it is read (task vectors, or a chunk
+    holding a core element). A warm cache asks for nothing; the output is the same bytes."""
+    import importlib
+
+    from cpift_dist.io.checkpoint import CheckpointReader
+
+    fuse_module = importlib.import_module("cpift_dist.fusion.fuse")
+    monkeypatch.setattr(fuse_module, "READ_AHEAD", 700)
+    real_ahead = fuse_module._ShardFuser._read_ahead
+    gaps = []
+
+    def read_ahead(self, c):
+        real_ahead(self, c)
+        with self.lock:  # the counters as one critical section left them
+            gaps.append(self.shared.asked - self.shared.loaded)
+
+    monkeypatch.setattr(fuse_module._ShardFuser, "_read_ahead", read_ahead)
+    asked: list = []
+    monkeypatch.setattr(CheckpointReader, "prefetch_rows",
+                        lambda self, name, ranges: asked.append(
+                            (str(self.checkpoint.path), name, tuple(ranges[0]))))
+    mask_dir = three["masks"]
+    if space == "weights":  # small cores: chunks without any, whose base is not read
+        analyze(three["base"], three["tuned"], tmp_path / "an", AnalysisConfig(p=0.002),
+                progress=False)
+        mask_dir = tmp_path / "an" / "masks"
+    outs = {}
+    for cold in (False, True):
+        asked.clear()
+        gaps.clear()
+        monkeypatch.setattr(CheckpointReader, "cached", lambda self, points, c=cold: not c)
+        outs[cold] = fuse(three["base"], three["tuned"], mask_dir, tmp_path / str(cold),
+                          FusionConfig(**FAST, space=space), InProcessExecutor(2),
+                          progress=False)
+        assert bool(asked) == cold
+    assert outs[False]["outputs"] == outs[True]["outputs"]
+    assert gaps and all(0 <= g <= 2 * 700 + 1024 for g in gaps)  # asked before read, bounded
+    ck = Checkpoint(three["base"])
+    fused_names = [n for n in ck.names()
+                   if ck.info(n).dtype.is_floating_point and n not in ck.tied]
+    for path in three["tuned"].values():  # every chunk of every tuned model, asked once
+        got = [(n, r) for p, n, r in asked if p == str(Checkpoint(path).path)]
+        assert len(got) == len(set(got))
+        rows = {n: set() for n in fused_names}
+        for n, (a, b) in got:
+            rows[n].update(range(a, b))
+        assert all(rows[n] == set(range(ck.info(n).rows)) for n in fused_names)
+    base_rows = {(n, r) for p, n, r in asked if p == str(ck.path)}
+    masks = [MaskFile(mask_dir / f"{t}.safetensors") for t in three["tuned"]]
+    want = set()
+    for p, n, (a, b) in asked:
+        row = ck.info(n).row_numel
+        if space == "task-vectors" or any(m.read(n).reshape(-1)[a * row:b * row].any()
+                                          for m in masks):
+            want.add((n, (a, b)))
+    assert base_rows == want
+    if space == "weights":
+        assert len(want) < len({(n, r) for _, n, r in asked})  # some chunks hold no core
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the CPU path is tested above)")
 @pytest.mark.parametrize("space", ["task-vectors", "weights"])

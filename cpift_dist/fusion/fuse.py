@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from cpift_dist.analysis.masks import MaskFile, unpack_mask
 from cpift_dist.analysis.plan import Chunk, plan_units
-from cpift_dist.analysis.scan import kernel_view
+from cpift_dist.analysis.scan import PROBES, READ_AHEAD, kernel_view
 from cpift_dist.config import FusionConfig
 from cpift_dist.errors import CpiftError, MaskError
 from cpift_dist.executor import InProcessExecutor, torch_threads
@@ -190,6 +190,10 @@ class _Shared:
         self.closers: list = []  # every thread's open files
         self.pool: dict[int, list[torch.Tensor]] = {}  # free buffers by size
         self.bar = bar  # progress in output bytes, or None
+        # cold inputs: (fuser, chunk) in first-read order, the next one to ask the kernel for,
+        # and the elements asked for and first read so far
+        self.order: list = []
+        self.next = self.asked = self.loaded = 0
 
 
 class _ShardFuser:
@@ -225,6 +229,7 @@ class _ShardFuser:
         # the numba loops read the chunks straight from the files' maps; the torch and Triton
         # paths take tensors (on CUDA copied from page-locked buffers)
         self.maps = self.backend == "numba"
+        self.cold: list[int] = []  # readers (0: the base) whose pages were not in the cache
         if self.kernels is not None:
             _tune_once(self.kernels, len(self.tasks), self._float_dtype(), self.tv, cfg.overlap,
                        self.device)
@@ -254,6 +259,43 @@ class _ShardFuser:
             st = _Tensor(name, chunks, segments, len(chunks), [None] * len(chunks), None)
             for i in range(len(chunks)):
                 self.sched.submit(_GRAM, self._gram_part, st, i, nbytes)
+        self._probe()
+
+    def _probe(self) -> None:
+        """Finds the input checkpoints whose pages are not in the page cache (a few chunks
+        probed, as the analysis does) and queues the shard's chunks to be asked for ahead."""
+        chunks = [c for name in self.shard.names if name not in self.base.tied
+                  and self.base.info(name).dtype.is_floating_point
+                  for c in plan_units([self.base.info(name)], "global",
+                                      self.ctx.cfg.chunk_elements, 1 << 62)[0].chunks]
+        if not chunks:
+            return
+        points = [(c.name, c.row_start) for c in chunks[::max(1, len(chunks) // PROBES)]]
+        self.cold = [i for i, r in enumerate(self._readers()[0]) if not r.cached(points)]
+        if self.cold:
+            with self.lock:
+                self.shared.order += [(self, c) for c in chunks]
+
+    def _read_ahead(self, c: Chunk) -> None:
+        """Before a chunk's first read: asks the kernel for the next chunks of the cold
+        checkpoints, up to :data:`READ_AHEAD` elements per thread ahead of the reads (measured
+        on this VM, cold 348M inputs: see docs/benchmarks.md). The base only where it is read:
+        in task-vector space, or where the chunk holds a core element."""
+        if not self.cold:
+            return
+        sh = self.shared
+        with self.lock:
+            sh.loaded += c.numel
+            todo = []
+            while sh.next < len(sh.order) and sh.asked - sh.loaded < READ_AHEAD * sh.sched.threads:
+                todo.append(sh.order[sh.next])
+                sh.asked += sh.order[sh.next][1].numel
+                sh.next += 1
+        for fuser, nxt in todo:
+            readers = fuser._readers()[0]
+            for i in fuser.cold:
+                if i > 0 or fuser.tv or fuser._masks(nxt).any():
+                    readers[i].prefetch_rows(nxt.name, [(nxt.row_start, nxt.row_stop)])
 
     def finish(self) -> dict:
         for name in self.shard.names:
@@ -415,6 +457,7 @@ class _ShardFuser:
 
     def _whole(self, c: Chunk, segments: int) -> None:
         """A chunk whose coefficients depend on it alone."""
+        self._read_ahead(c)
         data = self._load(c)
         coef = fold_coefficients(self._gram(c, data, segments), self.t)
         self._apply(c, data, coef)
@@ -427,6 +470,7 @@ class _ShardFuser:
                 keep = nbytes <= self.shared.budget and not self.maps
                 st.cached, st.reserved = {}, nbytes if keep else -1
                 self.shared.budget -= nbytes if keep else 0
+        self._read_ahead(st.chunks[i])
         data = self._load(st.chunks[i])
         g = self._gram(st.chunks[i], data, st.segments)
         self._unmap()
