@@ -267,6 +267,40 @@ def test_mask_file_format(models, tmp_path):
     assert len(meta["base_digest"]) == 64 and len(meta["tuned_digest"]) == 64
 
 
+@pytest.mark.parametrize("note", [0, 200_000])
+def test_mask_writer_in_place_and_with_a_header_beyond_its_room(tmp_path, note):
+    """The writer writes its file in place (the header in the room reserved before the data,
+    padded with spaces) or, when the metadata outgrows that room, moves the data behind the
+    header; either way a plain safetensors file with the bits written by ``write``,
+    ``set_bits`` and through ``mapped``, and no other file left."""
+    from safetensors.numpy import load_file
+
+    from cpift_dist.analysis.masks import MaskWriter, pack_mask
+
+    rng = np.random.default_rng(note)
+    shapes = {"w": (37, 11), "v": (5,), "e": (0,), "x.y": (3, 4, 5)}
+    want = {n: rng.random(int(np.prod(s))) < 0.3 for n, s in shapes.items()}
+    path = tmp_path / "m.safetensors"
+    w = MaskWriter(path, shapes)
+    w.write("w", 0, pack_mask(want["w"]))
+    w.set_bits("v", np.flatnonzero(want["v"]))
+    packed = w.mapped()
+    for n in ("x.y",):
+        start = w.offsets[n] - w.data_start
+        packed[start:start + (want[n].size + 7) // 8] |= pack_mask(want[n])
+    del packed
+    w.close({"task": "t", "note": "n" * note})
+    got = load_file(path)
+    for n, m in want.items():
+        assert np.array_equal(got[n], pack_mask(m)), n
+    from safetensors import safe_open
+    with safe_open(str(path), "np") as f:
+        assert len(f.metadata()["note"]) == note
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    if note == 0:  # in place: the data where it was written
+        assert path.stat().st_size == w.data_start + sum((m.size + 7) // 8 for m in want.values())
+
+
 def test_threaded_in_process_is_identical(models, tmp_path):
     tuned = {"a": models["a"], "b": models["b"]}
     cfg = AnalysisConfig(p=0.04, **SMALL)

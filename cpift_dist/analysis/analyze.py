@@ -341,7 +341,7 @@ def _window_pass(plan: dict, units: list[Unit], ctx, executor, writers, sels, ba
 def _select_window(sel: Selection, above: int, segments: list, units: list[Unit],
                    writer: MaskWriter) -> None:
     """Picks the window's winners in canonical order and sets their bits in the mask (compiled
-    loops straight on the mapped scratch file: a numpy partition, per-segment boolean indexing
+    loops straight on the mapped mask file: a numpy partition, per-segment boolean indexing
     and a read-modify-write per tensor took 0.2 s of a 1.5 s analysis)."""
     resolve_window(sel, above, np.concatenate([s[3] for s in segments]))
     left = sel.ties
@@ -349,7 +349,7 @@ def _select_window(sel: Selection, above: int, segments: list, units: list[Unit]
     for i, ci, idx, bits in segments:
         c = units[i].chunks[ci]
         left = fused.set_winners(fused.readonly(bits), fused.readonly(idx),
-                                 8 * writer.offsets[c.name] + c.flat_start,
+                                 8 * (writer.offsets[c.name] - writer.data_start) + c.flat_start,
                                  sel.threshold_bits, left, packed)
     assert left == 0, "every tie is placed"
 

@@ -7,8 +7,9 @@ bytes under the parameter's name. File metadata (all strings, as safetensors req
 ``tensors`` (JSON: name -> {numel, shape}), ``base_digest``, ``tuned_digest``.
 
 The writer is hand-written on purpose: ``safetensors.save_file`` needs every tensor in memory at
-once, and a mask of a 70B model is 8.75 GB. The header is written first and the packed bytes are
-placed at their offsets as chunks finish, in any order. Files are read back with safetensors.
+once, and a mask of a 70B model is 8.75 GB. The packed bytes are placed at their offsets as
+chunks finish, in any order, after room reserved for the header, which is written last (its
+JSON padded with spaces, as the format allows). Files are read back with safetensors.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import math
 import mmap
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -50,29 +52,50 @@ def packed_len(numel: int) -> int:
 
 
 class MaskWriter:
-    """Writes one mask file: packed bytes at their offsets as chunks finish, header at close.
+    """Writes one mask file in place: packed bytes at their offsets as chunks finish, the
+    header at close.
 
-    The packed bytes go to a scratch file first (the threshold and counts that the header's
-    metadata records are known only at the end); :meth:`close` writes the header and copies the
-    bytes after it.
+    The threshold and counts that the header's metadata records are known only at the end, so
+    the data starts after room reserved for the header (:meth:`_reserve`, page-aligned), and
+    :meth:`close` writes the header there, its JSON padded with spaces (the safetensors format
+    allows trailing whitespace in the header). Before, the bytes went to a scratch file that
+    close copied after the header: 0.05 s for the 348M benchmark's 3 masks, and at 70B a
+    second write of 26 GB. A header that outgrows its room (it cannot with the metadata the
+    analysis and EPI write) is still written, by moving the bytes behind it.
 
     Args:
-        path: output file.
+        path: output file (written in place: put it in a temporary directory or name).
         shapes: parameter name -> shape, for every parameter of the model.
     """
 
     def __init__(self, path: str | Path, shapes: dict[str, tuple[int, ...]]):
         self.path = Path(path)
         self.shapes = dict(sorted(shapes.items()))
-        self.offsets: dict[str, int] = {}
-        off = 0
+        self.offsets: dict[str, int] = {}  # file offset of each parameter's packed bytes
+        self._base = self._reserve()
+        off = self._base
         for name, shape in self.shapes.items():
             self.offsets[name] = off
             off += packed_len(math.prod(shape))
-        self._size = off
-        self._scratch = self.path.with_name(self.path.name + ".data")
-        self._fd = os.open(self._scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._size = off - self._base
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self._fd, off)  # zero bits: nothing selected
+
+    def _entries(self) -> dict:
+        return {n: (torch.uint8, (packed_len(math.prod(s)),)) for n, s in self.shapes.items()}
+
+    def _tensors_json(self) -> str:
+        return json.dumps({n: {"numel": math.prod(s), "shape": list(s)}
+                           for n, s in self.shapes.items()}, separators=(",", ":"))
+
+    def _reserve(self) -> int:
+        """Bytes before the data: the header without the run's metadata, plus room for it
+        (4 KiB, and per parameter twice its name and 48 bytes: a per-tensor selection records
+        a threshold per parameter), rounded up to a page."""
+        bare, _ = build_header(self._entries(), {"format": MASK_FORMAT,
+                                                 "tensors": self._tensors_json()})
+        room = len(bare) + 4096 + sum(2 * len(n) + 48 for n in self.shapes)
+        return -(-room // mmap.PAGESIZE) * mmap.PAGESIZE
 
     def write(self, name: str, byte_offset: int, packed: np.ndarray) -> None:
         """Writes packed bytes of parameter ``name`` starting at its byte ``byte_offset``."""
@@ -91,50 +114,61 @@ class MaskWriter:
         where = self.offsets[name] + lo
         buf = np.empty(hi - lo, np.uint8)
         if os.preadv(self._fd, [buf], where) != len(buf):
-            raise MaskError(f"{self._scratch}: mask scratch file ends early")
+            raise MaskError(f"{self.path}: mask file ends early")
         set_bits(buf, positions, 8 * lo)  # compiled (GIL released): numpy's bitwise_or.at
         # took 10-20 ns per position
         os.pwrite(self._fd, buf, where)
 
     def mapped(self) -> np.ndarray:
-        """The packed bytes of every parameter as one writable array over the scratch file
-        (parameter ``name`` starts at ``offsets[name]``), unmapped when the array is freed.
-        Writes go through the page cache: :meth:`write` and :meth:`close` see them."""
+        """The packed bytes of every parameter as one writable array over the file (parameter
+        ``name`` starts at ``offsets[name] - offsets[first]``, the data's start), unmapped when
+        the array is freed. Writes go through the page cache: :meth:`write` and :meth:`close`
+        see them."""
         if self._size == 0:
             return np.zeros(0, np.uint8)
-        return np.frombuffer(mmap.mmap(self._fd, self._size), np.uint8)
+        return np.frombuffer(mmap.mmap(self._fd, self._size, offset=self._base), np.uint8)
+
+    @property
+    def data_start(self) -> int:
+        """File offset of the first parameter's packed bytes (index 0 of :meth:`mapped`)."""
+        return self._base
 
     def close(self, metadata: dict[str, str]) -> None:
-        """Writes the final file (header with ``metadata``, then the bytes) and the scratch away."""
+        """Writes the header with ``metadata`` before the bytes, and closes the file."""
         meta = {k: str(v) for k, v in metadata.items()}
         meta["format"] = MASK_FORMAT
-        meta["tensors"] = json.dumps(
-            {n: {"numel": math.prod(s), "shape": list(s)} for n, s in self.shapes.items()},
-            separators=(",", ":"))
-        header, _ = build_header({n: (torch.uint8, (packed_len(math.prod(s)),))
-                                  for n, s in self.shapes.items()}, meta)
-        with open(self.path, "wb") as out:
-            out.write(header)
-            out.flush()
-            _copy_range(self._fd, out.fileno(), self._size, len(header))
-        os.close(self._fd)
-        self._scratch.unlink()
+        meta["tensors"] = self._tensors_json()
+        header, _ = build_header(self._entries(), meta)
+        try:
+            if len(header) <= self._base:
+                pad = self._base - len(header)
+                os.pwrite(self._fd, struct.pack("<Q", self._base - 8) + header[8:]
+                          + b" " * pad, 0)
+            else:  # the data moves behind the longer header (a second file, then renamed)
+                moved = self.path.with_name(self.path.name + ".moving")
+                with open(moved, "wb") as out:
+                    out.write(header)
+                    out.flush()
+                    _copy_range(self._fd, out.fileno(), self._size, len(header), self._base)
+                os.replace(moved, self.path)
+        finally:
+            os.close(self._fd)
 
 
-def _copy_range(src: int, dst: int, size: int, dst_at: int) -> None:
-    """Copies ``size`` bytes from the start of ``src`` to ``dst`` at ``dst_at`` in the kernel
+def _copy_range(src: int, dst: int, size: int, dst_at: int, src_at: int = 0) -> None:
+    """Copies ``size`` bytes of ``src`` from ``src_at`` to ``dst`` at ``dst_at`` in the kernel
     (``copy_file_range``: no trip through Python buffers, the GIL released), falling back to
     pread/pwrite where the file system refuses it."""
     pos = 0
     while pos < size:
         try:
-            n = os.copy_file_range(src, dst, size - pos, pos, dst_at + pos)
+            n = os.copy_file_range(src, dst, size - pos, src_at + pos, dst_at + pos)
         except OSError:
             n = 0
         if n <= 0:
-            block = os.pread(src, min(1 << 24, size - pos), pos)
+            block = os.pread(src, min(1 << 24, size - pos), src_at + pos)
             if not block:
-                raise MaskError(f"mask scratch file ended {size - pos} bytes early")
+                raise MaskError(f"mask file ended {size - pos} bytes early")
             n = os.pwrite(dst, block, dst_at + pos)
         pos += n
 
