@@ -144,7 +144,7 @@ def resolve_window(sel: Selection, above: int, bits: np.ndarray) -> None:
 
     Every element above the window is selected (``above`` of them); so are the ``k - above``
     largest candidates, the first in canonical order winning among equal values (a stable
-    descending sort): :func:`~cpift_dist.analysis.fused.window_winners` picks them. Sets the
+    descending sort): :func:`~cpift_dist.analysis.fused.set_winners` marks them. Sets the
     exact threshold, ``greater`` and ``ties`` in ``sel`` (a compiled two-pass radix select).
 
     Args:
