@@ -121,8 +121,8 @@ class MaskWriter:
 
     def mapped(self) -> np.ndarray:
         """The packed bytes of every parameter as one writable array over the file (parameter
-        ``name`` starts at ``offsets[name] - data_start``), unmapped when the array is freed. Writes go through the page cache: :meth:`write` and :meth:`close`
-        see them."""
+        ``name`` starts at ``offsets[name] - data_start``), unmapped when the array is freed.
+        Writes go through the page cache: :meth:`write` and :meth:`close` see them."""
         if self._size == 0:
             return np.zeros(0, np.uint8)
         return np.frombuffer(mmap.mmap(self._fd, self._size, offset=self._base), np.uint8)
