@@ -253,11 +253,12 @@ class CheckpointReader:
     def cached(self, points: list[tuple[str, int]]) -> bool:
         """Whether the page holding each (tensor, row)'s first byte is in the page cache
         (``mincore``, about 6 us a page here: callers probe a few rows, not every chunk);
-        False where it cannot be told. Linux (5.0 on) tells the page cache only for files the
-        process owns or may write; for others it tells only pages mapped in its own page
-        tables, so a shared read-only checkpoint reads as cold: the callers then ask for pages
-        already cached, which costs the requests' time only (about 20% of a warm sample pass,
-        none of the results)."""
+        False where it cannot be told. A kernel that tells the page cache only for files the
+        process owns or may write (Linux 5.0 restricted ``mincore`` so) would read a shared
+        read-only checkpoint as cold: the callers would then ask for pages already cached,
+        which costs the requests' time only (about 20% of a warm sample pass), never the
+        results. This VM's kernel (6.18) tells it for another user's read-only file
+        (checked)."""
         if _MINCORE is None:
             return False
         vec = ctypes.c_ubyte(0)
