@@ -193,11 +193,12 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
         "metrics-export-port", "ray-client-server-port", "node-manager-port",
         "object-manager-port")]
+    head_log = open(tmp_path / "head.log", "wb")  # why a head that exits failed
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address",
                              "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
                              "--dashboard-port", str(dash), "--num-cpus", "2", *ports,
                              "--temp-dir", str(short)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdout=head_log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         import socket
@@ -207,7 +208,8 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", dash)) == 0:
                     break
-            assert head.poll() is None, "ray start --head exited"
+            assert head.poll() is None, ("ray start --head exited: "
+                                         + (tmp_path / "head.log").read_text()[-3000:])
             time.sleep(1)
         else:
             pytest.fail("the Ray head's dashboard did not come up in 120 s")
