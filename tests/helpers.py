@@ -155,10 +155,19 @@ TINY = ("train.max_steps=2", "train.save_every=1", "train.progress=false", "grou
 
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for a rendezvous)."""
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1: every socket stays bound until all are
+    chosen, so the kernel cannot hand out the same port twice."""
+    import contextlib
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def write_mask(path: Path, model: Path, select, task: str = "t") -> dict[str, torch.Tensor]:

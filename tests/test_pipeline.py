@@ -167,7 +167,7 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
     import sys
     from pathlib import Path
 
-    from helpers import free_port, run
+    from helpers import free_ports, run
 
     cfg, _, _, _ = tiny_run
     root = Path(__file__).resolve().parents[1]
@@ -177,7 +177,6 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
     token = tmp_path / "token"
     token.write_text(secrets.token_hex(16))
     token.chmod(0o600)
-    port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "RAY_TMPDIR": str(short),  # the job's `python` is this environment's
            # Ray's single-machine mode: the node IP is 127.0.0.1 and every server of the head
@@ -185,34 +184,59 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    # --block in its own session: the test stops this head alone (`ray stop` would stop every
-    # Ray on the machine, the session's own included)
-    # every port its own: the session's Ray already holds the defaults (e.g. the dashboard
-    # agent's 52365), and a second agent that cannot bind leaves job submission without one
-    ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port", "node-manager-port",
-        "object-manager-port")]
-    head_log = open(tmp_path / "head.log", "wb")  # why a head that exits failed
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address",
-                             "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                             "--dashboard-port", str(dash), "--num-cpus", "2", *ports,
-                             "--temp-dir", str(short)], env=env,
-                            stdout=head_log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        import socket
-        import time
+    import signal
+    import socket
+    import time
+
+    def stop(proc):
+        try:  # the head and its GCS, raylet and workers share its process group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=60)
+
+    def start_head(attempt: int):
+        """A head in its own session (the test stops it alone: `ray stop` would stop every Ray
+        on the machine, the session's own included), every port its own: the session's Ray
+        already holds the defaults (e.g. the dashboard agent's 52365), and a second agent that
+        cannot bind leaves job submission without one. Returns the process and its dashboard
+        port once the dashboard answers, or None with its log when it exits first."""
+        port, dash, *more = free_ports(9)
+        ports = [f"--{name}={p}" for name, p in zip((
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "ray-client-server-port", "node-manager-port",
+            "object-manager-port"), more)]
+        log = tmp_path / f"head-{attempt}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                 "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                 str(dash), "--num-cpus", "2", *ports, "--temp-dir", str(short)], env=env,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", dash)) == 0:
-                    break
-            assert head.poll() is None, ("ray start --head exited: "
-                                         + (tmp_path / "head.log").read_text()[-3000:])
+                    return proc, dash, log
+            if proc.poll() is not None:
+                stop(proc)  # whatever it started before it exited
+                return None, dash, log
             time.sleep(1)
-        else:
-            pytest.fail("the Ray head's dashboard did not come up in 120 s")
+        stop(proc)
+        pytest.fail("the Ray head's dashboard did not come up in 120 s: "
+                    + log.read_text()[-3000:])
+
+    # a head that exits before its dashboard answers (a port another process took between
+    # choosing and binding it) is started again on new ports; its log is kept and shown
+    for attempt in range(3):
+        head, dash, log = start_head(attempt)
+        if head is not None:
+            break
+        print(f"ray start --head exited (attempt {attempt + 1}):\n{log.read_text()[-3000:]}")
+    else:
+        pytest.fail("ray start --head exited three times; the last log:\n"
+                    + log.read_text()[-3000:])
+    try:
         excludes = '{"excludes": ["runs/", ".git/", ".venv/", "bench/_data/", "__pycache__/"]}'
         for _ in range(30):  # the job agent comes up a little after the dashboard
             job = run(
@@ -242,12 +266,7 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
         assert {"gcs_server", "raylet"} <= names, names
         assert not exposed, f"the head listens beyond loopback: {exposed}"
     finally:
-        import signal
-        try:  # the head and its GCS, raylet and workers share its process group
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        head.wait(timeout=60)
+        stop(head)
         shutil.rmtree(short, ignore_errors=True)
 
 
