@@ -325,6 +325,8 @@ def test_cold_inputs_are_asked_ahead_and_give_the_same_masks(models, tmp_path, m
     monkeypatch.setattr(scan, "READ_AHEAD", read_ahead)
     monkeypatch.setattr(CheckpointReader, "prefetch_rows",
                         lambda self, name, ranges: asked.append((name, list(ranges))))
+    monkeypatch.setattr(CheckpointReader, "prefetch_gather", lambda self, parts: asked.append(
+        [(name, np.asarray(ranges).tolist()) for name, ranges in parts]))
     tuned = {"a": models["a"], "b": models["b"]}
     cfg = AnalysisConfig(p=0.03, **SMALL)
     for cold in (False, True):
@@ -341,22 +343,19 @@ def test_cold_inputs_are_asked_ahead_and_give_the_same_masks(models, tmp_path, m
     ctx = scan.ScanContext(str(models["base"]), {t: str(p) for t, p in tuned.items()})
     unit = max(units, key=lambda u: len(u.chunks))
     assert len(unit.chunks) > 3
-    for every in (64, 1):
-        asked.clear()
-        chunks = unit.chunks
-        for ci, *_ in scan._chunks(ctx, unit, every):
-            if every == 1:  # asked for so far: this chunk and the next ones within READ_AHEAD
-                ahead = ci + 1
-                while (ahead < len(chunks)
-                       and sum(c.numel for c in chunks[ci:ahead]) < read_ahead):
-                    ahead += 1
-                assert len(asked) == 3 * ahead
-        if every == 64:
-            want = [(c.name, [(c.row_start + a, c.row_start + b) for a, b in scan.sample_ranges(
-                c.row_stop - c.row_start, ck.info(c.name).row_numel, 64)]) for c in unit.chunks]
-        else:
-            want = [(c.name, [(c.row_start, c.row_stop)]) for c in unit.chunks]
-        assert asked == [w for w in want for _ in range(3)]  # base and the two tuned
+    chunks = unit.chunks
+    asked.clear()  # the sample: every sampled row of the unit, at once, before the first read
+    for _ in scan._sample_runs(ctx, unit, 64):
+        want = [(c.name, [[c.row_start + a, c.row_start + b] for a, b in scan.sample_ranges(
+            c.row_stop - c.row_start, ck.info(c.name).row_numel, 64).tolist()]) for c in chunks]
+        assert asked == [want] * 3  # base and the two tuned
+    asked.clear()
+    for ci, *_ in scan._chunks(ctx, unit):
+        ahead = ci + 1  # asked for so far: this chunk and the next ones within READ_AHEAD
+        while ahead < len(chunks) and sum(c.numel for c in chunks[ci:ahead]) < read_ahead:
+            ahead += 1
+        assert len(asked) == 3 * ahead
+    assert asked == [(c.name, [(c.row_start, c.row_stop)]) for c in chunks for _ in range(3)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -385,7 +384,7 @@ def test_fused_loops_equal_the_whole_array_definitions(dtype):
     bits = [update_magnitude(base, t).view(torch.int32).numpy() for t in tuned]
     active = np.array([True, True, False, False])
     hist = np.zeros((4, HIGH_BINS), np.int64)
-    fused.high_histograms(b, ts, bf16, active, hist, n, n)
+    fused.high_histograms(b, ts, bf16, active, hist)
     for k in range(2):
         assert np.array_equal(hist[k], high_histogram(update_magnitude(base, tuned[k])).numpy())
     high = np.array([bits[0][50] >> 16, bits[1][60] >> 16, 0, 0], np.int64)
@@ -423,13 +422,6 @@ def test_fused_loops_equal_the_whole_array_definitions(dtype):
         sel[np.flatnonzero(bits[k] == thr[k])[:quota[k]]] = True
         assert np.array_equal(packed[k], np.packbits(sel, bitorder="little"))
     assert not packed[2:].any() and not hist[2:].any() and not low[2:].any()  # inactive
-    every = 3  # the sample: segments of 256 elements, every third
-    hist = np.zeros((4, HIGH_BINS), np.int64)
-    fused.high_histograms(b, ts, bf16, active, hist, 256, 256 * every)
-    pick = np.concatenate([np.arange(s, min(n, s + 256)) for s in range(0, n, 256 * every)])
-    for k in range(2):
-        assert np.array_equal(hist[k], high_histogram(update_magnitude(base[pick],
-                                                                       tuned[k][pick])).numpy())
 
 
 def test_the_sample_is_spread_over_the_rows(tmp_path):
@@ -438,9 +430,9 @@ def test_the_sample_is_spread_over_the_rows(tmp_path):
     first rows of each chunk missed the band, and every selection fell back to radix)."""
     from cpift_dist.analysis.scan import sample_ranges
 
-    assert sample_ranges(512, 2048, 64) == [(r, r + 1) for r in range(0, 512, 64)]
-    assert sample_ranges(3, 10_000, 64) == [(0, 1)]
-    assert sample_ranges(10_000, 1, 64) == [(0, 256)]  # a vector: 256-element segments
+    assert sample_ranges(512, 2048, 64).tolist() == [[r, r + 1] for r in range(0, 512, 64)]
+    assert sample_ranges(3, 10_000, 64).tolist() == [[0, 1]]
+    assert sample_ranges(10_000, 1, 64).tolist() == [[0, 256]]  # a vector: 256-element segments
     base = make_llama(tmp_path / "base", dtype=torch.bfloat16, seed=11, hidden=256,
                       shard_bytes=2_000_000)
 

@@ -137,6 +137,8 @@ def test_warm_compiles_every_signature_the_stages_use(models, bf16_models, tmp_p
     assert [len(f.signatures) for f in loops] == [2] * len(loops)
     assert len(analysis_loops.kth_largest_bits.signatures) == 1
     assert len(analysis_loops.set_winners.signatures) == 1
+    from cpift_dist.io import gather  # the sample's reads: one signature each, warm's
+    assert [len(f.signatures) for f in (gather.gather, gather.willneed, gather.advise)] == [1] * 3
 
 
 @pytest.mark.timeout(120)

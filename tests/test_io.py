@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,8 +28,9 @@ def test_row_chunks_reassemble(models):
 
 
 def test_mapped_rows_equal_the_read_rows_and_survive_dropping(models, bf16_models):
-    """map_rows (the analysis's zero-copy reads) gives the same bytes as read_rows, for fp32
-    and bf16 files, chunk by chunk; drop_mapped leaves arrays still in use readable."""
+    """map_rows (the analysis's zero-copy reads) and gather_rows (the sample's scattered
+    reads) give the same bytes as read_rows, for fp32 and bf16 files, chunk by chunk;
+    drop_mapped leaves arrays still in use readable."""
     for m in (models, bf16_models):
         ck = Checkpoint(m["base"])
         with ck.reader() as r:
@@ -37,11 +39,23 @@ def test_mapped_rows_equal_the_read_rows_and_survive_dropping(models, bf16_model
                 for s in range(0, info.rows, 5):
                     e = min(info.rows, s + 5)
                     mapped = r.map_rows(name, s, e)
-                    sparse = r.map_rows(name, s, e, random_access=True)  # the sample's map
-                    assert not mapped.flags.writeable and not sparse.flags.writeable
+                    assert not mapped.flags.writeable
                     want = r.read_rows(name, s, e).view(torch.uint8).numpy().copy()
                     r.drop_mapped()  # the pages leave the page tables; the array refaults them
-                    assert (mapped == want).all() and (sparse == want).all()
+                    assert (mapped == want).all()
+                ranges = [(a, min(info.rows, a + 2)) for a in range(0, info.rows, 3)][::-1]
+                out = np.full(info.numel * info.dtype.itemsize + 5, 0xAB, np.uint8)
+                got = r.gather_rows([(name, np.array(ranges))], out)
+                want = np.concatenate([r.read_rows(name, a, b).view(torch.uint8).numpy().copy()
+                                       for a, b in ranges])
+                assert np.shares_memory(got, out) and np.array_equal(got, want)
+                assert (out[len(want):] == 0xAB).all()  # nothing written past the rows
+            parts = [(n, np.array([(0, 1), (ck.info(n).rows - 1, ck.info(n).rows)]))
+                     for n in ck.names()]  # several tensors (and files) in one call
+            out = np.zeros(sum(2 * ck.info(n).numel * 4 for n in ck.names()), np.uint8)
+            want = np.concatenate([r.read_row_ranges(n, rr.tolist()).view(torch.uint8).numpy()
+                                   .copy() for n, rr in parts])
+            assert np.array_equal(r.gather_rows(parts, out), want)
 
 
 def test_a_file_truncated_after_opening_is_an_error_not_a_crash(models, tmp_path):
@@ -59,6 +73,13 @@ def test_a_file_truncated_after_opening_is_an_error_not_a_crash(models, tmp_path
     with ck.reader() as r, pytest.raises(CpiftError, match=f"{info.file.name}.*truncated"):
         r.prefetch_rows(name, [(0, 1), (info.rows - 1, info.rows)])  # clipped at the end
         r.map_rows(name, 0, info.rows)
+    first = min((n for n in ck.names() if ck.info(n).file == info.file),
+                key=lambda n: ck.info(n).offset)  # whole: its rows are read
+    out = np.zeros(2 * info.numel * info.dtype.itemsize + ck.info(first).numel * 4, np.uint8)
+    with ck.reader() as r, pytest.raises(CpiftError,
+                                         match=f"{info.file.name}.*truncated.*{name!r}"):
+        r.gather_rows([(first, np.array([(0, 1)])),
+                       (name, np.array([(0, 1), (info.rows - 1, info.rows)]))], out)
 
 
 def test_prefetch_asks_for_the_pages_of_each_range(models, monkeypatch):
@@ -69,20 +90,8 @@ def test_prefetch_asks_for_the_pages_of_each_range(models, monkeypatch):
     from cpift_dist.io import checkpoint
 
     calls = []
-
-    class Recorder:
-        def __init__(self, mm):
-            self.mm = mm
-
-        def __len__(self):
-            return len(self.mm)
-
-        def madvise(self, option, start, length):
-            calls.append((option, start, length))
-
-    real_map = checkpoint._file_map
-    monkeypatch.setattr(checkpoint, "_file_map",
-                        lambda fd, random_access=False: Recorder(real_map(fd, random_access)))
+    monkeypatch.setattr(checkpoint, "_advise",
+                        lambda mm, option, start, length: calls.append((option, start, length)))
     ck = Checkpoint(models["base"])
     name = max(ck.names(), key=lambda n: ck.info(n).numel)
     info = ck.info(name)
@@ -96,6 +105,99 @@ def test_prefetch_asks_for_the_pages_of_each_range(models, monkeypatch):
         page = begin - begin % mmap.PAGESIZE
         want.append((mmap.MADV_WILLNEED, page, end - page))
     assert calls == want
+
+
+def test_advice_reaches_the_kernel_with_the_gil_released(tmp_path):
+    """``_advise`` calls the C library's madvise on the map's own pages: MADV_DONTNEED drops a
+    private copy-on-write page of the map (the file's bytes show again), which only a call on
+    the right address can do; an address past the map is refused, not applied elsewhere."""
+    import ctypes
+    import mmap
+
+    from cpift_dist.io import checkpoint
+
+    f = tmp_path / "f"
+    f.write_bytes(bytes(range(256)) * 64)  # 4 pages
+    with open(f, "r+b") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    view = np.frombuffer(mm, np.uint8)
+    addr = checkpoint._address(mm)
+    assert addr == view.ctypes.data and checkpoint._address(mm) == addr  # looked up once
+    mm[mmap.PAGESIZE + 7] = 0xEE  # a private copy of page 1
+    mm[2 * mmap.PAGESIZE + 7] = 0xEE  # and of page 2
+    checkpoint._advise(mm, mmap.MADV_DONTNEED, mmap.PAGESIZE, mmap.PAGESIZE)
+    assert mm[mmap.PAGESIZE + 7] == 7  # page 1: the file's byte again
+    assert mm[2 * mmap.PAGESIZE + 7] == 0xEE  # page 2 untouched
+    if checkpoint._MADVISE is not None:  # a CDLL's functions drop the GIL (a PyDLL's keep it)
+        assert not checkpoint._MADVISE._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+    del view
+
+
+def test_sample_reads_use_their_own_descriptor_advised_random(models, monkeypatch):
+    """gather_rows reads through a descriptor of its own, advised POSIX_FADV_RANDOM (a cold
+    page reads itself alone), never the one the shared maps may use (its read-ahead stays)."""
+    import os
+
+    advised = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise",
+                        lambda fd, off, n, advice: (advised.append((fd, off, n, advice)),
+                                                    real(fd, off, n, advice))[1])
+    ck = Checkpoint(models["base"])
+    name = ck.names()[0]
+    info = ck.info(name)
+    with ck.reader() as r:
+        r.gather_rows([(name, np.array([(0, 1)]))], np.zeros(info.numel * info.dtype.itemsize, np.uint8))
+        fd, mapped_fd = r._random_fds[info.file], r._fds[info.file]
+        assert fd != mapped_fd and advised == [(fd, 0, 0, os.POSIX_FADV_RANDOM)]
+        r.prefetch_gather([(name, np.array([(0, 1)]))])
+        r.gather_rows([(name, np.array([(0, 1)]))], np.zeros(info.numel * info.dtype.itemsize, np.uint8))
+        assert len(advised) == 1  # once per file and reader
+
+
+def _rss_of_map(addr: int) -> int:
+    """Resident bytes of the mapping holding ``addr`` (/proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= addr < hi:
+                rss = next(x for x in lines[i + 1:] if x.startswith("Rss:"))
+                return int(rss.split()[1]) * 1024
+    raise AssertionError("no mapping holds the address")
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_drop_mapped_drops_every_readers_pages_at_once(tmp_path, monkeypatch, compiled):
+    """drop_mapped([readers]): the pages each reader mapped leave this process's page tables
+    (each map's resident size falls back, but for the kernel's fault-around beyond the range),
+    through the compiled batch or madvise one by one."""
+    import sys
+
+    from safetensors.torch import save_file
+
+    from cpift_dist.io import checkpoint, gather
+    if not compiled:
+        monkeypatch.delitem(sys.modules, "cpift_dist.io.gather")
+    cks = []
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+        save_file({"w": torch.full((1024, 1024), float(i))},
+                  str(tmp_path / str(i) / "model.safetensors"))
+        cks.append(Checkpoint(tmp_path / str(i)))
+    with cks[0].reader() as r0, cks[1].reader() as r1:
+        arrays = [r.map_rows("w", 0, 1024) for r in (r0, r1)]  # 4 MiB each
+        addrs = [a.ctypes.data for a in arrays]
+        before = [_rss_of_map(a) for a in addrs]
+        assert [int(a[3::4096].sum()) for a in arrays] == [0, 1024 * 0x3F]  # touched
+        touched = [_rss_of_map(a) for a in addrs]
+        assert all(t >= b + (4 << 20) - (64 << 10) for t, b in zip(touched, before)), touched
+        checkpoint.drop_mapped([r0, r1])
+        after = [_rss_of_map(a) for a in addrs]
+        assert all(x <= b + (128 << 10) for x, b in zip(after, before)), (before, after)
+        assert not r0._mapped and not r1._mapped
+    assert gather.advise.signatures  # (loaded: the compiled path was there to take)
 
 
 def test_cached_tells_pages_in_the_page_cache(models):

@@ -33,6 +33,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from cpift_dist.io import gather
+
 BLOCK = 4096  # elements widened at a time: the scratch stays in L1/L2
 GROUP = 4  # tasks per call
 NONFINITE = 0x7F800000  # bits of +Inf; NaN magnitudes lie above
@@ -63,13 +65,10 @@ def _magnitude_bits(base_f32, tuned, start, m, bf16, tu, tf):
 
 
 @njit(nogil=True, cache=True)
-def high_histograms(base, tuned, bf16, active, hists, seg, step):
+def high_histograms(base, tuned, bf16, active, hists):
     """Adds the high 16 bits of every magnitude into ``hists[task]`` (int64, 32,768 bins) for
-    each task with ``active[task]``. Non-finite magnitudes land in bins >= 0x7F80.
-
-    Only the elements ``[s, s + seg)`` for ``s`` in ``range(0, n, step)`` are read (the sample
-    pass: ``seg`` a few whole rows, ``step`` every ``sample_every``-th such segment); ``seg =
-    step = n`` reads all.
+    each task with ``active[task]``. Non-finite magnitudes land in bins >= 0x7F80. (The sample
+    pass hands it the sampled rows alone, gathered in buffers.)
 
     Most magnitudes are often exactly zero (elements a fine-tune left unchanged, or whose
     update bf16 rounded away: 77% in the benchmark's checkpoints). Incrementing ``h[0]`` for
@@ -82,23 +81,21 @@ def high_histograms(base, tuned, bf16, active, hists, seg, step):
     bf = bu.view(np.float32)
     tu = np.empty(BLOCK, np.uint32)
     tf = tu.view(np.float32)
-    for s0 in range(0, n, max(1, step)):
-        e = min(n, s0 + seg)
-        for start in range(s0, e, BLOCK):
-            m = min(BLOCK, e - start)
-            _widen(base, start, m, bf16, bu, bf)
-            for k in range(len(tuned)):
-                if not active[k]:
-                    continue
-                _magnitude_bits(bf, tuned[k], start, m, bf16, tu, tf)
-                h = hists[k]
-                nonzero = 0
-                for i in range(m):
-                    u = tu[i]
-                    nz = np.int64(u != np.uint32(0))
-                    h[(u >> np.uint32(16)) if u != np.uint32(0) else np.uint32(i & 7)] += nz
-                    nonzero += nz
-                h[0] += m - nonzero  # the zero magnitudes, counted in a register
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        _widen(base, start, m, bf16, bu, bf)
+        for k in range(len(tuned)):
+            if not active[k]:
+                continue
+            _magnitude_bits(bf, tuned[k], start, m, bf16, tu, tf)
+            h = hists[k]
+            nonzero = 0
+            for i in range(m):
+                u = tu[i]
+                nz = np.int64(u != np.uint32(0))
+                h[(u >> np.uint32(16)) if u != np.uint32(0) else np.uint32(i & 7)] += nz
+                nonzero += nz
+            h[0] += m - nonzero  # the zero magnitudes, counted in a register
 
 
 @njit(nogil=True, cache=True)
@@ -459,7 +456,7 @@ def warm(dtypes=(np.uint16, np.float32)) -> None:
         b = np.zeros(16, dt)
         b.flags.writeable = False  # as the memory-mapped chunks are
         t, bf16 = (b,) * GROUP, dt == np.uint16
-        high_histograms(b, t, bf16, active, np.zeros((GROUP, 1 << 15), np.int64), 16, 16)
+        high_histograms(b, t, bf16, active, np.zeros((GROUP, 1 << 15), np.int64))
         low_histograms(b, t, bf16, active, i64, np.zeros((GROUP, 1 << 16), np.int64))
         window(b, t, bf16, active, i64, i64, np.zeros((GROUP, 2), np.uint8),
                np.zeros(GROUP, np.int64), np.zeros(GROUP, np.bool_))
@@ -469,3 +466,4 @@ def warm(dtypes=(np.uint16, np.float32)) -> None:
     kth_largest_bits(readonly(np.zeros(1, np.int32)), 1)
     set_winners(readonly(np.zeros(1, np.int32)), readonly(np.zeros(1, np.int64)), 0, 0, 1,
                 np.zeros(1, np.uint8))
+    gather.warm()

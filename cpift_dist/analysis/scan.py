@@ -22,7 +22,7 @@ from cpift_dist.analysis import fused
 from cpift_dist.analysis.plan import Unit
 from cpift_dist.analysis.radix_select import HIGH_BINS, LOW_BINS, NONFINITE_BIN
 from cpift_dist.errors import CheckpointError
-from cpift_dist.io.checkpoint import Checkpoint
+from cpift_dist.io.checkpoint import Checkpoint, drop_mapped
 
 Key = tuple[str, str]  # (task, selection group)
 Sparse = tuple[np.ndarray, np.ndarray]
@@ -59,10 +59,12 @@ a vector): the sample pass reads every ``sample_every``-th segment, spread over 
 rows (fine-tune updates concentrate in some rows, which a sample of the first rows misses)."""
 
 
-def sample_ranges(rows: int, row_numel: int, every: int) -> list[tuple[int, int]]:
-    """Row ranges (relative to the chunk) of the segments a sample pass reads."""
+def sample_ranges(rows: int, row_numel: int, every: int) -> np.ndarray:
+    """Row ranges (start, stop) relative to the chunk, int64 ``[m, 2]``, of the segments a
+    sample pass reads."""
     seg = max(1, -(-SAMPLE_SEGMENT // max(1, row_numel)))
-    return [(r, min(rows, r + seg)) for r in range(0, rows, seg * every)]
+    start = np.arange(0, rows, seg * every, dtype=np.int64)
+    return np.stack([start, np.minimum(start + seg, rows)], axis=1)
 
 
 def _as_kernel_input(x: torch.Tensor) -> np.ndarray:
@@ -75,13 +77,13 @@ def kernel_view(raw: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     float32 as is (both views, no copy), any other float dtype widened to float32 (exactly, as
     torch does). A chunk that is not aligned to its item size (safetensors does not pad between
     tensors) is copied, so that every loop compiles for aligned arrays only."""
-    if dtype in (torch.bfloat16, torch.float32) and raw.ctypes.data % dtype.itemsize == 0:
-        out = raw.view(np.uint16 if dtype == torch.bfloat16 else np.float32)
-    elif dtype in (torch.bfloat16, torch.float32):
-        out = raw.copy().view(np.uint16 if dtype == torch.bfloat16 else np.float32)
+    if dtype in (torch.bfloat16, torch.float32):
+        kind = np.uint16 if dtype == torch.bfloat16 else np.float32
+        out = raw.view(kind)  # a new array: the caller's flags stay as they are
+        if not out.flags.aligned:  # (numpy's flag; ``raw.ctypes`` cost 1.4 us a chunk)
+            out = raw.copy().view(kind)
     else:
         out = torch.from_numpy(raw.copy()).view(dtype).to(torch.float32).numpy()
-    out = out.view()
     out.flags.writeable = False
     return out
 
@@ -94,56 +96,82 @@ PROBES = 8
 warm cache), nothing is asked ahead for that checkpoint."""
 
 
-def _chunks(ctx: ScanContext, unit: Unit, sample_every: int = 1):
+def _chunks(ctx: ScanContext, unit: Unit):
     """Yields (chunk index, chunk, base, [tuned in task order], bf16) for the unit's chunks,
     each a read-only view over a memory map of the file (no copy). Consume a chunk before the
     next: its pages are then dropped from this process's page tables.
 
-    Inputs not in the page cache (probed at a few chunks per unit and checkpoint) are asked
-    from the kernel ahead of use: with ``sample_every > 1`` only the sampled rows
-    (:func:`sample_ranges`), all of the unit's at once, read through maps whose faults fetch
-    only their own page; in a full pass, the chunks up to :data:`READ_AHEAD` elements ahead.
-    Before, the sample pass's faults read the device's whole read-ahead around every touched
-    page, so that it read all of the inputs, and inputs larger than memory were read twice.
-    Measured on this VM, 348M bf16 checkpoints evicted (4 runs each, old and new alternated):
-    the sample pass read 0.19 GB instead of 2.79 GB, in 0.38-0.46 s instead of 1.64-2.73 s;
-    the analysis took 3.03-3.35 s instead of 4.72-5.39 s, and with the inputs evicted again
-    between the passes (as when they exceed memory) 3.08-3.58 s and 2.97 GB read instead of
-    4.38-4.94 s and 5.50 GB."""
+    Inputs not in the page cache (probed at a few chunks per unit and checkpoint,
+    :func:`_cold_readers`) are asked from the kernel ahead of use, the chunks up to
+    :data:`READ_AHEAD` elements ahead."""
     fused.load_registries()  # a Ray worker's first loop (the driver's warm() did it there)
     base = _checkpoint(ctx.base)
     tuned = [_checkpoint(p) for p in ctx.tuned.values()]
-    sparse = sample_every > 1
     chunks = unit.chunks
-    probe = [(c.name, c.row_start) for c in chunks[::max(1, len(chunks) // PROBES)]]
-    probe.append((chunks[-1].name, chunks[-1].row_stop - 1))
     with ExitStack() as stack:
         rb = stack.enter_context(base.reader())
         readers = [stack.enter_context(c.reader()) for c in tuned]
-        cold = [r for r in (rb, *readers) if not r.cached(probe)]
-        if sparse:
-            for c in chunks if cold else ():
-                ranges = [(c.row_start + a, c.row_start + b) for a, b in sample_ranges(
-                    c.row_stop - c.row_start, base.info(c.name).row_numel, sample_every)]
-                for r in cold:
-                    r.prefetch_rows(c.name, ranges)
-        ahead, pending = 0, 0  # full passes: chunks [ci, ahead), pending elements, asked for
+        cold = _cold_readers(unit, (rb, *readers))
+        ahead, pending = 0, 0  # chunks [ci, ahead), pending elements, asked for
         for ci, c in enumerate(chunks):
-            while cold and not sparse and ahead < len(chunks) and (ahead <= ci
-                                                                   or pending < READ_AHEAD):
+            while cold and ahead < len(chunks) and (ahead <= ci or pending < READ_AHEAD):
                 nxt = chunks[ahead]
                 for r in cold:
                     r.prefetch_rows(nxt.name, [(nxt.row_start, nxt.row_stop)])
                 pending += nxt.numel
                 ahead += 1
             dtype = base.info(c.name).dtype
-            ts = [kernel_view(r.map_rows(c.name, c.row_start, c.row_stop, sparse), dtype)
-                  for r in readers]
-            b = kernel_view(rb.map_rows(c.name, c.row_start, c.row_stop, sparse), dtype)
+            b, *ts = (kernel_view(r.map_rows(c.name, c.row_start, c.row_stop), dtype)
+                      for r in (rb, *readers))
             yield ci, c, b, ts, dtype == torch.bfloat16
             pending -= c.numel
-            for r in (rb, *readers):
-                r.drop_mapped()
+            drop_mapped([rb, *readers])
+
+
+def _cold_readers(unit: Unit, readers) -> list:
+    """The readers whose checkpoint lacks pages of the unit in the page cache: the first page
+    of up to :data:`PROBES` chunks and the unit's last page, looked up with ``mincore``."""
+    chunks = unit.chunks
+    probe = [(c.name, c.row_start) for c in chunks[::max(1, len(chunks) // PROBES)]]
+    probe.append((chunks[-1].name, chunks[-1].row_stop - 1))
+    return [r for r in readers if not r.cached(probe)]
+
+
+def _sample_runs(ctx: ScanContext, unit: Unit, sample_every: int):
+    """Yields (selection group, base, [tuned in task order], bf16) for each run of the unit's
+    consecutive chunks that share a selection group and dtype: the sampled rows of all of the
+    run's chunks (:func:`sample_ranges`), concatenated in buffers of the call's, reused by the
+    next run.
+
+    Each checkpoint's rows are read in one compiled call that releases the GIL
+    (:meth:`CheckpointReader.gather_rows`); where the page cache lacks them, all of the unit's
+    are asked from the kernel first, at once (:meth:`CheckpointReader.prefetch_gather`). Before,
+    the sample read each chunk through file maps: the kernel's page-table work for the faults'
+    surrounding pages, and 5 GIL hand-overs per chunk, kept the pass from scaling (0.10-0.12 s
+    on 1 and on 2 threads, 348M bf16, 215 chunks)."""
+    fused.load_registries()
+    base = _checkpoint(ctx.base)
+    tuned = [_checkpoint(p) for p in ctx.tuned.values()]
+    runs: list[list] = []  # [group, dtype, [(name, absolute row ranges)], elements]
+    for c in unit.chunks:
+        info = base.info(c.name)
+        rel = sample_ranges(c.row_stop - c.row_start, info.row_numel, sample_every)
+        numel = int((rel[:, 1] - rel[:, 0]).sum()) * info.row_numel
+        if not runs or runs[-1][:2] != [c.group, info.dtype]:
+            runs.append([c.group, info.dtype, [], 0])
+        runs[-1][2].append((c.name, rel + c.row_start))
+        runs[-1][3] += numel
+    with ExitStack() as stack:
+        rb = stack.enter_context(base.reader())
+        readers = [stack.enter_context(c.reader()) for c in tuned]
+        for r in _cold_readers(unit, (rb, *readers)):
+            r.prefetch_gather([part for run in runs for part in run[2]])
+        need = max(run[3] * run[1].itemsize for run in runs)
+        bufs = [np.empty(need, np.uint8) for _ in (rb, *readers)]
+        for group, dtype, parts, _ in runs:
+            b, *ts = (kernel_view(r.gather_rows(parts, buf), dtype)
+                      for r, buf in zip((rb, *readers), bufs))
+            yield group, b, ts, dtype == torch.bfloat16
 
 
 def _groups(b: np.ndarray, ts: list[np.ndarray]) -> list[tuple[int, tuple]]:
@@ -167,6 +195,20 @@ def _non_finite(ctx: ScanContext, task: str, name: str) -> CheckpointError:
                            f"(NaN or Inf)")
 
 
+def _first_non_finite(ctx: ScanContext, unit: Unit, tasks: list[str]) -> CheckpointError:
+    """The error naming the first of the unit's tensors that holds a NaN or Inf in the base or
+    in one of ``tasks``' checkpoints (a histogram counted one there; the error path only)."""
+    base = _checkpoint(ctx.base)
+    for name in dict.fromkeys(c.name for c in unit.chunks):
+        for task in tasks:
+            tuned = _checkpoint(ctx.tuned[task])
+            if not all(bool(torch.isfinite(ck.read(name)).all()) for ck in (base, tuned)):
+                return _non_finite(ctx, task, name)
+    names = ", ".join(repr(n) for n in dict.fromkeys(c.name for c in unit.chunks))
+    return CheckpointError(f"{ctx.tuned[tasks[0]]}: |tuned - base| overflows float32 in one of "
+                           f"the tensors {names}")
+
+
 def _to_sparse(hist: np.ndarray) -> Sparse:
     idx = np.flatnonzero(hist)
     return idx.astype(np.int32), hist[idx].astype(np.int64)
@@ -176,29 +218,23 @@ def _histograms(ctx: ScanContext, unit: Unit, keys, sample_every: int) -> dict[K
     tasks = list(ctx.tuned)
     n_pad = _padded(len(tasks))
     acc: dict[str, np.ndarray] = {}  # selection group -> (tasks, HIGH_BINS) counts
-    for _, c, b, ts, bf16 in _chunks(ctx, unit, sample_every):
+    pieces = (_sample_runs(ctx, unit, sample_every) if sample_every > 1 else
+              ((c.group, b, ts, bf16) for _, c, b, ts, bf16 in _chunks(ctx, unit)))
+    for group, b, ts, bf16 in pieces:
         active = np.zeros(n_pad, np.bool_)
-        active[:len(tasks)] = [keys is None or (t, c.group) in keys for t in tasks]
+        active[:len(tasks)] = [keys is None or (t, group) in keys for t in tasks]
         if not active.any() or b.size == 0:
             continue
-        hist = acc.get(c.group)
+        hist = acc.get(group)
         if hist is None:
-            hist = acc[c.group] = np.zeros((n_pad, HIGH_BINS), np.int64)
-        if sample_every > 1:  # whole rows: the segments of sample_ranges
-            rows = c.row_stop - c.row_start
-            row_numel = b.size // rows
-            seg = max(1, -(-SAMPLE_SEGMENT // max(1, row_numel))) * row_numel
-            step = seg * sample_every
-        else:
-            seg = step = b.size
-        before = hist[:, NONFINITE_BIN:].sum(axis=1) if ctx.check_finite else None
-        for g0, group in _groups(b, ts):
+            hist = acc[group] = np.zeros((n_pad, HIGH_BINS), np.int64)
+        for g0, grp in _groups(b, ts):
             g1 = g0 + fused.GROUP
-            fused.high_histograms(b, group, bf16, active[g0:g1], hist[g0:g1], seg, step)
-        if ctx.check_finite:
-            grew = np.flatnonzero(hist[:, NONFINITE_BIN:].sum(axis=1) > before)
-            if len(grew):
-                raise _non_finite(ctx, tasks[grew[0]], c.name)
+            fused.high_histograms(b, grp, bf16, active[g0:g1], hist[g0:g1])
+    if ctx.check_finite:  # once per unit: per chunk, the sums cost 6% of the sample pass's GIL
+        bad = {k for h in acc.values() for k in np.flatnonzero(h[:, NONFINITE_BIN:].any(axis=1))}
+        if bad:
+            raise _first_non_finite(ctx, unit, [tasks[k] for k in sorted(bad)])
     return {(t, g): _to_sparse(h[k]) for g, h in acc.items() for k, t in enumerate(tasks)
             if keys is None or (t, g) in keys}
 

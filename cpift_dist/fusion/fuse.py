@@ -38,7 +38,7 @@ from cpift_dist.fusion.slerp import (apply_torch, fold_coefficients, fold_weight
                                      segments_of)
 from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
                            sha256_file, write_manifest)
-from cpift_dist.io.checkpoint import INDEX_NAME, SINGLE_NAME
+from cpift_dist.io.checkpoint import INDEX_NAME, SINGLE_NAME, drop_mapped
 from cpift_dist.io.manifest import sha256_files
 from cpift_dist.io.safetensors_stream import PositionalWriter
 
@@ -366,8 +366,7 @@ class _ShardFuser:
 
     def _unmap(self) -> None:
         if self.maps:
-            for r in self._readers()[0]:
-                r.drop_mapped()
+            drop_mapped(self._readers()[0])
 
     def _read(self, c: Chunk):
         """The chunk's base [n] and tasks' [N, n] values (read straight into one pooled

@@ -40,6 +40,7 @@ from numba.extending import intrinsic
 
 from cpift_dist.analysis.fused import _widen  # the same bf16/float32 widening
 from cpift_dist.analysis.fused import gc_paused, load_registries
+from cpift_dist.io import gather
 
 BLOCK = 2048  # elements per block: N + 1 widened float32 rows stay in L1/L2
 
@@ -338,3 +339,4 @@ def warm(dtypes=(torch.bfloat16, torch.float32)) -> None:
         p = np.zeros((2, 2), np.uint8)
         gram_chunk(b, x, p, 1, True)
         apply_chunk(b, x, p, np.ones((1, 2)), True, "max-magnitude", dtype)
+    gather.warm()  # the chunks' pages are dropped in one compiled call

@@ -13,7 +13,9 @@ import math
 import mmap
 import os
 import struct
+import sys
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +185,7 @@ class CheckpointReader:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self._fds: dict[Path, int] = {}
+        self._random_fds: dict[Path, int] = {}  # opened apart: see gather_rows
         self._buf = torch.empty(0, dtype=torch.uint8)
         self._mapped: list[tuple[mmap.mmap, int, int]] = []
 
@@ -191,9 +194,10 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.drop_mapped()
-        for fd in self._fds.values():
+        for fd in (*self._fds.values(), *self._random_fds.values()):
             os.close(fd)
         self._fds.clear()
+        self._random_fds.clear()
         self._buf = torch.empty(0, dtype=torch.uint8)
 
     def _fd(self, file: Path) -> int:
@@ -205,8 +209,7 @@ class CheckpointReader:
                 raise CheckpointError(f"{file}: cannot open ({e.strerror})") from None
         return fd
 
-    def map_rows(self, name: str, start: int, stop: int,
-                 random_access: bool = False) -> np.ndarray:
+    def map_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of dim 0 as a read-only uint8 array over a memory map of the
         file: no copy. Measured on 2 cores, reading 2.8 GB from page cache into a compiled
         loop: 0.29 s from maps against 1.3 s with ``preadv`` into a buffer, and 2 threads
@@ -214,10 +217,6 @@ class CheckpointReader:
         mapping each chunk instead serialises threads on the address-space lock), and
         :meth:`drop_mapped` drops the pages a reader handed out from this process's page
         tables, so that only the chunks in flight count in its resident set.
-
-        With ``random_access`` the view is over the file's second map, whose page faults read
-        only their own page (``MADV_RANDOM``), for a sparse read whose pages
-        :meth:`prefetch_rows` asked for.
 
         Raises:
             CheckpointError: the file is shorter than its header says (checked here: touching
@@ -228,12 +227,76 @@ class CheckpointReader:
         begin, end = info.offset + start * row_bytes, info.offset + stop * row_bytes
         if end == begin:
             return np.zeros(0, np.uint8)
-        mm = _file_map(self._fd(info.file), random_access)
+        mm = _file_map(self._fd(info.file))
         if len(mm) < end:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
         page = begin - begin % mmap.PAGESIZE
         self._mapped.append((mm, page, end - page))
         return np.frombuffer(mm, np.uint8, end - begin, begin)
+
+    def gather_rows(self, parts: list[tuple[str, np.ndarray]], out: np.ndarray) -> np.ndarray:
+        """Row ranges of tensors, ``parts = [(name, ranges), ...]`` with ``ranges`` an int64
+        array ``[m, 2]`` of (start, stop) rows of dim 0, concatenated in that order into the
+        first bytes of ``out`` (a contiguous uint8 array large enough); returns a view of it.
+
+        For a sparse sample of rows (the analysis's sample pass): ``pread`` of each range, all
+        in one compiled call that releases the GIL (:func:`cpift_dist.io.gather.gather`), from
+        this reader's own descriptor of each file, advised for random access
+        (``POSIX_FADV_RANDOM``): a range not in the page cache reads its own pages only, not
+        the device's read-ahead around them. Through a file map, every sampled row's page fault
+        mapped 16 pages around it (the kernel's fault-around) and the pass then unmapped them:
+        the kernel's page-table work and TLB shootdowns were 55% of the sample pass's CPU time
+        (perf, 348M bf16, 2 threads), for 1/64 of the bytes.
+
+        Raises:
+            CheckpointError: a file ends before the rows (truncated).
+        """
+        from cpift_dist.io.gather import gather
+
+        fds, starts, lengths = self._spans(parts)
+        total = int(lengths.sum())
+        if out.size < total:
+            raise ValueError(f"out holds {out.size} bytes, the rows {total}")
+        got = gather(fds, starts, lengths, out)
+        if got != total:  # name the tensor whose range came short
+            part_bytes = np.cumsum([self._spans([p])[2].sum() for p in parts])
+            name = parts[int(np.searchsorted(part_bytes, got, side="right"))][0]
+            raise CheckpointError(f"{self.checkpoint.info(name).file}: truncated while "
+                                  f"reading tensor {name!r}")
+        return out[:total]
+
+    def prefetch_gather(self, parts: list[tuple[str, np.ndarray]]) -> None:
+        """Asks the kernel to read the rows a :meth:`gather_rows` of ``parts`` will read, without
+        waiting (``POSIX_FADV_WILLNEED`` on the same descriptors, in one compiled call): the
+        reads are then in flight together, rather than one ``pread`` at a time."""
+        from cpift_dist.io.gather import WILLNEED, willneed
+
+        willneed(*self._spans(parts), WILLNEED)
+
+    def _spans(self, parts: list[tuple[str, np.ndarray]]):
+        """(descriptors, file offsets, byte lengths) of the row ranges of ``parts``."""
+        fds, starts, lengths = [], [], []
+        for name, ranges in parts:
+            info = self.checkpoint.info(name)
+            row_bytes = info.row_numel * info.dtype.itemsize
+            b = np.asarray(ranges, np.int64).reshape(-1, 2) * row_bytes
+            fds.append(np.full(len(b), self._random_fd(info.file), np.int32))
+            starts.append(b[:, 0] + info.offset)
+            lengths.append(b[:, 1] - b[:, 0])
+        if not parts:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(fds), np.concatenate(starts), np.concatenate(lengths)
+
+    def _random_fd(self, file: Path) -> int:
+        """A descriptor of the file opened apart from :meth:`_fd`'s (whose open file the shared
+        maps may use: its read-ahead state must stay the default), advised for random reads."""
+        fd = self._random_fds.get(file)
+        if fd is None:
+            fd = self._fd(file)  # names the file in the error where it cannot be opened
+            fd = self._random_fds[file] = os.open(file, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return fd
 
     def prefetch_rows(self, name: str, ranges: list[tuple[int, int]]) -> None:
         """Asks the kernel to read row ranges of a tensor into the page cache, without waiting
@@ -248,7 +311,7 @@ class CheckpointReader:
             page = begin - begin % mmap.PAGESIZE
             end = min(size, info.offset + stop * row_bytes)
             if end > page:
-                mm.madvise(mmap.MADV_WILLNEED, page, end - page)
+                _advise(mm, mmap.MADV_WILLNEED, page, end - page)
 
     def cached(self, points: list[tuple[str, int]]) -> bool:
         """Whether the page holding each (tensor, row)'s first byte is in the page cache
@@ -268,7 +331,7 @@ class CheckpointReader:
             at = info.offset + row * info.row_numel * info.dtype.itemsize
             if at >= len(mm):
                 continue  # a truncated file: map_rows reports it
-            addr = np.frombuffer(mm, np.uint8).ctypes.data + at - at % mmap.PAGESIZE
+            addr = _address(mm) + at - at % mmap.PAGESIZE
             if _MINCORE(addr, 1, ctypes.byref(vec)) != 0 or not vec.value & 1:
                 return False
         return True
@@ -277,12 +340,7 @@ class CheckpointReader:
         """Drops the pages of every range :meth:`map_rows` handed out since the last call from
         this process's page tables (``MADV_DONTNEED``; the file's page cache stays). Harmless
         for an array still in use: a read-only file map refaults the same bytes."""
-        for mm, page, length in self._mapped:
-            try:
-                mm.madvise(mmap.MADV_DONTNEED, page, length)
-            except (OSError, ValueError):  # a map closed meanwhile: nothing to drop
-                pass
-        self._mapped.clear()
+        drop_mapped([self])
 
     def read(self, name: str) -> torch.Tensor:
         """One whole tensor, in its shape (a fresh tensor)."""
@@ -348,30 +406,71 @@ _MAPS_KEEP = 64  # each map holds a file descriptor (Python's mmap keeps a dup)
 
 
 try:
-    _MINCORE = ctypes.CDLL(None, use_errno=True).mincore  # the C library this process links
+    _LIBC = ctypes.CDLL(None, use_errno=True)  # the C library this process links
+    _MINCORE = _LIBC.mincore
     _MINCORE.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    _MADVISE = _LIBC.madvise
+    _MADVISE.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 except (OSError, AttributeError):
-    _MINCORE = None
+    _MINCORE = _MADVISE = None
+_ADDRESSES: "weakref.WeakKeyDictionary[mmap.mmap, int]" = weakref.WeakKeyDictionary()
 
 
-def _file_map(fd: int, random_access: bool = False) -> mmap.mmap:
+def drop_mapped(readers: list["CheckpointReader"]) -> None:
+    """:meth:`CheckpointReader.drop_mapped` of several readers in one compiled call where
+    numba is loaded (a chunk's readers drop their pages together, and the GIL is handed over
+    once, not once per reader: each hand-over waits for the thread holding it), else one
+    ``madvise`` each. The ranges' maps stay referenced through the call, so none is closed
+    meanwhile."""
+    ranges = [(mm, page, length) for r in readers for mm, page, length in r._mapped]
+    for r in readers:
+        r._mapped.clear()
+    gather = sys.modules.get("cpift_dist.io.gather")
+    if gather is None or _MADVISE is None or len(ranges) < 2:
+        for mm, page, length in ranges:
+            _advise(mm, mmap.MADV_DONTNEED, page, length)
+        return
+    gather.advise(np.array([_address(mm) + page for mm, page, _ in ranges], np.uint64),
+                  np.array([length for *_, length in ranges], np.uint64), mmap.MADV_DONTNEED)
+
+
+def _address(mm: mmap.mmap) -> int:
+    """Where a map starts in this process's address space (looked up once per map)."""
+    addr = _ADDRESSES.get(mm)
+    if addr is None:
+        addr = _ADDRESSES[mm] = np.frombuffer(mm, np.uint8).ctypes.data
+    return addr
+
+
+def _advise(mm: mmap.mmap, option: int, start: int, length: int) -> None:
+    """``madvise`` on a page-aligned range of a map, with the GIL released: Python's own
+    ``mmap.madvise`` holds it through the call, and dropping a chunk's pages from the page
+    tables (``MADV_DONTNEED``, with the TLB shootdowns it sends to the other threads' cores)
+    was then 21% of the GIL-holding samples of the sample pass's threads (py-spy, 2 threads,
+    348M bf16). Only maps alive in the caller's hands are advised (maps close only when no
+    reference is left), so the range is still this map's. Advice is a hint: a failure is
+    ignored."""
+    if _MADVISE is None:
+        try:
+            mm.madvise(option, start, length)
+        except (OSError, ValueError):
+            pass
+        return
+    _MADVISE(_address(mm) + start, length, option)
+
+
+def _file_map(fd: int) -> mmap.mmap:
     """A read-only map of a whole file, shared by every reader and thread of this process.
 
     Keyed by the file's identity and version (device, inode, size, mtime), so a file replaced
     at the same path gets a fresh map; the least recently used maps beyond 64 are released
-    (their pages stay mapped while an array still uses them). With ``random_access``, a second
-    map of the file whose faults read no pages around the one touched (``MADV_RANDOM``): a
-    sparse pass through the default map reads as much as the device's read-ahead around every
-    touched page (8 MiB on this VM's disk), that is the whole file when it samples 2 KiB rows
-    every 128 KiB."""
+    (their pages stay mapped while an array still uses them)."""
     st = os.fstat(fd)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, random_access)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     with _MAPS_LOCK:
         mm = _MAPS.get(key)
         if mm is None:
             mm = _MAPS[key] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            if random_access:
-                mm.madvise(mmap.MADV_RANDOM)
             while len(_MAPS) > _MAPS_KEEP:
                 _MAPS.popitem(last=False)
         else:
