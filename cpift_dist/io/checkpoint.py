@@ -186,6 +186,7 @@ class CheckpointReader:
         self.checkpoint = checkpoint
         self._fds: dict[Path, int] = {}
         self._random_fds: dict[Path, int] = {}  # opened apart: see gather_rows
+        self._maps: dict[Path, mmap.mmap] = {}
         self._buf = torch.empty(0, dtype=torch.uint8)
         self._mapped: list[tuple[mmap.mmap, int, int]] = []
 
@@ -198,6 +199,7 @@ class CheckpointReader:
             os.close(fd)
         self._fds.clear()
         self._random_fds.clear()
+        self._maps.clear()
         self._buf = torch.empty(0, dtype=torch.uint8)
 
     def _fd(self, file: Path) -> int:
@@ -227,7 +229,7 @@ class CheckpointReader:
         begin, end = info.offset + start * row_bytes, info.offset + stop * row_bytes
         if end == begin:
             return np.zeros(0, np.uint8)
-        mm = _file_map(self._fd(info.file))
+        mm = self._map(info.file)
         if len(mm) < end:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
         page = begin - begin % mmap.PAGESIZE
@@ -287,6 +289,17 @@ class CheckpointReader:
             return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(fds), np.concatenate(starts), np.concatenate(lengths)
 
+    def _map(self, file: Path) -> mmap.mmap:
+        """The process's shared map of a file (:func:`_file_map`), looked up once per reader:
+        its ``fstat`` released and retook the GIL on every chunk, 4 of a window-pass chunk's 6
+        hand-overs between threads. A file truncated while a reader is open was, and is, a
+        race that no check before the reads closes; one truncated before is reported by
+        :meth:`map_rows`."""
+        mm = self._maps.get(file)
+        if mm is None:
+            mm = self._maps[file] = _file_map(self._fd(file))
+        return mm
+
     def _random_fd(self, file: Path) -> int:
         """A descriptor of the file opened apart from :meth:`_fd`'s (whose open file the shared
         maps may use: its read-ahead state must stay the default), advised for random reads."""
@@ -304,7 +317,7 @@ class CheckpointReader:
         at a time. Ranges past the end of a truncated file are left to :meth:`map_rows`."""
         info = self.checkpoint.info(name)
         row_bytes = info.row_numel * info.dtype.itemsize
-        mm = _file_map(self._fd(info.file))
+        mm = self._map(info.file)
         size = len(mm)
         for start, stop in ranges:
             begin = info.offset + start * row_bytes
@@ -327,7 +340,7 @@ class CheckpointReader:
         vec = ctypes.c_ubyte(0)
         for name, row in points:
             info = self.checkpoint.info(name)
-            mm = _file_map(self._fd(info.file))
+            mm = self._map(info.file)
             at = info.offset + row * info.row_numel * info.dtype.itemsize
             if at >= len(mm):
                 continue  # a truncated file: map_rows reports it
