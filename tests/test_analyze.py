@@ -53,6 +53,11 @@ def test_fp32_matches_oracle(models, tmp_path, p, path):
     cfg = AnalysisConfig(p=p, **PATHS[path], **SMALL)
     res = analyze(models["base"], tuned, tmp_path / "out", cfg, progress=False)
     assert_masks_equal(tmp_path / "out", models["base"], tuned, p)
+    outs = json.loads((tmp_path / "out" / "manifest.json").read_text())["outputs"]
+    files = sorted(str(f.relative_to(tmp_path / "out")) for f in (tmp_path / "out").rglob("*")
+                   if f.is_file() and f.name != "manifest.json")
+    assert sorted(outs) == files and all(  # the masks hashed while counted, the rest after
+        outs[f]["sha256"] == sha256_file(tmp_path / "out" / f) for f in files)
     if p == 0.5:
         # the threshold lies inside the mass of exact zeros: a huge tie
         assert res.stats["a"]["threshold"] == 0.0 and res.stats["a"]["groups"]["all"]["ties"] > 0

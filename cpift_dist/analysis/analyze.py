@@ -40,6 +40,7 @@ from cpift_dist.errors import CpiftError
 from cpift_dist.executor import InProcessExecutor
 from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
                            write_manifest)
+from cpift_dist.io.manifest import sha256_files
 
 
 _log = logging.getLogger(__name__)
@@ -173,8 +174,14 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
                           writers))
 
         marks.append(("mask files", time.perf_counter()))
-        counts, inter = mask_counts([tmp / "masks" / f"{t}.safetensors" for t in tuned],
-                                    list(shapes), progress=progress)
+        # the masks' sha256 (for the manifest) while they are counted: the hash is serial per
+        # file, the counts run on every core; measured on 2 cores, 348M bf16, 3 tasks: counts
+        # and hashes 0.12-0.16 s one after the other
+        mask_paths = [tmp / "masks" / f"{t}.safetensors" for t in tuned]
+        hasher = ThreadPoolExecutor(1)
+        mask_digests = hasher.submit(sha256_files, mask_paths)
+        hasher.shutdown(wait=False)
+        counts, inter = mask_counts(mask_paths, list(shapes), progress=progress)
         stats = {t: task_stats(t, cfg, sels, params, counts[:, j], skipped)
                  for j, t in enumerate(tuned)}
         for t, s in stats.items():  # the masks on disk hold exactly k elements per selection
@@ -185,10 +192,11 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
         marks.append(("counts", time.perf_counter()))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         (tmp / "overlap.json").write_text(json.dumps(overlap, indent=2) + "\n")
+        known = {str(p.relative_to(tmp)): d for p, d in zip(mask_paths, mask_digests.result())}
         write_manifest(tmp, "analyze", cfg.model_dump(mode="json"), digests,
                        extra={"tasks": list(tuned), "executor": executor.name,
                               "units": len(units), "passes": passes,
-                              "collect_limit": limit})
+                              "collect_limit": limit}, known=known)
     marks.append(("manifest", time.perf_counter()))
     _log.debug("analyze, %d units: %s", len(units), ", ".join(
         f"{name} {t - marks[i][1]:.2f} s" for i, (name, t) in enumerate(marks[1:])))

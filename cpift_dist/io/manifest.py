@@ -79,7 +79,8 @@ def checkpoint_digest(path: str | Path) -> str:
 
 
 def write_manifest(directory: str | Path, stage: str, config: Any, inputs: dict[str, str],
-                   outputs: dict[str, str] | None = None, extra: dict | None = None) -> dict:
+                   outputs: dict[str, str] | None = None, extra: dict | None = None,
+                   known: dict[str, str] | None = None) -> dict:
     """Writes ``directory/manifest.json`` marking the stage complete.
 
     Args:
@@ -89,11 +90,17 @@ def write_manifest(directory: str | Path, stage: str, config: Any, inputs: dict[
         inputs: input name -> digest.
         outputs: relative file path -> sha256; by default every file in ``directory``.
         extra: stage-specific facts to record.
+        known: with the default ``outputs``, the sha256 of files already hashed (relative
+            path -> digest), e.g. while other work ran; the others are hashed here.
     """
     directory = Path(directory)
     if outputs is None:
+        known = known or {}
         files = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME]
-        outputs = dict(zip((str(p.relative_to(directory)) for p in files), sha256_files(files)))
+        names = [str(p.relative_to(directory)) for p in files]
+        todo = [(n, p) for n, p in zip(names, files) if n not in known]
+        fresh = dict(zip((n for n, _ in todo), sha256_files([p for _, p in todo])))
+        outputs = {n: known[n] if n in known else fresh[n] for n in names}
     man = {
         "stage": stage,
         "status": "complete",
