@@ -271,9 +271,10 @@ class CheckpointReader:
         """Asks the kernel to read the rows a :meth:`gather_rows` of ``parts`` will read, without
         waiting (``POSIX_FADV_WILLNEED`` on the same descriptors, in one compiled call): the
         reads are then in flight together, rather than one ``pread`` at a time."""
-        from cpift_dist.io.gather import WILLNEED, willneed
+        from cpift_dist.io.gather import HAS_FADVISE, WILLNEED, willneed
 
-        willneed(*self._spans(parts), WILLNEED)
+        if HAS_FADVISE:  # elsewhere the reads are left to gather_rows
+            willneed(*self._spans(parts), WILLNEED)
 
     def _spans(self, parts: list[tuple[str, np.ndarray]]):
         """(descriptors, file offsets, byte lengths) of the row ranges of ``parts``."""

@@ -18,6 +18,9 @@ _madvise = types.ExternalFunction(
 _fadvise = types.ExternalFunction(
     "posix_fadvise", types.int32(types.int32, types.int64, types.int64, types.int32))
 WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", 3)
+HAS_FADVISE = hasattr(os, "posix_fadvise")
+"""Whether the C library has ``posix_fadvise`` (macOS lacks it): :func:`willneed` is compiled,
+and its symbol resolved, only where it has."""
 
 
 @njit(nogil=True, cache=True)
@@ -61,5 +64,6 @@ def warm() -> None:
     """Loads the loops (from numba's cache) before threads would wait on its compiler lock."""
     none = np.zeros(0, np.int64)
     gather(np.zeros(0, np.int32), none, none, np.zeros(0, np.uint8))
-    willneed(np.zeros(0, np.int32), none, none, WILLNEED)
+    if HAS_FADVISE:
+        willneed(np.zeros(0, np.int32), none, none, WILLNEED)
     advise(np.zeros(0, np.uint64), np.zeros(0, np.uint64), 0)
