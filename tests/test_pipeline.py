@@ -189,10 +189,9 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
     import time
 
     def stop(proc):
-        try:  # the head and its GCS, raylet and workers share its process group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        import contextlib
+        with contextlib.suppress(ProcessLookupError):  # (already gone with its group)
+            os.killpg(proc.pid, signal.SIGKILL)  # the head, its GCS, raylet and workers
         proc.wait(timeout=60)
 
     def start_head(attempt: int):

@@ -7,6 +7,7 @@ demand, whole or in row chunks, so memory is bounded by what the caller asks for
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -465,10 +466,8 @@ def _advise(mm: mmap.mmap, option: int, start: int, length: int) -> None:
     reference is left), so the range is still this map's. Advice is a hint: a failure is
     ignored."""
     if _MADVISE is None:
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a hint: a failure changes nothing
             mm.madvise(option, start, length)
-        except (OSError, ValueError):
-            pass
         return
     _MADVISE(_address(mm) + start, length, option)
 
