@@ -13,7 +13,8 @@ measurement in a fresh process (peak RSS from VmHWM; for Ray, sampled over the p
   cpift     cpift's analysis of 1 and of 3 tasks into a fresh output directory, in-process
             on each of --threads threads and on a local Ray (in-process runs also print
             their throughput without the fixed per-process start of numba's loops, timed
-            apart)
+            apart); and, side by side, with the full passes reading through the files'
+            memory maps on 4M-element chunks (``read: map``, the way before 2026-11-30)
 and prints the ratios the targets are stated in (throughput against the raw read, the thread
 speed-up) and how each selection was resolved (sample-window: one full pass). Raw reads are
 the best of 3 runs, cpift runs the best of 2, the naive analysis runs once.
@@ -121,7 +122,7 @@ def m_naive(base: str, tuned: str, p: float) -> dict:
 
 
 def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str,
-            threads: int = 2) -> dict:
+            threads: int = 2, read: str = "pread", chunk: int | None = None) -> dict:
     from cpift_dist.analysis import analyze
     from cpift_dist.config import AnalysisConfig
     from cpift_dist.executor import InProcessExecutor, RayExecutor
@@ -149,7 +150,8 @@ def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str,
         fused.warm({np.uint16 if ck.info(n).dtype == torch.bfloat16 else np.float32
                     for n in ck.names() if ck.info(n).dtype.is_floating_point})
     t_loops = time.perf_counter()
-    res = analyze(base, {Path(t).name: t for t in tuned}, out, AnalysisConfig(p=p),
+    cfg = AnalysisConfig(p=p, read=read, **({"chunk_elements": chunk} if chunk else {}))
+    res = analyze(base, {Path(t).name: t for t in tuned}, out, cfg,
                   executor=ex, overwrite=True, progress=False)
     dt = time.perf_counter() - t0
     out_d = {"seconds": dt, "start": t_loops - t0, "k": next(iter(res.stats.values()))["k"],
@@ -255,6 +257,8 @@ def main() -> None:
                    out, max(threads), best_of=2)
         c3 = {n: child("cpift", warm(paths["base"], *tuned3), tuned3, a.p, "in-process", out, n,
                        best_of=2) for n in threads}
+        maps = {n: child("cpift", warm(paths["base"], *tuned3), tuned3, a.p, "in-process", out,
+                         n, "map", 1 << 22, best_of=2) for n in threads}
         r3 = None if a.no_ray else child("cpift", warm(paths["base"], *tuned3), tuned3, a.p,
                                          "ray", out, best_of=2)
         assert naive["k"] == c1["k"]
@@ -276,6 +280,10 @@ def main() -> None:
                   f"without numba's start, {c['start']:.2f} s)   speed-up vs {min(threads)} thread(s) "
                   f"{c3[min(threads)]['seconds'] / c['seconds']:.2f}x   resolved by "
                   f"{', '.join(c['methods'])}")
+        for n, c in maps.items():  # the full passes' reads as before 2026-11-30
+            print(f"cpift 3 tasks, {n:2d} thread(s), read through maps, 4M-element chunks "
+                  f"{c['seconds']:7.2f} s ({c['seconds'] - c['start']:.2f} s without numba's "
+                  f"start): the default (pread, 1M) {c['seconds'] / c3[n]['seconds']:.2f}x as fast")
         if r3:
             print(f"cpift 3 tasks, local Ray     {r3['seconds']:7.2f} s  driver RSS "
                   f"{r3['peak_rss'] / gib:5.2f} GiB, process tree peak "

@@ -79,7 +79,8 @@ def _collect_phases() -> None:
     log.addHandler(_H())
 
 
-def m_analyze(base: str, tuned: list[str], out: str, threads: int) -> dict:
+def m_analyze(base: str, tuned: list[str], out: str, threads: int, read: str = "pread",
+              chunk: int | None = None) -> dict:
     from cpift_dist.analysis import analyze
     from cpift_dist.config import AnalysisConfig
     from cpift_dist.executor import InProcessExecutor
@@ -89,7 +90,8 @@ def m_analyze(base: str, tuned: list[str], out: str, threads: int) -> dict:
     t0 = time.perf_counter()
     fused.warm()  # numba's per-process start, timed apart (analyze would do it first)
     t1 = time.perf_counter()
-    analyze(base, {Path(t).name: t for t in tuned}, out, AnalysisConfig(p=0.01),
+    cfg = AnalysisConfig(p=0.01, read=read, **({"chunk_elements": chunk} if chunk else {}))
+    analyze(base, {Path(t).name: t for t in tuned}, out, cfg,
             executor=InProcessExecutor(threads), overwrite=True, progress=False)
     return {"seconds": time.perf_counter() - t0, "start": t1 - t0, "phases": PHASES}
 
@@ -264,6 +266,21 @@ def s_analyze(work: Path) -> None:
     a, b = work / "an-1" / "masks", work / f"an-{os.cpu_count()}" / "masks"
     same = all((a / f.name).read_bytes() == f.read_bytes() for f in b.glob("*.safetensors"))
     row("analyze", "masks on 1 thread == on every core", "byte-identical" if same else "DIFFER")
+    # the full passes' reads: chunks copied into per-thread buffers (the default since
+    # 2026-11-30, measured on 2 cores only) against the files' maps with 4M-element chunks (the
+    # way before), and the buffered reads on other chunk sizes, on 1 thread and every core
+    for read, chunk in (("map", 1 << 22), ("pread", 1 << 18), ("pread", 1 << 22)):
+        for n in sorted({1, cores}):
+            r = child("analyze", paths["base"], tuned, str(work / f"an-{read}-{n}"), n, read,
+                      chunk)
+            s, st = r["seconds"], r["start"]
+            row("analyze", f"3 tasks, {n:2d} thread(s), read {read}, {chunk >> 10}K chunks",
+                f"{s:6.2f} s against {res[n]['seconds']:.2f} s (pread, 1M); without numba's "
+                f"start {s - st:.2f} s against {res[n]['seconds'] - res[n]['start']:.2f} s")
+            c = work / f"an-{read}-{n}" / "masks"
+            if not all((a / f.name).read_bytes() == f.read_bytes()
+                       for f in c.glob("*.safetensors")):
+                row("analyze", f"   masks, read {read}, {chunk >> 10}K chunks", "DIFFER")
 
 
 def _differ(x: Path, y: Path) -> tuple[int, int]:

@@ -30,9 +30,16 @@ class AnalysisConfig(_Model):
     """Share of parameters in each task's core region, in (0, 1] (paper default 0.01)."""
     selection: Literal["global", "per-tensor", "per-layer"] = "global"
     """Top-k over the whole model (the paper's), within each tensor, or within each layer."""
-    chunk_elements: int = Field(1 << 22, ge=1024)
-    """Largest row chunk per tensor handed to the compiled loops at once (elements; read
-    through memory maps, so it bounds the pages in flight and the per-chunk outputs)."""
+    chunk_elements: int = Field(1 << 20, ge=1024)
+    """Largest row chunk per tensor handed to the compiled loops at once (elements). With
+    ``read: pread`` each thread holds one chunk of every checkpoint in a buffer that should
+    stay in the CPU's caches (8 MiB for 3 tasks in bf16 at the default); measured fastest on
+    2 cores at 1M against 512K, 2M and 4M (docs/benchmarks.md)."""
+    read: Literal["pread", "map"] = "pread"
+    """How the full passes read the checkpoints: ``pread`` copies each chunk of every
+    checkpoint into a per-thread buffer in one call that releases the GIL; ``map`` reads
+    through the files' memory maps (no copy; the kernel maps and unmaps every page), the way
+    before 2026-11-30. The sample pass reads its rows with ``pread`` either way."""
     unit_elements: int = Field(1 << 25, ge=1024)
     """Elements per unit of work (one Ray task holds one chunk per model at a time)."""
     sample_every: int = Field(64, ge=0)

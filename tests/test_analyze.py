@@ -131,10 +131,13 @@ def test_available_memory_respects_cgroup_limits(tmp_path, monkeypatch):
     assert 0 < available_memory() <= avail + (256 << 20)  # another process may free memory
 
 
+@pytest.mark.parametrize("read", ["pread", "map"])
 @pytest.mark.parametrize("path", list(PATHS))
-def test_bf16_matches_oracle(bf16_models, tmp_path, path):
+def test_bf16_matches_oracle(bf16_models, tmp_path, path, read):
+    """Every selection path, with the full passes reading chunks into a buffer (pread) and
+    through the files' maps."""
     tuned = {"a": bf16_models["a"], "b": bf16_models["b"]}
-    cfg = AnalysisConfig(p=0.05, **PATHS[path], **SMALL)
+    cfg = AnalysisConfig(p=0.05, **PATHS[path], **SMALL, read=read)
     analyze(bf16_models["base"], tuned, tmp_path / "out", cfg, progress=False)
     assert Checkpoint(bf16_models["base"]).info("lm_head.weight").dtype == torch.bfloat16
     assert_masks_equal(tmp_path / "out", bf16_models["base"], tuned, 0.05)

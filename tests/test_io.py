@@ -82,6 +82,45 @@ def test_a_file_truncated_after_opening_is_an_error_not_a_crash(models, tmp_path
                        (name, np.array([(0, 1), (info.rows - 1, info.rows)]))], out)
 
 
+def test_read_chunk_reads_the_rows_of_every_checkpoint_at_once(models, bf16_models, tmp_path):
+    """read_chunk (the analysis's full passes): the same rows of a tensor from several
+    checkpoints, one after the other in the caller's buffer, equal to read_rows of each, fp32
+    and bf16, nothing written past them; a file truncated after opening names that file and
+    the tensor."""
+    from cpift_dist.io.checkpoint import read_chunk
+
+    for m in (models, bf16_models):
+        cks = [Checkpoint(m[k]) for k in ("base", "a", "b")]
+        with cks[0].reader() as r0, cks[1].reader() as r1, cks[2].reader() as r2:
+            readers = [r0, r1, r2]
+            for name in cks[0].names():
+                info = cks[0].info(name)
+                for s in range(0, info.rows, 7):
+                    e = min(info.rows, s + 7)
+                    nb = (e - s) * info.row_numel * info.dtype.itemsize
+                    out = np.full(3 * nb + 5, 0xAB, np.uint8)
+                    got = read_chunk(readers, name, s, e, out)
+                    assert len(got) == 3 and all(np.shares_memory(g, out) for g in got)
+                    for g, r in zip(got, readers):
+                        want = r.read_rows(name, s, e).view(torch.uint8).numpy()
+                        assert np.array_equal(g, want), (name, s)
+                    assert (out[3 * nb:] == 0xAB).all()
+            with pytest.raises(ValueError, match="holds"):
+                read_chunk(readers, name, 0, info.rows, np.zeros(8, np.uint8))
+    d = tmp_path / "b"
+    shutil.copytree(models["b"], d)
+    ck = Checkpoint(d)
+    name = max(ck.names(), key=lambda n: ck.info(n).offset)  # the last tensor of its file
+    info = ck.info(name)
+    with Checkpoint(models["base"]).reader() as r0, ck.reader() as r1:
+        r1._fd(info.file)  # opened before the truncation, as in a pass
+        with open(info.file, "r+b") as f:
+            f.truncate(info.offset + 8)
+        out = np.zeros(2 * info.numel * info.dtype.itemsize, np.uint8)
+        with pytest.raises(CpiftError, match=f"{d.name}.*{info.file.name}.*truncated.*{name!r}"):
+            read_chunk([r0, r1], name, 0, info.rows, out)
+
+
 def test_prefetch_asks_for_the_pages_of_each_range(models, monkeypatch):
     """A cold pass's prefetch: one MADV_WILLNEED per row range, from the page holding its first
     byte to its last byte."""

@@ -94,7 +94,8 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
             group_numel[c.group] += c.numel
     sels = {(t, g): Selection(math.floor(cfg.p * n), n)
             for t in tuned for g, n in group_numel.items()}
-    ctx = ScanContext(str(base), {t: str(p) for t, p in tuned.items()}, cfg.check_finite)
+    ctx = ScanContext(str(base), {t: str(p) for t, p in tuned.items()}, cfg.check_finite,
+                      cfg.read)
     limit = collect_limit(cfg)
     # numba's loops loaded once here, before the executor's threads or workers start: threads
     # that each load them at once serialise on numba's compiler lock (measured on 16 cores)

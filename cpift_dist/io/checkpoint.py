@@ -431,6 +431,49 @@ except (OSError, AttributeError):
 _ADDRESSES: "weakref.WeakKeyDictionary[mmap.mmap, int]" = weakref.WeakKeyDictionary()
 
 
+def read_chunk(readers: list["CheckpointReader"], name: str, start: int, stop: int,
+               out: np.ndarray) -> list[np.ndarray]:
+    """Rows ``start:stop`` of tensor ``name`` from each reader's checkpoint, one after the other
+    in ``out`` (a contiguous uint8 array large enough): a list of uint8 views of ``out``, one
+    per reader. One compiled call (:func:`cpift_dist.io.gather.gather`) reads them all with
+    ``pread`` from the readers' main descriptors (the files' read-ahead as usual) and releases
+    the GIL once.
+
+    The analysis's full passes read this way (``analysis.read: pread``): a chunk copied into a
+    buffer that stays in the CPU's caches costs less than reading it through file maps, whose
+    page faults, fault-around and unmapping after the chunk are kernel work per page. Measured
+    on 2 cores, 348M bf16, 3 tasks, CPU time of the window pass's loops over 5 runs: 0.68-0.74 s
+    on 1M-element chunks read this way (plus 0.57 s of copying) against 1.5-1.6 s on maps
+    (docs/benchmarks.md).
+
+    Raises:
+        CheckpointError: a file ends before the rows (truncated); names the file and tensor.
+    """
+    from cpift_dist.io.gather import gather
+
+    n = len(readers)
+    fds = np.empty(n, np.int32)
+    starts = np.empty(n, np.int64)
+    lengths = np.empty(n, np.int64)
+    files = []
+    for k, r in enumerate(readers):
+        info = r.checkpoint.info(name)
+        row_bytes = info.row_numel * info.dtype.itemsize
+        fds[k] = r._fd(info.file)
+        starts[k] = info.offset + start * row_bytes
+        lengths[k] = (stop - start) * row_bytes
+        files.append(info.file)
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if n else 0
+    if out.size < total:
+        raise ValueError(f"out holds {out.size} bytes, the rows {total}")
+    got = gather(fds, starts, lengths, out)
+    if got != total:
+        k = int(np.searchsorted(ends, got, side="right"))
+        raise CheckpointError(f"{files[k]}: truncated while reading tensor {name!r}")
+    return [out[int(e - m):int(e)] for e, m in zip(ends, lengths)]
+
+
 def drop_mapped(readers: list["CheckpointReader"]) -> None:
     """:meth:`CheckpointReader.drop_mapped` of several readers in one compiled call where
     numba is loaded (a chunk's readers drop their pages together, and the GIL is handed over
