@@ -14,7 +14,7 @@ measurement in a fresh process (peak RSS from VmHWM; for Ray, sampled over the p
             on each of --threads threads and on a local Ray (in-process runs also print
             their throughput without the fixed per-process start of numba's loops, timed
             apart); and, side by side, with the full passes reading through the files'
-            memory maps on 4M-element chunks (``read: map``, the way before 2026-11-30)
+            memory maps on 4M-element chunks (``read: map``, the default until 0724c62)
 and prints the ratios the targets are stated in (throughput against the raw read, the thread
 speed-up) and how each selection was resolved (sample-window: one full pass). Raw reads are
 the best of 3 runs, cpift runs the best of 2, the naive analysis runs once.
@@ -280,7 +280,7 @@ def main() -> None:
                   f"without numba's start, {c['start']:.2f} s)   speed-up vs {min(threads)} thread(s) "
                   f"{c3[min(threads)]['seconds'] / c['seconds']:.2f}x   resolved by "
                   f"{', '.join(c['methods'])}")
-        for n, c in maps.items():  # the full passes' reads as before 2026-11-30
+        for n, c in maps.items():  # the full passes' reads as before 0724c62
             print(f"cpift 3 tasks, {n:2d} thread(s), read through maps, 4M-element chunks "
                   f"{c['seconds']:7.2f} s ({c['seconds'] - c['start']:.2f} s without numba's "
                   f"start): the default (pread, 1M) {c['seconds'] / c3[n]['seconds']:.2f}x as fast")

@@ -267,7 +267,7 @@ def s_analyze(work: Path) -> None:
     same = all((a / f.name).read_bytes() == f.read_bytes() for f in b.glob("*.safetensors"))
     row("analyze", "masks on 1 thread == on every core", "byte-identical" if same else "DIFFER")
     # the full passes' reads: chunks copied into per-thread buffers (the default since
-    # 2026-11-30, measured on 2 cores only) against the files' maps with 4M-element chunks (the
+    # 0724c62, measured on 2 cores only) against the files' maps with 4M-element chunks (the
     # way before), and the buffered reads on other chunk sizes, on 1 thread and every core
     for read, chunk in (("map", 1 << 22), ("pread", 1 << 18), ("pread", 1 << 22)):
         for n in sorted({1, cores}):

@@ -38,8 +38,8 @@ class AnalysisConfig(_Model):
     read: Literal["pread", "map"] = "pread"
     """How the full passes read the checkpoints: ``pread`` copies each chunk of every
     checkpoint into a per-thread buffer in one call that releases the GIL; ``map`` reads
-    through the files' memory maps (no copy; the kernel maps and unmaps every page), the way
-    before 2026-11-30. The sample pass reads its rows with ``pread`` either way."""
+    through the files' memory maps (no copy; the kernel maps and unmaps every page),
+    the default until 0724c62. The sample pass reads its rows with ``pread`` either way."""
     unit_elements: int = Field(1 << 25, ge=1024)
     """Elements per unit of work (one Ray task holds one chunk per model at a time)."""
     sample_every: int = Field(64, ge=0)
