@@ -133,12 +133,20 @@ def test_available_memory_respects_cgroup_limits(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("read", ["pread", "map"])
 @pytest.mark.parametrize("path", list(PATHS))
-def test_bf16_matches_oracle(bf16_models, tmp_path, path, read):
+def test_bf16_matches_oracle(bf16_models, tmp_path, path, read, monkeypatch):
     """Every selection path, with the full passes reading chunks into a buffer (pread) and
-    through the files' maps."""
+    through the files' maps; the window pass runs its compiled runs of chunks wherever it can
+    (not on maps, nor beside a radix histogram)."""
+    from cpift_dist.analysis import fused
+
+    runs = []
+    window_run = fused.window_run
+    monkeypatch.setattr(fused, "window_run",  # (warm() calls it with no chunks)
+                        lambda *a: runs.append(len(a[0])) or window_run(*a))
     tuned = {"a": bf16_models["a"], "b": bf16_models["b"]}
     cfg = AnalysisConfig(p=0.05, **PATHS[path], **SMALL, read=read)
     analyze(bf16_models["base"], tuned, tmp_path / "out", cfg, progress=False)
+    assert bool(sum(runs)) == (read == "pread" and path != "radix-3pass")
     assert Checkpoint(bf16_models["base"]).info("lm_head.weight").dtype == torch.bfloat16
     assert_masks_equal(tmp_path / "out", bf16_models["base"], tuned, 0.05)
 
@@ -364,6 +372,34 @@ def test_cold_inputs_are_asked_ahead_and_give_the_same_masks(models, tmp_path, m
             ahead += 1
         assert len(asked) == 3 * ahead
     assert asked == [(c.name, [(c.row_start, c.row_stop)]) for c in chunks for _ in range(3)]
+
+
+def test_window_run_of_a_file_truncated_after_opening_names_it(models, tmp_path):
+    """The compiled window pass reads its own chunks: a tuned file that ends early (truncated
+    after the checkpoints were opened) is a CheckpointError naming that file and tensor."""
+    import shutil
+
+    from cpift_dist.analysis import scan
+    from cpift_dist.analysis.plan import plan_units
+    from cpift_dist.errors import CheckpointError
+
+    d = tmp_path / "b"
+    shutil.copytree(models["b"], d)
+    ck = Checkpoint(models["base"])
+    cfg = AnalysisConfig(**SMALL)
+    units = plan_units([ck.tensors[n] for n in ck.names()], cfg.selection, cfg.chunk_elements,
+                       cfg.unit_elements)
+    ctx = scan.ScanContext(str(models["base"]), {"a": str(models["a"]), "b": str(d)})
+    unit = max(units, key=lambda u: len(u.chunks))
+    plan = {(t, g): ("window", 1 << 30, 1 << 31) for t in ("a", "b")
+            for g in {c.group for c in unit.chunks}}
+    assert scan.scan_window(ctx, unit, plan).above  # opened (and cached), read whole
+    last = unit.chunks[-1]
+    info = scan._checkpoint(str(d)).info(last.name)
+    with open(info.file, "r+b") as f:
+        f.truncate(info.offset + 8)
+    with pytest.raises(CheckpointError, match=f"{info.file.name}.*truncated.*{last.name!r}"):
+        scan.scan_window(ctx, unit, plan)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -22,7 +22,7 @@ from cpift_dist.analysis import fused
 from cpift_dist.analysis.plan import Unit
 from cpift_dist.analysis.radix_select import HIGH_BINS, LOW_BINS, NONFINITE_BIN
 from cpift_dist.errors import CheckpointError
-from cpift_dist.io.checkpoint import Checkpoint, drop_mapped, read_chunk
+from cpift_dist.io.checkpoint import Checkpoint, drop_mapped, read_chunk, row_spans
 
 Key = tuple[str, str]  # (task, selection group)
 Sparse = tuple[np.ndarray, np.ndarray]
@@ -303,6 +303,9 @@ def scan_window(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> WindowR
     collect elements with lo <= bits < hi; or ``("histogram", high)``: histogram the low bits
     of the elements of high bin ``high``. Selections not in ``plan`` are skipped.
     """
+    runs = _window_runs(ctx, unit, plan)
+    if runs is not None:
+        return runs
     tasks = list(ctx.tuned)
     n_t, n_pad = len(tasks), _padded(len(tasks))
     res = WindowResult()
@@ -349,6 +352,86 @@ def scan_window(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> WindowR
     res.low_hist = {(t, g): _to_sparse(h[k]) for g, h in low_acc.items()
                     for k, t in enumerate(tasks)
                     if plan.get((t, g), (None,))[0] == "histogram"}
+    return res
+
+
+_KINDS = {torch.bfloat16: np.uint16, torch.float32: np.float32}
+
+
+def _window_runs(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> WindowResult | None:
+    """:func:`scan_window` for the common case, one compiled call per run of chunks
+    (:func:`fused.window_run`: reads and window loop, the GIL released once per run, not handed
+    over twice per chunk), with the same results. ``None`` where the per-chunk loop must do it:
+    reads through maps (``read: map``), a dtype other than bf16 and float32, a histogram plan
+    (the radix fallback), or inputs not in the page cache (its reads are asked ahead chunk by
+    chunk)."""
+    tasks = list(ctx.tuned)
+    n_t, n_pad = len(tasks), _padded(len(tasks))
+    groups = dict.fromkeys(c.group for c in unit.chunks)
+    if ctx.read != "pread" or any(plan.get((t, g), (None,))[0] == "histogram"
+                                  for t in tasks for g in groups):
+        return None
+    base = _checkpoint(ctx.base)
+    tuned = [_checkpoint(p) for p in ctx.tuned.values()]
+    if any(base.info(n).dtype not in _KINDS for n in dict.fromkeys(c.name for c in unit.chunks)):
+        return None
+    runs: list[list] = []  # [group, dtype, [chunk indices]]
+    for ci, c in enumerate(unit.chunks):
+        dtype = base.info(c.name).dtype
+        if not runs or runs[-1][:2] != [c.group, dtype]:
+            runs.append([c.group, dtype, []])
+        runs[-1][2].append(ci)
+    res = WindowResult()
+    with ExitStack() as stack:
+        every = [stack.enter_context(ck.reader()) for ck in (base, *tuned)]
+        if _cold_readers(unit, every):
+            return None
+        fused.load_registries()
+        for group, dtype, idxs in runs:
+            modes = [plan.get((t, group), (None,)) for t in tasks]
+            win = _pad([m[0] == "window" for m in modes], n_pad, np.bool_)
+            if not win.any():
+                continue
+            lo = _pad([m[1] if m[0] == "window" else 0 for m in modes], n_pad, np.int64)
+            hi = _pad([m[2] if m[0] == "window" else 0 for m in modes], n_pad, np.int64)
+            chunks = [unit.chunks[i] for i in idxs]
+            fds, starts = row_spans(every, [(c.name, c.row_start) for c in chunks])
+            numel = np.array([c.numel for c in chunks], np.int64)
+            nbytes = numel * dtype.itemsize
+            pb = (numel + 7) // 8
+            poff = np.zeros(len(chunks) + 1, np.int64)
+            np.cumsum(n_pad * pb, out=poff[1:])
+            packed = np.empty(int(poff[-1]), np.uint8)  # every active row is written whole
+            above = np.zeros(n_pad, np.int64)
+            bad = np.zeros(n_pad, np.bool_)
+            short = np.full(1, -1, np.int64)
+            c_ci, c_task, c_idx, c_bits = fused.window_run(
+                fds, starts, nbytes, _buffer(int(nbytes.max()) * len(every)), _KINDS[dtype],
+                dtype == torch.bfloat16, win, lo, hi, packed, poff, above, bad, short)
+            if short[0] >= 0:  # names the file that came short
+                c = chunks[int(short[0])]
+                read_chunk(every, c.name, c.row_start, c.row_stop,
+                           _buffer(c.numel * dtype.itemsize * len(every)))
+                raise CheckpointError(f"{ctx.base}: a read of tensor {c.name!r} came short")
+            if ctx.check_finite and bad.any():
+                raise _first_non_finite(ctx, unit, [tasks[k] for k in np.flatnonzero(bad)])
+            order = np.argsort(c_task, kind="stable")  # by task, then chunk and index
+            c_ci, c_task, c_idx, c_bits = c_ci[order], c_task[order], c_idx[order], c_bits[order]
+            bounds = np.searchsorted(c_task, np.arange(n_t + 1))
+            for k in np.flatnonzero(win):
+                key = (tasks[k], group)
+                res.above[key] = res.above.get(key, 0) + int(above[k])
+                for j, ci in enumerate(idxs):
+                    res.packed[(tasks[k], ci)] = packed[poff[j] + k * pb[j]:
+                                                        poff[j] + (k + 1) * pb[j]]
+                lo_k, hi_k = bounds[k], bounds[k + 1]
+                if hi_k > lo_k:
+                    cis = c_ci[lo_k:hi_k]
+                    cut = np.flatnonzero(cis[1:] != cis[:-1]) + 1
+                    for a, z in zip(np.concatenate([[0], cut]), np.concatenate([cut, [len(cis)]])):
+                        res.items.setdefault(key, []).append(
+                            (idxs[int(cis[a])], c_idx[lo_k + a:lo_k + z],
+                             c_bits[lo_k + a:lo_k + z]))
     return res
 
 

@@ -451,27 +451,37 @@ def read_chunk(readers: list["CheckpointReader"], name: str, start: int, stop: i
     """
     from cpift_dist.io.gather import gather
 
-    n = len(readers)
-    fds = np.empty(n, np.int32)
-    starts = np.empty(n, np.int64)
-    lengths = np.empty(n, np.int64)
-    files = []
-    for k, r in enumerate(readers):
-        info = r.checkpoint.info(name)
-        row_bytes = info.row_numel * info.dtype.itemsize
-        fds[k] = r._fd(info.file)
-        starts[k] = info.offset + start * row_bytes
-        lengths[k] = (stop - start) * row_bytes
-        files.append(info.file)
+    fds, starts = row_spans(readers, [(name, start)])
+    lengths = np.array([(stop - start) * r.checkpoint.info(name).row_numel *
+                        r.checkpoint.info(name).dtype.itemsize for r in readers], np.int64)
     ends = np.cumsum(lengths)
-    total = int(ends[-1]) if n else 0
+    total = int(ends[-1]) if len(readers) else 0
     if out.size < total:
         raise ValueError(f"out holds {out.size} bytes, the rows {total}")
-    got = gather(fds, starts, lengths, out)
+    got = gather(fds[0], starts[0], lengths, out)
     if got != total:
         k = int(np.searchsorted(ends, got, side="right"))
-        raise CheckpointError(f"{files[k]}: truncated while reading tensor {name!r}")
+        raise CheckpointError(f"{readers[k].checkpoint.info(name).file}: truncated while "
+                              f"reading tensor {name!r}")
     return [out[int(e - m):int(e)] for e, m in zip(ends, lengths)]
+
+
+def row_spans(readers: list["CheckpointReader"],
+              rows: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``rows`` (tensor name, first row) starts in each reader's checkpoint: the
+    readers' main descriptors (int32) and byte offsets (int64), both ``[len(rows),
+    len(readers)]``, as :func:`read_chunk` and the analysis's compiled window pass read them.
+    One lookup per tensor, not per row."""
+    where = {}
+    for name in dict.fromkeys(n for n, _ in rows):
+        infos = [r.checkpoint.info(name) for r in readers]
+        where[name] = ([r._fd(i.file) for r, i in zip(readers, infos)],
+                       np.array([i.offset for i in infos], np.int64),
+                       np.array([i.row_numel * i.dtype.itemsize for i in infos], np.int64))
+    fds = np.array([where[n][0] for n, _ in rows], np.int32).reshape(len(rows), len(readers))
+    starts = np.array([where[n][1] + r0 * where[n][2] for n, r0 in rows],
+                      np.int64).reshape(len(rows), len(readers))
+    return fds, starts
 
 
 def drop_mapped(readers: list["CheckpointReader"]) -> None:
