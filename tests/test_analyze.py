@@ -362,9 +362,12 @@ def test_cold_inputs_are_asked_ahead_and_give_the_same_masks(models, tmp_path, m
     chunks = unit.chunks
     asked.clear()  # the sample: every sampled row of the unit, at once, before the first read
     for _ in scan._sample_runs(ctx, unit, 64):
-        want = [(c.name, [[c.row_start + a, c.row_start + b] for a, b in scan.sample_ranges(
-            c.row_stop - c.row_start, ck.info(c.name).row_numel, 64).tolist()]) for c in chunks]
-        assert asked == [want] * 3  # base and the two tuned
+        want = {}  # one part per tensor, its chunks' ranges in order
+        for c in chunks:
+            want.setdefault(c.name, []).extend(
+                [c.row_start + a, c.row_start + b] for a, b in scan.sample_ranges(
+                    c.row_stop - c.row_start, ck.info(c.name).row_numel, 64).tolist())
+        assert asked == [list(want.items())] * 3  # base and the two tuned
     asked.clear()
     for ci, *_ in scan._chunks(ctx, unit):
         ahead = ci + 1  # asked for so far: this chunk and the next ones within READ_AHEAD
