@@ -443,7 +443,7 @@ def read_chunk(readers: list["CheckpointReader"], name: str, start: int, stop: i
     buffer that stays in the CPU's caches costs less than reading it through file maps, whose
     page faults, fault-around and unmapping after the chunk are kernel work per page. Measured
     on 2 cores, 348M bf16, 3 tasks, CPU time of the window pass's loops over 5 runs: 0.68-0.74 s
-    on 1M-element chunks read this way (plus 0.57 s of copying) against 1.5-1.6 s on maps
+    on 1M-element chunks read this way (plus 0.99 s of copying) against 1.5-1.6 s on maps
     (docs/benchmarks.md).
 
     Raises:
