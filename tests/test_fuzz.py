@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cpift_dist.analysis.masks import MaskFile
@@ -98,7 +98,9 @@ def test_malformed_index_files_raise_the_project_error(models, index, raw):
                                st.tuples(st.sampled_from(["U8", "F32"]), st.integers(0, 4)),
                                max_size=2),
        cut=st.integers(0, 64))
-def test_malformed_mask_files_raise_the_project_error(meta, tensors, cut):
+@example(meta={"tensors": "0", "format": "cpift-core-mask/1"}, tensors={}, cut=0)  # a number:
+@example(meta={"tensors": "[1]", "format": "cpift-core-mask/1"}, tensors={}, cut=0)  # found
+def test_malformed_mask_files_raise_the_project_error(meta, tensors, cut):  # by a CI run
     header, off = {"__metadata__": meta}, 0
     for name, (dt, n) in tensors.items():
         size = n * (1 if dt == "U8" else 4)

@@ -198,6 +198,8 @@ class MaskFile:
                             f"{self.metadata.get('format')!r}, expected {MASK_FORMAT!r})")
         try:
             tensors = json.loads(self.metadata["tensors"])
+            if not isinstance(tensors, dict):  # e.g. "0": a number, not a table of tensors
+                raise TypeError(f"a JSON {type(tensors).__name__}, not an object")
             self.numel = {n: int(v["numel"]) for n, v in tensors.items()}
             self.shapes = {n: tuple(int(d) for d in v["shape"]) for n, v in tensors.items()}
         except (KeyError, TypeError, ValueError) as e:
