@@ -13,6 +13,7 @@ import torch
 from cpift_dist.analysis import MaskFile, analyze
 from cpift_dist.cli import main
 from cpift_dist.config import AnalysisConfig, FusionConfig, GroupingConfig
+from cpift_dist.errors import MaskError
 from cpift_dist.executor import InProcessExecutor, RayExecutor
 from cpift_dist.fusion import fold_weights, fuse, slerp_reference
 from cpift_dist.grouping import connected_groups, group
@@ -315,6 +316,20 @@ def test_positional_writer_any_order_threads_and_refusals(tmp_path):
         w.write("x", torch.zeros(3))
     with pytest.raises(Exception, match="'x' was not written whole"):
         w.close()
+    # a range over consecutive tensors (the fuser's runs), refused outside the tensors' data
+    w = PositionalWriter(tmp_path / "h.safetensors", entries)
+    y, z = torch.arange(5.0), torch.randn(64, 40).bfloat16()
+    w.write("x", x)
+    both = np.concatenate([y.view(torch.uint8).numpy(), z.reshape(-1).view(torch.uint8).numpy()])
+    w.write_range(w.offsets["y"], both)
+    with pytest.raises(Exception, match="written twice"):
+        w.write_range(w.offsets["y"], both[:4])
+    for start in (w.data_start - 1, w.size - 3):
+        with pytest.raises(Exception, match="outside the tensors' data"):
+            w.write_range(start, both[:4])
+    w.close()
+    got = load_file(tmp_path / "h.safetensors")
+    assert torch.equal(got["y"], y) and torch.equal(got["z"], z) and torch.equal(got["x"], x)
 
 
 def test_connected_groups_and_tau():
@@ -413,3 +428,101 @@ def test_fusion_reads_odd_layouts_from_file_maps_exactly(tmp_path):
             want, _, _ = fused.apply_chunk(b[name].reshape(-1), x, packed, coef, tv,
                                            "max-magnitude", dtype)
             assert got.dtype == dtype and torch.equal(got.reshape(-1), want), (space, p, name)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_runs_read_into_buffers_fuse_the_bytes_of_the_maps(three, bf16_models, tmp_path,
+                                                          monkeypatch, granularity, dtype):
+    """``read: pread`` (the default) fuses whole chunks in runs read into per-thread buffers,
+    and a multi-chunk tensor's chunks in groups, each group read chunk by chunk into one buffer
+    by one compiled call per pass; ``read: map`` goes chunk by chunk through the files' maps.
+    Same files and counts, in both spaces, on 1 and 3 threads; runs hold several chunks
+    (several tensors), groups several chunks of a tensor."""
+    import importlib
+
+    from cpift_dist.fusion import fused
+
+    if dtype == "bf16":
+        m = bf16_models
+        tuned = {"a": m["a"], "b": m["b"]}
+        an = tmp_path / "an"
+        analyze(m["base"], tuned, an, AnalysisConfig(p=0.05), progress=False)
+        base, masks = m["base"], an / "masks"
+    else:
+        base, tuned, masks = three["base"], three["tuned"], three["masks"]
+    runs = []
+    real_gram, real_apply = fused.gram_run, fused.apply_run
+
+    def gram_run(fds, *args):
+        if fds.shape[0]:  # (warm() calls it with none)
+            runs.append(("gram", fds.shape[0]))
+        return real_gram(fds, *args)
+
+    def apply_run(read, fds, *args):
+        if fds.shape[0]:
+            runs.append(("apply, read" if read else "apply", fds.shape[0]))
+        return real_apply(read, fds, *args)
+
+    loops = importlib.import_module("cpift_dist.fusion.fuse").fused
+    monkeypatch.setattr(loops, "gram_run", gram_run)
+    monkeypatch.setattr(loops, "apply_run", apply_run)
+    for space in ("task-vectors", "weights"):
+        cfg = dict(FAST, space=space, granularity=granularity,
+                   max_shard_bytes=1 << 30)  # one file: a run stops where bytes do not follow
+        want = fuse(base, tuned, masks, tmp_path / space / "map",
+                    FusionConfig(**cfg, read="map"), InProcessExecutor(1), progress=False)
+        assert not runs
+        for threads in (1, 3):
+            got = fuse(base, tuned, masks, tmp_path / space / str(threads),
+                       FusionConfig(**cfg), InProcessExecutor(threads), progress=False)
+            assert got["outputs"] == want["outputs"], (space, threads)
+            assert got["per_tensor"] == want["per_tensor"]
+            assert got["core_elements"] == want["core_elements"] > 0
+        kinds = {k for k, _ in runs}
+        assert max(n for k, n in runs if k == "apply") > 1  # runs of several small tensors
+        if granularity == "tensor":  # tensors of several 1024-element chunks: a task reads
+            assert kinds == {"gram", "apply", "apply, read"}  # several in each pass
+            assert max(n for k, n in runs if k == "apply, read") > 1
+        else:  # every chunk is whole: one angle per row
+            assert kinds == {"gram", "apply"}
+        runs.clear()
+
+
+@pytest.mark.parametrize("which", ["tuned", "mask"])
+def test_a_run_of_a_file_truncated_after_opening_names_it(three, tmp_path, monkeypatch, which):
+    """A run's compiled read that comes short (a tuned checkpoint or a mask file truncated
+    after the fuser opened it) is an error naming that file and tensor; no output is left."""
+    import importlib
+
+    from cpift_dist.errors import CheckpointError
+    from cpift_dist.io.checkpoint import CheckpointReader
+
+    fuse_module = importlib.import_module("cpift_dist.fusion.fuse")
+    d = tmp_path / "in"
+    tuned = dict(three["tuned"])
+    shutil.copytree(tuned["b"], d / "b")
+    shutil.copytree(three["masks"], d / "masks")
+    tuned["b"] = d / "b"
+    ck = Checkpoint(d / "b")
+    first = next(n for n in ck.names() if ck.info(n).dtype.is_floating_point)
+    if which == "tuned":
+        path, cut, error = ck.info(first).file, ck.info(first).offset + 8, CheckpointError
+    else:
+        path = d / "masks" / "b.safetensors"
+        cut, error = MaskFile(path)._offsets[first] + 1, MaskError
+    real = fuse_module.fused.gram_run
+
+    def gram_run(*args):
+        if args[0].shape[0] and path.stat().st_size > cut:  # the fuser holds the files open
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+        return real(*args)
+
+    monkeypatch.setattr(fuse_module.fused, "gram_run", gram_run)
+    monkeypatch.setattr(CheckpointReader, "cached", lambda self, points: True)  # runs, not maps
+    with pytest.raises(error, match=f"{path.name}.*truncated.*{first!r}"):
+        fuse(three["base"], tuned, d / "masks", tmp_path / "out",
+             FusionConfig(**dict(FAST, max_shard_bytes=1 << 30)), InProcessExecutor(1),
+             progress=False)
+    assert not (tmp_path / "out").exists()

@@ -224,6 +224,13 @@ class MaskFile:
     def names(self) -> list[str]:
         return sorted(self.numel)
 
+    def span(self, name: str, start: int = 0) -> tuple[int, int]:
+        """The file descriptor and offset of packed byte ``start`` of parameter ``name``, for
+        a compiled ``pread`` (the fuser's runs of chunks); the descriptor stays this object's."""
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd, self._offsets[name] + start
+
     def read_packed(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Packed bytes ``start:stop`` of parameter ``name`` (pread: no memory map)."""
         total = packed_len(self.numel[name])

@@ -31,14 +31,15 @@ from cpift_dist.analysis.masks import MaskFile, unpack_mask
 from cpift_dist.analysis.plan import Chunk, plan_units
 from cpift_dist.analysis.scan import PROBES, READ_AHEAD, kernel_view
 from cpift_dist.config import FusionConfig
-from cpift_dist.errors import CpiftError, MaskError
+from cpift_dist.errors import CheckpointError, CpiftError, MaskError
 from cpift_dist.executor import InProcessExecutor, torch_threads
 from cpift_dist.fusion import fused
 from cpift_dist.fusion.slerp import (apply_torch, fold_coefficients, fold_weights, gram_torch,
                                      segments_of)
 from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
                            sha256_file, write_manifest)
-from cpift_dist.io.checkpoint import INDEX_NAME, SINGLE_NAME, drop_mapped
+from cpift_dist.io.checkpoint import (INDEX_NAME, SINGLE_NAME, drop_mapped, read_chunk,
+                                     row_spans)
 from cpift_dist.io.manifest import sha256_files
 from cpift_dist.io.safetensors_stream import PositionalWriter
 
@@ -160,6 +161,73 @@ class _Scheduler:
 
 
 _APPLY, _GRAM = 0, 1  # task priorities: finish started tensors first
+_RUN_DTYPES = (torch.bfloat16, torch.float32)  # what the compiled runs read as is
+GROUP_CHUNKS = 8
+"""Chunks of a multi-chunk tensor per task of each pass in runs (``read: pread``): read one
+after the other into one chunk's buffer by one compiled call; the apply pass's output of the
+group is written at once (8 chunks of 1M bf16 elements: a 16 MB output buffer per thread)."""
+
+
+@dataclass
+class _Run:
+    """A run's chunks as :meth:`_ShardFuser._plan_run` lays them out: per chunk its bytes per
+    checkpoint, mask bytes per task, segment length and where it lies in the files; where each
+    chunk's inputs, masks and segments start in the thread's buffers and the Gram matrices
+    (``boff``, ``poff``, ``goff``: one more entry than chunks); the buffers; whether each
+    chunk's base was read."""
+
+    chunks: list[Chunk]
+    dtype: torch.dtype
+    nbytes: np.ndarray
+    mbytes: np.ndarray
+    seg_len: np.ndarray
+    fds: np.ndarray  # [C, 1 + N] the base's and the tasks' descriptors, then offsets
+    starts: np.ndarray
+    mfds: np.ndarray  # [C, N] the masks' descriptors, then offsets
+    mstarts: np.ndarray
+    boff: np.ndarray | None = None
+    poff: np.ndarray | None = None
+    goff: np.ndarray | None = None
+    buf: np.ndarray | None = None
+    packed: np.ndarray | None = None
+    out: np.ndarray | None = None
+    grams: np.ndarray | None = None
+    based: np.ndarray | None = None
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == torch.bfloat16
+
+    @property
+    def kind(self):
+        """The arrays' element type in the compiled loops: bf16 bits or float32."""
+        return np.uint16 if self.bf16 else np.float32
+
+
+class _Runs:
+    """Groups whole chunks (tensors of one chunk, or rows with their own angles) into runs:
+    consecutive in the output file, one dtype, up to ``limit`` elements together (the chunk
+    size: a run is read at once); ``submit(run)`` takes each run when it closes."""
+
+    def __init__(self, submit, limit: int):
+        self.submit, self.limit = submit, limit
+        self.run: list[tuple[Chunk, int]] = []
+        self.numel = self.end = 0
+        self.dtype = None
+
+    def add(self, c: Chunk, segments: int, tensor_offset: int, dtype: torch.dtype) -> None:
+        start = tensor_offset + c.flat_start * dtype.itemsize
+        if self.run and (start != self.end or dtype != self.dtype
+                         or self.numel + c.numel > self.limit):
+            self.flush()
+        self.run.append((c, segments))
+        self.numel += c.numel
+        self.end, self.dtype = start + c.numel * dtype.itemsize, dtype
+
+    def flush(self) -> None:
+        if self.run:
+            self.submit(self.run)
+        self.run, self.numel = [], 0
 
 
 @dataclass
@@ -169,7 +237,8 @@ class _Tensor:
     name: str
     chunks: list[Chunk]
     segments: int
-    remaining: int
+    groups: list[tuple[int, int]]  # the chunks i0:i1 of each task of a pass
+    remaining: int  # Gram tasks still to finish
     gram: list  # per chunk, its Gram partial
     cached: dict | None  # chunk index -> its inputs, while they fit the cache budget
     reserved: int = 0
@@ -200,9 +269,12 @@ class _ShardFuser:
     """The tasks of one output shard: per chunk, read once -> Gram -> (fold) -> apply -> write
     at the chunk's offset. A tensor fits one chunk, or with one angle per row, its chunks are
     independent; otherwise its chunks' Gram partials are summed, and the last one folds the
-    coefficients and queues the tensor's apply tasks, which map the chunks again (numba) or
+    coefficients and queues the tensor's apply tasks, which read the chunks again (numba) or
     reuse the chunks kept in memory (torch, Triton: up to ``cache_bytes`` for all tensors in
-    flight; beyond, they are read again).
+    flight; beyond, they are read again). On the numba loops with ``read: pread``, whole
+    chunks of bf16 and fp32 tensors go in runs (:meth:`_run`: several small tensors read,
+    fused and written by two compiled calls and one write), and a multi-chunk tensor's chunks
+    as runs of one.
 
     :meth:`submit` queues the shard's tasks on the shared scheduler; once it has run,
     :meth:`finish` writes the tied copies and returns the counts."""
@@ -226,9 +298,12 @@ class _ShardFuser:
         self.lock, self.local, self.pool = shared.lock, shared.local, shared.pool
         self.sched = shared.sched
         self.cuda = self.device == "cuda"
-        # the numba loops read the chunks straight from the files' maps; the torch and Triton
+        # the numba loops read the chunks into buffers in runs (read: pread; bf16 and fp32
+        # inputs in the page cache) or straight from the files' maps; the torch and Triton
         # paths take tensors (on CUDA copied from page-locked buffers)
         self.maps = self.backend == "numba"
+        self.runs = self.maps and cfg.read == "pread"
+        self.chunk = cfg.chunk_for(self.backend)
         self.cold: list[int] = []  # readers (0: the base) whose pages were not in the cache
         if self.kernels is not None:
             _tune_once(self.kernels, len(self.tasks), self._float_dtype(), self.tv, cfg.overlap,
@@ -241,6 +316,7 @@ class _ShardFuser:
         return torch.float32
 
     def submit(self) -> None:
+        runs = _Runs(functools.partial(self.sched.submit, _GRAM, self._run), self.chunk)
         for name in self.shard.names:
             info = self.base.info(name)
             if name in self.base.tied or info.numel == 0:
@@ -249,16 +325,24 @@ class _ShardFuser:
                 self.sched.submit(_GRAM, self._copy_base, name)
                 continue
             self.counts[name] = [0, 0]
-            chunks = plan_units([info], "global", self.ctx.cfg.chunk_elements, 1 << 62)[0].chunks
+            chunks = plan_units([info], "global", self.chunk, 1 << 62)[0].chunks
             segments = segments_of(info.shape, self.ctx.cfg.granularity)
             if len(chunks) == 1 or segments > 1:
                 for c in chunks:
-                    self.sched.submit(_GRAM, self._whole, c, segments)
+                    if self.runs and info.dtype in _RUN_DTYPES:
+                        runs.add(c, segments, self.writer.offsets[name], info.dtype)
+                    else:
+                        self.sched.submit(_GRAM, self._whole, c, segments)
                 continue
             nbytes = info.numel * info.dtype.itemsize * (len(self.tasks) + 1)
-            st = _Tensor(name, chunks, segments, len(chunks), [None] * len(chunks), None)
-            for i in range(len(chunks)):
-                self.sched.submit(_GRAM, self._gram_part, st, i, nbytes)
+            # in runs, up to GROUP_CHUNKS chunks a task (one compiled call reads them one after
+            # the other into the same buffer); else a chunk a task
+            step = GROUP_CHUNKS if self.runs and info.dtype in _RUN_DTYPES else 1
+            groups = [(i, min(i + step, len(chunks))) for i in range(0, len(chunks), step)]
+            st = _Tensor(name, chunks, segments, groups, len(groups), [None] * len(chunks), None)
+            for i0, i1 in groups:
+                self.sched.submit(_GRAM, self._gram_part, st, i0, i1, nbytes)
+        runs.flush()
         self._probe()
 
     def _probe(self) -> None:
@@ -266,8 +350,8 @@ class _ShardFuser:
         probed, as the analysis does) and queues the shard's chunks to be asked for ahead."""
         chunks = [c for name in self.shard.names if name not in self.base.tied
                   and self.base.info(name).dtype.is_floating_point
-                  for c in plan_units([self.base.info(name)], "global",
-                                      self.ctx.cfg.chunk_elements, 1 << 62)[0].chunks]
+                  for c in plan_units([self.base.info(name)], "global", self.chunk,
+                                      1 << 62)[0].chunks]
         if not chunks:
             return
         points = [(c.name, c.row_start) for c in chunks[::max(1, len(chunks) // PROBES)]]
@@ -462,35 +546,153 @@ class _ShardFuser:
         self._apply(c, data, coef)
         self._unmap()
 
-    def _gram_part(self, st: _Tensor, i: int, nbytes: int) -> None:
+    def _run(self, run: list[tuple[Chunk, int]]) -> None:
+        """Whole chunks (``(chunk, segments)``, consecutive in the output file, one dtype) on
+        the numba loops: read and Gram, one fold, apply (:meth:`_read_run`,
+        :meth:`_apply_run`): two compiled calls and one write per run, where a chunk at a time
+        held the GIL for a tenth of a thread's time in Python (docs/benchmarks.md). Cold
+        inputs go chunk by chunk instead, each asked for ahead (:meth:`_read_ahead`)."""
+        if self.cold:
+            for c, segments in run:
+                self._whole(c, segments)
+            return
+        r = self._read_run(run)
+        # one fold for the run's segments: the same bits as one fold per chunk (tested)
+        self._apply_run(r, fold_coefficients(r.grams, self.t))
+
+    def _plan_run(self, run: list[tuple[Chunk, int]], reuse: bool = False) -> "_Run":
+        """Where a run's chunks lie in the files (this thread's descriptors) and go in this
+        thread's buffers: one after the other, or with ``reuse`` each at the start (read and
+        used one at a time)."""
+        readers, masks = self._readers()
+        chunks = [c for c, _ in run]
+        n_tasks = len(self.tasks)
+        dtype = self.base.info(chunks[0].name).dtype
+        fds, starts = row_spans(readers, [(c.name, c.row_start) for c in chunks])
+        spans = [m.span(c.name, c.flat_start // 8) for c in chunks for m in masks]
+        numel = np.array([c.numel for c in chunks], np.int64)
+        segs = np.array([c.row_stop - c.row_start if s > 1 else 1 for c, s in run], np.int64)
+        r = _Run(chunks, dtype, numel * dtype.itemsize, (numel + 7) // 8, numel // segs, fds,
+                 starts, np.array([f for f, _ in spans], np.int32).reshape(len(chunks), n_tasks),
+                 np.array([o for _, o in spans], np.int64).reshape(len(chunks), n_tasks))
+        sizes = (r.nbytes * (n_tasks + 1), r.mbytes * n_tasks)
+        if reuse:
+            r.boff, r.poff = (np.zeros(len(chunks) + 1, np.int64) for _ in sizes)
+            need = [int(a.max()) for a in sizes]
+        else:
+            r.boff, r.poff = (np.concatenate([[0], np.cumsum(a)]) for a in sizes)
+            need = [int(r.boff[-1]), int(r.poff[-1])]
+        r.goff = np.concatenate([[0], np.cumsum(segs)])
+        r.buf, r.packed, r.out = self._run_buffers(*need, int(r.nbytes.sum()))
+        r.based = np.zeros(len(chunks), np.bool_)
+        return r
+
+    def _read_run(self, run: list[tuple[Chunk, int]], reuse: bool = False) -> "_Run":
+        """Reads a run's chunks (see :meth:`_plan_run`) and takes their Gram matrices, by one
+        compiled call (:func:`fused.gram_run`)."""
+        r = self._plan_run(run, reuse)
+        n_tasks = len(self.tasks)
+        r.grams = np.zeros((int(r.goff[-1]), n_tasks, n_tasks))
+        short = np.full(2, -1, np.int64)
+        fused.gram_run(r.fds, r.starts, r.nbytes, r.boff, r.mfds, r.mstarts, r.mbytes, r.poff,
+                       r.buf, r.packed, r.kind, r.bf16, self.tv, r.seg_len, r.goff, r.grams,
+                       r.based, True, short)
+        if short[0] >= 0:
+            self._name_short(r.chunks[short[0]], bool(short[1]))
+        return r
+
+    def _apply_run(self, r: "_Run", coef: np.ndarray, read: bool = False) -> None:
+        """Fuses a run's chunks with their segments' coefficients (float64 ``[S, N]``, rounded
+        to float32 as :func:`fused.apply_chunk` does), reading them first where ``read`` (else
+        :meth:`_read_run` read them), by one compiled call; writes them at once and adds their
+        counts."""
+        counts = np.zeros((len(r.chunks), 2), np.int64)
+        short = np.full(2, -1, np.int64)
+        fused.apply_run(read, r.fds, r.starts, r.nbytes, r.boff, r.mfds, r.mstarts, r.mbytes,
+                        r.poff, r.buf, r.packed, r.kind, r.bf16, self.tv,
+                        np.ascontiguousarray(coef, dtype=np.float32), r.seg_len, r.goff,
+                        self.ctx.cfg.overlap == "max-magnitude", r.based, r.out, counts, short)
+        if short[0] >= 0:
+            self._name_short(r.chunks[short[0]], bool(short[1]))
+        total = int(r.nbytes.sum())
+        first = r.chunks[0]
+        self.writer.write_range(self.writer.offsets[first.name]
+                                + first.flat_start * r.dtype.itemsize, r.out[:total])
+        with self.lock:
+            for c, (union, multi) in zip(r.chunks, counts.tolist()):
+                self.counts[c.name][0] += union
+                self.counts[c.name][1] += multi
+            if self.shared.bar is not None:
+                self.shared.bar.update(total)
+
+    def _in_runs(self, name: str) -> bool:
+        """Whether the chunks of a multi-chunk tensor go through :meth:`_read_run` (one chunk
+        a run: the Gram pass and the apply pass each read it)."""
+        return self.runs and not self.cold and self.base.info(name).dtype in _RUN_DTYPES
+
+    def _run_buffers(self, *sizes: int) -> list[np.ndarray]:
+        """This thread's buffers for a run (inputs, masks, output), grown as needed and
+        reused (fresh memory costs a page fault per 4 KiB)."""
+        bufs = getattr(self.local, "run", None) or [np.empty(0, np.uint8)] * len(sizes)
+        bufs = [b if b.size >= n else np.empty(n, np.uint8) for b, n in zip(bufs, sizes)]
+        self.local.run = bufs
+        return bufs
+
+    def _name_short(self, c: Chunk, values: bool) -> None:
+        """Raises the error naming the file that came short under a run's compiled read."""
+        if not values:
+            for m in self._readers()[1]:
+                m.read_packed(c.name, c.flat_start // 8, (c.flat_start + c.numel + 7) // 8)
+        readers = self._readers()[0]
+        nbytes = c.numel * self.base.info(c.name).dtype.itemsize * len(readers)
+        read_chunk(readers, c.name, c.row_start, c.row_stop, np.empty(nbytes, np.uint8))
+        raise CheckpointError(f"tensor {c.name!r}: a read came short, and again did not")
+
+    def _gram_part(self, st: _Tensor, i0: int, i1: int, nbytes: int) -> None:
+        """The Gram partials of a multi-chunk tensor's chunks ``i0:i1``; the last of its tasks
+        folds the coefficients and queues the apply tasks."""
         with self.lock:
             if st.cached is None:  # the tensor's first chunk to start: reserve its cache
-                # (mapped chunks are not kept: mapping one again reads the page cache)
+                # (the numba loops read chunks again instead)
                 keep = nbytes <= self.shared.budget and not self.maps
                 st.cached, st.reserved = {}, nbytes if keep else -1
                 self.shared.budget -= nbytes if keep else 0
-        self._read_ahead(st.chunks[i])
-        data = self._load(st.chunks[i])
-        g = self._gram(st.chunks[i], data, st.segments)
-        self._unmap()
+        grams, data = {}, {}
+        if self._in_runs(st.name):  # one compiled call, each chunk into the same buffer
+            r = self._read_run([(c, st.segments) for c in st.chunks[i0:i1]], reuse=True)
+            grams = {i0 + k: r.grams[k:k + 1] for k in range(i1 - i0)}
+        else:
+            for i in range(i0, i1):
+                self._read_ahead(st.chunks[i])
+                data[i] = self._load(st.chunks[i])
+                grams[i] = self._gram(st.chunks[i], data[i], st.segments)
+                self._unmap()
         with self.lock:
-            st.gram[i] = g  # summed in chunk order at the end: the same bits on any threads
+            for i, g in grams.items():  # summed in chunk order at the end: the same bits on
+                st.gram[i] = g  # any threads
             if st.reserved > 0:
-                st.cached[i] = data
+                st.cached.update(data)
             st.remaining -= 1
             last = st.remaining == 0
         if st.reserved <= 0:
-            self._release(data[3])
+            for d in data.values():
+                self._release(d[3])
         if last:
             coef = fold_coefficients(functools.reduce(np.add, st.gram), self.t)
-            for j in range(len(st.chunks)):
-                self.sched.submit(_APPLY, self._apply_part, st, j, coef)
+            for j0, j1 in st.groups:
+                self.sched.submit(_APPLY, self._apply_part, st, j0, j1, coef)
 
-    def _apply_part(self, st: _Tensor, i: int, coef: np.ndarray) -> None:
-        with self.lock:
-            data = st.cached.pop(i, None)
-        self._apply(st.chunks[i], data if data is not None else self._load(st.chunks[i]), coef)
-        self._unmap()
+    def _apply_part(self, st: _Tensor, i0: int, i1: int, coef: np.ndarray) -> None:
+        if self._in_runs(st.name):  # read and fused by one compiled call, written at once
+            r = self._plan_run([(c, st.segments) for c in st.chunks[i0:i1]], reuse=True)
+            self._apply_run(r, np.repeat(coef, i1 - i0, axis=0), read=True)
+            return
+        for i in range(i0, i1):
+            with self.lock:
+                data = st.cached.pop(i, None)
+            self._apply(st.chunks[i], data if data is not None else self._load(st.chunks[i]),
+                        coef)
+            self._unmap()
         with self.lock:
             if st.reserved > 0 and not st.cached:
                 self.shared.budget += st.reserved

@@ -310,6 +310,102 @@ def _transplant(packed, start, m, union, xf, bf, max_magnitude, acc, counts):
             acc[i] = picked
 
 
+@njit(nogil=True, cache=True)
+def gram_run(fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed, kind, bf16,
+             task_vectors, seg_len, goff, grams, based, with_gram, short):
+    """Reads and takes the Gram matrices of a run of chunks in one call that releases the GIL
+    once, where the fuser's Python per chunk (maps, masks, dispatch) held it for a tenth of a
+    thread's time (348M bf16, 1 thread); :func:`apply_run` then fuses the chunks.
+
+    Chunk c: ``fds``/``starts`` ``[C, 1 + N]``, its bytes' descriptor and offset in the base's
+    and each task's checkpoint, ``nbytes[c]`` bytes each, read to ``buf[boff[c]:]`` (base, then
+    the tasks); ``mfds``/``mstarts`` ``[C, N]``, its packed mask bytes (``mbytes[c]`` per task)
+    read to ``packed[poff[c]:]``. Offsets may repeat: chunks read to the same place one after
+    the other (a large tensor's Gram pass). In weight space the base is read only where a mask
+    of the chunk has a bit set (``based[c]``), as :meth:`_ShardFuser._map` does. Segments of
+    ``seg_len[c]`` elements, their Gram matrices (when ``with_gram``; else only read, for
+    :func:`apply_run`) at ``grams[goff[c]:goff[c + 1]]``. A read that comes short sets
+    ``short[0]`` to the chunk and ``short[1]`` to 0 (masks) or 1 (values) and ends the run: the
+    caller names the file."""
+    N = starts.shape[1] - 1
+    lengths = np.empty(N + 1, np.int64)
+    for ci in range(starts.shape[0]):
+        if _read_chunk(ci, fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed,
+                       task_vectors, based, lengths, short):
+            return
+        if with_gram:
+            nb, mb = nbytes[ci], mbytes[ci]
+            b, addresses = _run_inputs(buf[boff[ci]:boff[ci] + (N + 1) * nb], nb, N,
+                                       based[ci], kind)
+            gram(b, addresses, bf16, packed[poff[ci]:poff[ci] + N * mb].reshape((N, mb)),
+                 task_vectors, seg_len[ci], grams[goff[ci]:goff[ci + 1]])
+
+
+@njit(nogil=True, cache=True)
+def apply_run(read, fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed, kind,
+              bf16, task_vectors, coef, seg_len, goff, max_magnitude, based, out, counts,
+              short):
+    """:func:`apply` over a run's chunks (arguments as :func:`gram_run`'s), each with its
+    segments' float32 coefficients ``coef[goff[c]:goff[c + 1]]``: chunk c's fused bytes to
+    ``out`` right after chunk c - 1's (a run is contiguous in the output file), its core
+    counts to ``counts[c]``. ``read``: each chunk is read first (else :func:`gram_run` read
+    them, to their own offsets)."""
+    N = starts.shape[1] - 1
+    lengths = np.empty(N + 1, np.int64)
+    at = 0
+    for ci in range(nbytes.size):
+        if read and _read_chunk(ci, fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf,
+                                packed, task_vectors, based, lengths, short):
+            return
+        nb, mb = nbytes[ci], mbytes[ci]
+        b, addresses = _run_inputs(buf[boff[ci]:boff[ci] + (N + 1) * nb], nb, N, based[ci],
+                                   kind)
+        apply(b, addresses, bf16, packed[poff[ci]:poff[ci] + N * mb].reshape((N, mb)),
+              task_vectors, coef[goff[ci]:goff[ci + 1]], seg_len[ci], max_magnitude,
+              out[at:at + nb].view(kind), counts[ci])
+        at += nb
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _read_chunk(ci, fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed,
+                task_vectors, based, lengths, short):
+    """Chunk ``ci``'s masks, then its tasks' and (where needed) its base's bytes, as
+    :func:`gram_run` lays them out; True (and ``short`` set) where a read came short."""
+    N = starts.shape[1] - 1
+    mb = mbytes[ci]
+    pk = packed[poff[ci]:poff[ci] + N * mb]
+    lengths[:N] = mb
+    if gather.gather(mfds[ci], mstarts[ci], lengths[:N], pk) != N * mb:
+        short[0], short[1] = ci, 0
+        return True
+    anyset = np.uint8(0)
+    for j in range(pk.size):
+        anyset |= pk[j]
+    nb = nbytes[ci]
+    region = buf[boff[ci]:boff[ci] + (N + 1) * nb]
+    based[ci] = task_vectors or anyset != 0
+    lengths[:] = nb
+    if based[ci]:
+        got = gather.gather(fds[ci], starts[ci], lengths, region)
+    else:
+        got = nb + gather.gather(fds[ci, 1:], starts[ci, 1:], lengths[1:], region[nb:])
+    if got != (N + 1) * nb:
+        short[0], short[1] = ci, 1
+        return True
+    return False
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _run_inputs(region, nb, N, based, kind):
+    """The chunk's base array and its tasks' addresses in a run's buffer (base, then the
+    tasks); where the base was not read, the first task's array stands in for it."""
+    addresses = np.empty(N, np.uint64)
+    for k in range(N):
+        addresses[k] = region[(k + 1) * nb:].ctypes.data
+    b = region[:nb].view(kind) if based else region[nb:2 * nb].view(kind)
+    return b, addresses
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _popcount8(x):
     x = x - ((x >> 1) & 0x55)
@@ -339,4 +435,20 @@ def warm(dtypes=(torch.bfloat16, torch.float32)) -> None:
         p = np.zeros((2, 2), np.uint8)
         gram_chunk(b, x, p, 1, True)
         apply_chunk(b, x, p, np.ones((1, 2)), True, "max-magnitude", dtype)
+        _warm_runs(np.uint16 if dtype == torch.bfloat16 else np.float32)
     gather.warm()  # the chunks' pages are dropped in one compiled call
+
+
+def _warm_runs(kind) -> None:
+    """:func:`gram_run` and :func:`apply_run` with the argument types the fuser passes (no
+    chunks: nothing is read)."""
+    i64, u8 = np.zeros(1, np.int64), np.zeros(0, np.uint8)
+    fds, starts = np.zeros((0, 3), np.int32), np.zeros((0, 3), np.int64)
+    none = np.zeros(0, np.int64)
+    based = np.zeros(0, np.bool_)
+    gram_run(fds, starts, none, i64, fds[:, 1:].copy(), starts[:, 1:].copy(), none, i64, u8, u8,
+             kind, kind == np.uint16, True, none, i64, np.zeros((0, 2, 2)), based, True,
+             np.full(2, -1, np.int64))
+    apply_run(True, fds, starts, none, i64, fds[:, 1:].copy(), starts[:, 1:].copy(), none, i64,
+              u8, u8, kind, kind == np.uint16, True, np.zeros((0, 2), np.float32), none, i64,
+              True, based, u8, np.zeros((0, 2), np.int64), np.full(2, -1, np.int64))

@@ -64,6 +64,7 @@ class PositionalWriter:
         self.entries = dict(entries)
         header, sizes = build_header(self.entries, metadata)
         self.offsets, off = {}, len(header)
+        self.data_start = len(header)
         for name, n in sizes.items():
             self.offsets[name] = off
             off += n
@@ -96,12 +97,25 @@ class PositionalWriter:
                              f"{byte_offset + len(mv)} outside its {self._sizes[name]}")
         if not len(mv):
             return
-        start = self.offsets[name] + byte_offset
+        self._record(mv, self.offsets[name] + byte_offset,
+                     f"tensor {name!r}: bytes from {byte_offset}")
+
+    def write_range(self, start: int, data: np.ndarray) -> None:
+        """Writes ``data`` (its raw bytes) at file offset ``start`` of the tensors' data: a
+        range of consecutive tensors in one call (the fuser's runs of chunks)."""
+        mv = memoryview(np.ascontiguousarray(data)).cast("B")
+        if start < self.data_start or start + len(mv) > self.size:
+            raise CpiftError(f"{self.path}: bytes {start}..{start + len(mv)} outside the "
+                             f"tensors' data ({self.data_start}..{self.size})")
+        if len(mv):
+            self._record(mv, start, f"bytes from offset {start}")
+
+    def _record(self, mv: memoryview, start: int, what: str) -> None:
+        """Writes ``mv`` at ``start`` and moves the hashed frontier past it when it can."""
         self._pwrite(mv, start)
         with self._cv:
             if start < self._frontier or start in self._ranges:
-                raise CpiftError(f"{self.path}: tensor {name!r}: bytes from {byte_offset} "
-                                 "written twice")
+                raise CpiftError(f"{self.path}: {what} written twice")
             self._ranges[start] = start + len(mv)
             advanced = False
             while self._frontier in self._ranges:
