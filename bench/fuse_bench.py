@@ -15,7 +15,8 @@ process reading from page cache, with peak RSS from the process's own high-water
             pwrites, as the fuser's chunks): the floor no fuser goes below, since every byte of
             a new file lands in freshly allocated page cache (on the 2-core VM this costs 5-20x
             an overwrite of cached pages, and varies run to run).
-  threads   the pair on each of --threads threads (they share the work of every shard), and
+  threads   the pair on each of --threads threads (they share the work of every shard), each
+            beside `read: map` on 4M-element chunks (the path before runs, alternated), and
             on the most threads with backend torch (the unfused reference ops) side by side;
             also printed without the fixed per-process start of numba's loops (timed apart).
 On a CUDA machine it also times the Triton apply kernel against a device-to-device copy and
@@ -40,7 +41,8 @@ from analyze_bench import _vm_hwm, build, warm_read  # noqa: E402
 SHARD = 200_000_000
 
 
-def m_cpift(base, tuned, masks, out, space, omega, threads=2, backend="auto"):
+def m_cpift(base, tuned, masks, out, space, omega, threads=2, backend="auto", read="pread",
+            chunk=None):
     from cpift_dist.config import FusionConfig
     from cpift_dist.executor import InProcessExecutor
     from cpift_dist.fusion import fuse
@@ -51,7 +53,8 @@ def m_cpift(base, tuned, masks, out, space, omega, threads=2, backend="auto"):
         fused.warm()
     t1 = time.perf_counter()
     fuse(base, {Path(t).name: t for t in tuned}, masks, out,
-         FusionConfig(space=space, omega=omega, max_shard_bytes=SHARD, backend=backend),
+         FusionConfig(space=space, omega=omega, max_shard_bytes=SHARD, backend=backend,
+                      read=read, chunk_elements=chunk),
          InProcessExecutor(threads), overwrite=True, progress=False)
     return {"seconds": time.perf_counter() - t0, "start": t1 - t0}
 
@@ -216,12 +219,16 @@ def main() -> None:
     for i in range(3):
         (d / f"raw-write-{i}.bin").unlink()
     write = {"seconds": writes[1]}
-    sweep = {}
-    for n in threads:
+    sweep, maps = {}, {}
+    for n in threads:  # the default and the maps path before it (4M chunks), alternated
         warm_read([paths["t1"], paths["t2"]])
-        sweep[n] = min((child("cpift", paths["base"], list(pair.values()),
-                              str(d / "empty" / "masks"), str(d / f"out-pair-{n}"), "weights",
-                              0.5, n) for _ in range(2)), key=lambda r: r["seconds"])
+        runs = [(child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
+                       str(d / f"out-pair-{n}"), "weights", 0.5, n),
+                 child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
+                       str(d / f"out-pair-{n}"), "weights", 0.5, n, "auto", "map", 1 << 22))
+                for _ in range(2)]
+        sweep[n] = min((r for r, _ in runs), key=lambda r: r["seconds"])
+        maps[n] = min((m for _, m in runs), key=lambda r: r["seconds"])
 
     warm_read([paths["t1"], paths["t2"]])
     unfused = child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
@@ -245,6 +252,10 @@ def main() -> None:
               f"{loops[min(threads)] / loops[n]:.2f}x; {r['seconds'] / floor:.2f}x the raw read "
               "+ write")
 
+    for n, r in maps.items():
+        print(f"pair  cpift, {n:2d} thread(s), read: map, 4M chunks (the path before runs) "
+              f"{r['seconds']:6.2f} s   the default {r['seconds'] / sweep[n]['seconds']:.2f}x "
+              "faster")
     print(f"pair  cpift, {max(threads):2d} thread(s), backend torch (unfused ops) "
           f"{unfused['seconds']:6.2f} s   numba {unfused['seconds'] / sweep[max(threads)]['seconds']:.2f}x faster")
     print(f"pair  cpift fuse            {ours['seconds']:6.2f} s  peak RSS "

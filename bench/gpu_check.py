@@ -97,7 +97,8 @@ def m_analyze(base: str, tuned: list[str], out: str, threads: int, read: str = "
 
 
 def m_fuse(base: str, tuned: list[str], masks: str, out: str, device: str, space: str,
-           omega, threads: int, shard_bytes: int = 2 << 30, chunk: int | None = None) -> dict:
+           omega, threads: int, shard_bytes: int = 2 << 30, chunk: int | None = None,
+           read: str = "pread") -> dict:
     import torch
 
     from cpift_dist.config import FusionConfig
@@ -111,7 +112,7 @@ def m_fuse(base: str, tuned: list[str], masks: str, out: str, device: str, space
     t0 = time.perf_counter()
     man = fuse(base, {Path(t).name: t for t in tuned}, masks, out,
                FusionConfig(space=space, omega=omega, device=device,
-                            max_shard_bytes=shard_bytes,
+                            max_shard_bytes=shard_bytes, read=read,
                             **({"chunk_elements": chunk} if chunk else {})),
                InProcessExecutor(threads), overwrite=True, progress=False)
     return {"seconds": time.perf_counter() - t0, "backend": man["backend"], "phases": PHASES}
@@ -354,16 +355,21 @@ def s_fuse(work: Path) -> None:
             f"{runs[label, 'cpu'] / runs[label, 'cuda']:.2f}x the CPU path's speed")
     from cpift_dist.config import FusionConfig
 
-    default = FusionConfig().chunk_elements
-    for chunk in sorted({1 << 20, 1 << 22} - {default}):
-        for device in ("cuda", "cpu"):
-            r = child("fuse", paths["base"], pair, str(work / "empty" / "masks"),
-                      str(work / f"fuse-chunk-{device}"), device, "weights", 0.5, cores,
-                      2 << 30, chunk)
-            d, t = _differ(work / f"fuse-pair-{device}", work / f"fuse-chunk-{device}")
-            row("fuse", f"pair, {device}, chunks of {chunk >> 20}M elements (default "
-                f"{default >> 20}M)", f"{r['seconds']:6.2f} s against {runs['pair', device]:.2f} "
-                f"s; {d:,} elements differ from the default's output")
+    # the other chunk size on each device (defaults: 1M on the CPU loops, 4M on CUDA), and on
+    # CPU the maps path at both sizes (read: map; pread, the default, reads runs into buffers)
+    variants = [("cuda", 1 << 20, "pread"), ("cpu", 1 << 22, "pread"), ("cpu", 1 << 20, "map"),
+                ("cpu", 1 << 22, "map")]
+    for device, chunk, read in variants:
+        default = FusionConfig().chunk_for("numba" if device == "cpu" else "triton")
+        r = child("fuse", paths["base"], pair, str(work / "empty" / "masks"),
+                  str(work / f"fuse-chunk-{device}"), device, "weights", 0.5, cores,
+                  2 << 30, chunk, read)
+        d, t = _differ(work / f"fuse-pair-{device}", work / f"fuse-chunk-{device}")
+        row("fuse", f"pair, {device}, chunks of {chunk >> 20}M elements"
+            + (f", read: {read}" if device == "cpu" else "") + f" (default {default >> 20}M"
+            + (", pread)" if device == "cpu" else ")"),
+            f"{r['seconds']:6.2f} s against {runs['pair', device]:.2f} s; {d:,} elements "
+            "differ from the default's output")
     try:
         mk = _mergekit(pair[0], pair[1], work / "mk")
         d, t = _differ(work / "fuse-pair-cuda", work / "mk")
