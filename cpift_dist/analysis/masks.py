@@ -224,20 +224,24 @@ class MaskFile:
     def names(self) -> list[str]:
         return sorted(self.numel)
 
+    def open(self) -> "MaskFile":
+        """Opens the file for reads now (else the first read does): then threads may share
+        this object, as its reads are positional."""
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self
+
     def span(self, name: str, start: int = 0) -> tuple[int, int]:
         """The file descriptor and offset of packed byte ``start`` of parameter ``name``, for
         a compiled ``pread`` (the fuser's runs of chunks); the descriptor stays this object's."""
-        if self._fd < 0:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        self.open()
         return self._fd, self._offsets[name] + start
 
     def read_packed(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Packed bytes ``start:stop`` of parameter ``name`` (pread: no memory map)."""
         total = packed_len(self.numel[name])
         stop = total if stop is None else min(stop, total)
-        if self._fd < 0:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        data = os.pread(self._fd, stop - start, self._offsets[name] + start)
+        data = os.pread(self.open()._fd, stop - start, self._offsets[name] + start)
         if len(data) != stop - start:
             raise MaskError(f"{self.path}: truncated while reading {name!r}")
         return np.frombuffer(data, dtype=np.uint8)

@@ -190,6 +190,17 @@ class CheckpointReader:
         self._maps: dict[Path, mmap.mmap] = {}
         self._buf = torch.empty(0, dtype=torch.uint8)
         self._mapped: list[tuple[mmap.mmap, int, int]] = []
+        self._where: dict[str, tuple[int, int, int]] = {}
+
+    def span(self, name: str) -> tuple[int, int, int]:
+        """Tensor ``name``'s file descriptor (opened here), data offset and bytes per row of
+        dim 0, looked up once (compiled reads take them for many chunks)."""
+        got = self._where.get(name)
+        if got is None:
+            info = self.checkpoint.info(name)
+            got = self._where[name] = (self._fd(info.file), info.offset,
+                                       info.row_numel * info.dtype.itemsize)
+        return got
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -199,6 +210,7 @@ class CheckpointReader:
         for fd in (*self._fds.values(), *self._random_fds.values()):
             os.close(fd)
         self._fds.clear()
+        self._where.clear()
         self._random_fds.clear()
         self._maps.clear()
         self._buf = torch.empty(0, dtype=torch.uint8)
@@ -471,17 +483,12 @@ def row_spans(readers: list["CheckpointReader"],
     """Where each of ``rows`` (tensor name, first row) starts in each reader's checkpoint: the
     readers' main descriptors (int32) and byte offsets (int64), both ``[len(rows),
     len(readers)]``, as :func:`read_chunk` and the analysis's compiled window pass read them.
-    One lookup per tensor, not per row."""
-    where = {}
-    for name in dict.fromkeys(n for n, _ in rows):
-        infos = [r.checkpoint.info(name) for r in readers]
-        where[name] = ([r._fd(i.file) for r, i in zip(readers, infos)],
-                       np.array([i.offset for i in infos], np.int64),
-                       np.array([i.row_numel * i.dtype.itemsize for i in infos], np.int64))
-    fds = np.array([where[n][0] for n, _ in rows], np.int32).reshape(len(rows), len(readers))
-    starts = np.array([where[n][1] + r0 * where[n][2] for n, r0 in rows],
-                      np.int64).reshape(len(rows), len(readers))
-    return fds, starts
+    Each reader looks a tensor up once (:meth:`CheckpointReader.span`)."""
+    spans = [[r.span(n) for r in readers] for n, _ in rows]
+    fds = np.array([[f for f, _, _ in sp] for sp in spans], np.int32)
+    starts = np.array([[o + r0 * b for _, o, b in sp] for sp, (_, r0) in zip(spans, rows)],
+                      np.int64)
+    return fds.reshape(len(rows), len(readers)), starts.reshape(len(rows), len(readers))
 
 
 def drop_mapped(readers: list["CheckpointReader"]) -> None:
