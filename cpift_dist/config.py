@@ -86,9 +86,9 @@ class FusionConfig(_Model):
     """Largest row chunk of a tensor processed at once; bounds memory (per thread: the chunk
     of every input and the output). None: 1M elements on the numba loops (with ``read:
     pread`` a thread's inputs then stay in the CPU's caches: measured on 2 cores, 348M bf16,
-    1M fused a pair 1.3-1.6x faster than 4M), 4M on torch and Triton (fewer kernel launches
-    and copies per byte). Outputs are the same bytes at either size on 348M bf16 (a tensor's
-    Gram partials are summed per chunk in float64)."""
+    a pair took 0.96 s of thread time at 1M against 1.19-1.28 s at 4M), 4M on torch and
+    Triton (fewer kernel launches and copies per byte). Outputs are the same bytes at either
+    size on 348M bf16 (a tensor's Gram partials are summed per chunk in float64)."""
     read: Literal["pread", "map"] = "pread"
     """How the numba loops read bf16 and fp32 inputs: ``pread`` copies runs of chunks of
     every input into a per-thread buffer in one compiled call that releases the GIL (and
