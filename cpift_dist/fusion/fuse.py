@@ -199,9 +199,9 @@ class _Run:
         return self.dtype == torch.bfloat16
 
     @property
-    def kind(self):
-        """The arrays' element type in the compiled loops: bf16 bits or float32."""
-        return np.uint16 if self.bf16 else np.float32
+    def like(self) -> np.ndarray:
+        """An empty array of the values' type in the compiled loops (bf16 bits or float32)."""
+        return fused.RUN_LIKE[self.dtype]
 
 
 class _Runs:
@@ -604,7 +604,7 @@ class _ShardFuser:
         r.grams = np.zeros((int(r.goff[-1]), n_tasks, n_tasks))
         short = np.full(2, -1, np.int64)
         fused.gram_run(r.fds, r.starts, r.nbytes, r.boff, r.mfds, r.mstarts, r.mbytes, r.poff,
-                       r.buf, r.packed, r.kind, r.bf16, self.tv, r.seg_len, r.goff, r.grams,
+                       r.buf, r.packed, r.like, r.bf16, self.tv, r.seg_len, r.goff, r.grams,
                        r.based, True, short)
         if short[0] >= 0:
             self._name_short(r.chunks[short[0]], bool(short[1]))
@@ -618,7 +618,7 @@ class _ShardFuser:
         counts = np.zeros((len(r.chunks), 2), np.int64)
         short = np.full(2, -1, np.int64)
         fused.apply_run(read, r.fds, r.starts, r.nbytes, r.boff, r.mfds, r.mstarts, r.mbytes,
-                        r.poff, r.buf, r.packed, r.kind, r.bf16, self.tv,
+                        r.poff, r.buf, r.packed, r.like, r.bf16, self.tv,
                         np.ascontiguousarray(coef, dtype=np.float32), r.seg_len, r.goff,
                         self.ctx.cfg.overlap == "max-magnitude", r.based, r.out, counts, short)
         if short[0] >= 0:

@@ -43,6 +43,8 @@ from cpift_dist.analysis.fused import gc_paused, load_registries
 from cpift_dist.io import gather
 
 BLOCK = 2048  # elements per block: N + 1 widened float32 rows stay in L1/L2
+RUN_LIKE = {torch.bfloat16: np.empty(0, np.uint16), torch.float32: np.empty(0, np.float32)}
+"""The run loops' ``like`` argument per input dtype: bf16 as its bits, float32 as is."""
 
 
 def inputs(base, tuned) -> tuple[bool, np.ndarray, list[np.ndarray]]:
@@ -311,7 +313,7 @@ def _transplant(packed, start, m, union, xf, bf, max_magnitude, acc, counts):
 
 
 @njit(nogil=True, cache=True)
-def gram_run(fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed, kind, bf16,
+def gram_run(fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed, like, bf16,
              task_vectors, seg_len, goff, grams, based, with_gram, short):
     """Reads and takes the Gram matrices of a run of chunks in one call that releases the GIL
     once, where the fuser's Python per chunk (maps, masks, dispatch) held it for a tenth of a
@@ -326,7 +328,9 @@ def gram_run(fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed
     ``seg_len[c]`` elements, their Gram matrices (when ``with_gram``; else only read, for
     :func:`apply_run`) at ``grams[goff[c]:goff[c + 1]]``. A read that comes short sets
     ``short[0]`` to the chunk and ``short[1]`` to 0 (masks) or 1 (values) and ends the run: the
-    caller names the file."""
+    caller names the file. ``like``: an empty array of the values' type in the loops
+    (:data:`RUN_LIKE`; numba types an array argument in C, a dtype class in Python: 3 us a
+    call)."""
     N = starts.shape[1] - 1
     lengths = np.empty(N + 1, np.int64)
     for ci in range(starts.shape[0]):
@@ -336,13 +340,13 @@ def gram_run(fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed
         if with_gram:
             nb, mb = nbytes[ci], mbytes[ci]
             b, addresses = _run_inputs(buf[boff[ci]:boff[ci] + (N + 1) * nb], nb, N,
-                                       based[ci], kind)
+                                       based[ci], like)
             gram(b, addresses, bf16, packed[poff[ci]:poff[ci] + N * mb].reshape((N, mb)),
                  task_vectors, seg_len[ci], grams[goff[ci]:goff[ci + 1]])
 
 
 @njit(nogil=True, cache=True)
-def apply_run(read, fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed, kind,
+def apply_run(read, fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed, like,
               bf16, task_vectors, coef, seg_len, goff, max_magnitude, based, out, counts,
               short):
     """:func:`apply` over a run's chunks (arguments as :func:`gram_run`'s), each with its
@@ -359,10 +363,10 @@ def apply_run(read, fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf,
             return
         nb, mb = nbytes[ci], mbytes[ci]
         b, addresses = _run_inputs(buf[boff[ci]:boff[ci] + (N + 1) * nb], nb, N, based[ci],
-                                   kind)
+                                   like)
         apply(b, addresses, bf16, packed[poff[ci]:poff[ci] + N * mb].reshape((N, mb)),
               task_vectors, coef[goff[ci]:goff[ci + 1]], seg_len[ci], max_magnitude,
-              out[at:at + nb].view(kind), counts[ci])
+              out[at:at + nb].view(like.dtype), counts[ci])
         at += nb
 
 
@@ -396,13 +400,13 @@ def _read_chunk(ci, fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf,
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _run_inputs(region, nb, N, based, kind):
+def _run_inputs(region, nb, N, based, like):
     """The chunk's base array and its tasks' addresses in a run's buffer (base, then the
     tasks); where the base was not read, the first task's array stands in for it."""
     addresses = np.empty(N, np.uint64)
     for k in range(N):
         addresses[k] = region[(k + 1) * nb:].ctypes.data
-    b = region[:nb].view(kind) if based else region[nb:2 * nb].view(kind)
+    b = region[:nb].view(like.dtype) if based else region[nb:2 * nb].view(like.dtype)
     return b, addresses
 
 
@@ -435,11 +439,11 @@ def warm(dtypes=(torch.bfloat16, torch.float32)) -> None:
         p = np.zeros((2, 2), np.uint8)
         gram_chunk(b, x, p, 1, True)
         apply_chunk(b, x, p, np.ones((1, 2)), True, "max-magnitude", dtype)
-        _warm_runs(np.uint16 if dtype == torch.bfloat16 else np.float32)
+        _warm_runs(RUN_LIKE[dtype])
     gather.warm()  # the chunks' pages are dropped in one compiled call
 
 
-def _warm_runs(kind) -> None:
+def _warm_runs(like: np.ndarray) -> None:
     """:func:`gram_run` and :func:`apply_run` with the argument types the fuser passes (no
     chunks: nothing is read)."""
     i64, u8 = np.zeros(1, np.int64), np.zeros(0, np.uint8)
@@ -447,8 +451,8 @@ def _warm_runs(kind) -> None:
     none = np.zeros(0, np.int64)
     based = np.zeros(0, np.bool_)
     gram_run(fds, starts, none, i64, fds[:, 1:].copy(), starts[:, 1:].copy(), none, i64, u8, u8,
-             kind, kind == np.uint16, True, none, i64, np.zeros((0, 2, 2)), based, True,
+             like, like.dtype == np.uint16, True, none, i64, np.zeros((0, 2, 2)), based, True,
              np.full(2, -1, np.int64))
     apply_run(True, fds, starts, none, i64, fds[:, 1:].copy(), starts[:, 1:].copy(), none, i64,
-              u8, u8, kind, kind == np.uint16, True, np.zeros((0, 2), np.float32), none, i64,
+              u8, u8, like, like.dtype == np.uint16, True, np.zeros((0, 2), np.float32), none, i64,
               True, based, u8, np.zeros((0, 2), np.int64), np.full(2, -1, np.int64))
