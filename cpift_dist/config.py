@@ -84,7 +84,8 @@ class FusionConfig(_Model):
     """Largest output safetensors shard (bytes)."""
     chunk_elements: int | None = Field(None, ge=1024)
     """Largest row chunk of a tensor processed at once; bounds memory (per thread: the chunk
-    of every input and the output). None: 1M elements on the numba loops (with ``read:
+    of every input and the output; on the numba loops the output of up to
+    ``fusion.fuse.GROUP_CHUNKS`` chunks). None: 1M elements on the numba loops (with ``read:
     pread`` a thread's inputs then stay in the CPU's caches: measured on 2 cores, 348M bf16,
     a pair took 0.96 s of thread time at 1M against 1.19-1.28 s at 4M), 4M on torch and
     Triton (fewer kernel launches and copies per byte). Outputs are the same bytes at either
