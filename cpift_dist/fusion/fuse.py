@@ -605,7 +605,7 @@ class _ShardFuser:
         short = np.full(2, -1, np.int64)
         fused.gram_run(r.fds, r.starts, r.nbytes, r.boff, r.mfds, r.mstarts, r.mbytes, r.poff,
                        r.buf, r.packed, r.like, r.bf16, self.tv, r.seg_len, r.goff, r.grams,
-                       r.based, True, short)
+                       r.based, short)
         if short[0] >= 0:
             self._name_short(r.chunks[short[0]], bool(short[1]))
         return r

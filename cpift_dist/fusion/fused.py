@@ -314,7 +314,7 @@ def _transplant(packed, start, m, union, xf, bf, max_magnitude, acc, counts):
 
 @njit(nogil=True, cache=True)
 def gram_run(fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed, like, bf16,
-             task_vectors, seg_len, goff, grams, based, with_gram, short):
+             task_vectors, seg_len, goff, grams, based, short):
     """Reads and takes the Gram matrices of a run of chunks in one call that releases the GIL
     once, where the fuser's Python per chunk (maps, masks, dispatch) held it for a tenth of a
     thread's time (348M bf16, 1 thread); :func:`apply_run` then fuses the chunks.
@@ -325,24 +325,22 @@ def gram_run(fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed
     read to ``packed[poff[c]:]``. Offsets may repeat: chunks read to the same place one after
     the other (a large tensor's Gram pass). In weight space the base is read only where a mask
     of the chunk has a bit set (``based[c]``), as :meth:`_ShardFuser._map` does. Segments of
-    ``seg_len[c]`` elements, their Gram matrices (when ``with_gram``; else only read, for
-    :func:`apply_run`) at ``grams[goff[c]:goff[c + 1]]``. A read that comes short sets
-    ``short[0]`` to the chunk and ``short[1]`` to 0 (masks) or 1 (values) and ends the run: the
-    caller names the file. ``like``: an empty array of the values' type in the loops
-    (:data:`RUN_LIKE`; numba types an array argument in C, a dtype class in Python: 3 us a
-    call)."""
+    ``seg_len[c]`` elements, their Gram matrices at ``grams[goff[c]:goff[c + 1]]``. A read
+    that comes short sets ``short[0]`` to the chunk and ``short[1]`` to 0 (masks) or 1 (values)
+    and ends the run: the caller names the file. ``like``: an empty array of the values' type
+    in the loops (:data:`RUN_LIKE`; numba types an array argument in C, a dtype class in
+    Python: 3 us a call)."""
     N = starts.shape[1] - 1
     lengths = np.empty(N + 1, np.int64)
     for ci in range(starts.shape[0]):
         if _read_chunk(ci, fds, starts, nbytes, boff, mfds, mstarts, mbytes, poff, buf, packed,
                        task_vectors, based, lengths, short):
             return
-        if with_gram:
-            nb, mb = nbytes[ci], mbytes[ci]
-            b, addresses = _run_inputs(buf[boff[ci]:boff[ci] + (N + 1) * nb], nb, N,
-                                       based[ci], like)
-            gram(b, addresses, bf16, packed[poff[ci]:poff[ci] + N * mb].reshape((N, mb)),
-                 task_vectors, seg_len[ci], grams[goff[ci]:goff[ci + 1]])
+        nb, mb = nbytes[ci], mbytes[ci]
+        b, addresses = _run_inputs(buf[boff[ci]:boff[ci] + (N + 1) * nb], nb, N, based[ci],
+                                   like)
+        gram(b, addresses, bf16, packed[poff[ci]:poff[ci] + N * mb].reshape((N, mb)),
+             task_vectors, seg_len[ci], grams[goff[ci]:goff[ci + 1]])
 
 
 @njit(nogil=True, cache=True)
@@ -451,7 +449,7 @@ def _warm_runs(like: np.ndarray) -> None:
     none = np.zeros(0, np.int64)
     based = np.zeros(0, np.bool_)
     gram_run(fds, starts, none, i64, fds[:, 1:].copy(), starts[:, 1:].copy(), none, i64, u8, u8,
-             like, like.dtype == np.uint16, True, none, i64, np.zeros((0, 2, 2)), based, True,
+             like, like.dtype == np.uint16, True, none, i64, np.zeros((0, 2, 2)), based,
              np.full(2, -1, np.int64))
     apply_run(True, fds, starts, none, i64, fds[:, 1:].copy(), starts[:, 1:].copy(), none, i64,
               u8, u8, like, like.dtype == np.uint16, True, np.zeros((0, 2), np.float32), none, i64,
