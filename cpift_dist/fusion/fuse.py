@@ -330,7 +330,7 @@ class _ShardFuser:
             segments = segments_of(info.shape, self.ctx.cfg.granularity)
             if len(chunks) == 1 or segments > 1:
                 for c in chunks:
-                    if self.runs and info.dtype in _RUN_DTYPES:
+                    if self._runs_read(info.dtype):
                         runs.add(c, segments, self.writer.offsets[name], info.dtype)
                     else:
                         self.sched.submit(_GRAM, self._whole, c, segments)
@@ -338,7 +338,7 @@ class _ShardFuser:
             nbytes = info.numel * info.dtype.itemsize * (len(self.tasks) + 1)
             # in runs, up to GROUP_CHUNKS chunks a task (one compiled call reads them one after
             # the other into the same buffer); else a chunk a task
-            step = GROUP_CHUNKS if self.runs and info.dtype in _RUN_DTYPES else 1
+            step = GROUP_CHUNKS if self._runs_read(info.dtype) else 1
             groups = [(i, min(i + step, len(chunks))) for i in range(0, len(chunks), step)]
             st = _Tensor(name, chunks, segments, groups, len(groups), [None] * len(chunks), None)
             for i0, i1 in groups:
@@ -637,7 +637,12 @@ class _ShardFuser:
     def _in_runs(self, name: str) -> bool:
         """Whether the chunks of a multi-chunk tensor go through :meth:`_read_run` (one chunk
         a run: the Gram pass and the apply pass each read it)."""
-        return self.runs and not self.cold and self.base.info(name).dtype in _RUN_DTYPES
+        return not self.cold and self._runs_read(self.base.info(name).dtype)
+
+    def _runs_read(self, dtype: torch.dtype) -> bool:
+        """Whether chunks of ``dtype`` go in runs read into buffers (numba, ``read: pread``,
+        bf16 or fp32), cold inputs apart."""
+        return self.runs and dtype in _RUN_DTYPES
 
     def _run_buffers(self, *sizes: int) -> list[np.ndarray]:
         """This thread's buffers for a run (inputs, masks, output), grown as needed and
