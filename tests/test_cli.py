@@ -89,3 +89,37 @@ def test_the_embedded_ray_listens_on_loopback_only(ray_local):
     names, exposed = listening_beyond_loopback(psutil.Process().children(recursive=True))
     assert {"gcs_server", "raylet"} <= names, names
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+@pytest.mark.timeout(120)
+def test_the_checkouts_kernels_directory_does_not_shadow_the_pypi_package():
+    """A process started in the repository's root has the root on ``sys.path``, so it finds
+    ``kernels/`` as the top-level package ``kernels`` before the PyPI package of that name.
+    transformers >= 5.25 imports that package with every model class: shadowed, no model
+    loaded there (``python -m pytest`` from the root failed this way). Where the PyPI package
+    is installed, the root's ``kernels`` must hand over to it; where it is not, stay an empty
+    module that transformers does not count as ``kernels``."""
+    import importlib.metadata
+
+    probe = ("import kernels, transformers.modeling_utils as m;"
+             "from transformers.utils.import_utils import is_kernels_available as a;"
+             "print(kernels.__file__); print(getattr(kernels, '__version__', None)); print(a())")
+    r = run([sys.executable, "-c", probe], 100, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    file, version, available = r.stdout.split()
+    try:
+        pypi = importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pypi = None
+    if pypi is not None:
+        assert Path(file).resolve() != ROOT / "kernels" / "__init__.py"
+        assert version == pypi
+    else:
+        assert (Path(file).resolve(), version, available) == (
+            ROOT / "kernels" / "__init__.py", "None", "False")
+    # without the PyPI package (no site-packages): the root's own, empty module
+    r = run([sys.executable, "-S", "-c", "import kernels; print(kernels.__file__, "
+             "getattr(kernels, '__version__', None), sorted(vars(kernels)).count('slerp'))"],
+            60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == [str(ROOT / "kernels" / "__init__.py"), "None", "0"]
