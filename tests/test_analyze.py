@@ -497,3 +497,31 @@ def test_the_sample_is_spread_over_the_rows(tmp_path):
     m = MaskFile(tmp_path / "out" / "masks" / "t.safetensors")
     for name in m.names():
         assert torch.equal(m.read(name), oracle[name]), name
+
+
+def test_the_debug_log_times_the_phases_and_the_drivers_own_work(models, tmp_path,
+                                                                   monkeypatch, caplog):
+    """The debug line that gpu_check prints: each phase's time, and the driver's own work in
+    each pass (the serial part that bounds a pass on many cores), on the path with every pass
+    (a window that misses, then radix select with a third pass)."""
+    import logging
+    import re
+    import sys
+    import time
+    mod = sys.modules["cpift_dist.analysis.analyze"]
+    monkeypatch.setattr(mod, "sample_window", lambda sel, h: (0x3F000000, 0x3F800000, 0))
+    caplog.set_level(logging.DEBUG, logger="cpift_dist.analysis.analyze")
+    t0 = time.perf_counter()
+    analyze(models["base"], {"a": models["a"], "b": models["b"]}, tmp_path / "out",
+            AnalysisConfig(p=0.02, collect_limit=0, **SMALL), progress=False)
+    elapsed = time.perf_counter() - t0
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("analyze, ")]
+    phases, driver = line.split("; the driver's own work (while the units ran, and after): ")
+    assert [p.rsplit(" ", 2)[0] for p in phases.split(": ", 1)[1].split(", ")] == [
+        "checks", "numba's loops", "sample", "window", "radix", "mask files", "counts",
+        "manifest"]
+    times = {m[1]: float(m[2]) for m in re.finditer(r"([^,]+?) (\d+\.\d\d) s", driver)}
+    names = [d.rsplit(" ", 2)[0] for d in driver.split(", ")]
+    assert names == ["sample", "window", "window selection", "radix histogram", "radix bin",
+                     "radix bin selection", "radix masks"]
+    assert all(0 <= t <= elapsed for t in times.values()) and len(times) == len(names)

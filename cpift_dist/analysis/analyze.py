@@ -102,7 +102,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
     marks.append(("checks", time.perf_counter()))
     fused.warm({np.uint16 if p.dtype == torch.bfloat16 else np.float32 for p in params})
     marks.append(("numba's loops", time.perf_counter()))
-    bar = _bars(progress, len(units))
+    bar = _Bars(progress, len(units))
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "masks").mkdir()
@@ -199,8 +199,10 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
                               "units": len(units), "passes": passes,
                               "collect_limit": limit}, known=known)
     marks.append(("manifest", time.perf_counter()))
-    _log.debug("analyze, %d units: %s", len(units), ", ".join(
-        f"{name} {t - marks[i][1]:.2f} s" for i, (name, t) in enumerate(marks[1:])))
+    _log.debug("analyze, %d units: %s; the driver's own work (while the units ran, and "
+               "after): %s", len(units), ", ".join(
+                   f"{name} {t - marks[i][1]:.2f} s" for i, (name, t) in enumerate(marks[1:])),
+               ", ".join(f"{name} {t:.2f} s" for name, t in bar.driver.items()))
     return AnalysisResult(out, stats, overlap)
 
 
@@ -306,11 +308,22 @@ def _check_task_names(tuned: dict) -> None:
             raise CpiftError(f"task name {t!r}: use letters, digits, '_', '-', '.'")
 
 
-def _bars(progress: bool, n_units: int):
-    def wrap(it, desc, total=None):
-        return tqdm(it, total=total or n_units, desc=f"analyze {desc}", unit="unit",
-                    disable=not progress, leave=False)
-    return wrap
+class _Bars:
+    """Wraps a pass's results in a progress bar, and adds to ``driver[desc]`` the time the
+    driver spends on each result before it asks for the next (writing mask bytes, summing
+    histograms): serial work that bounds a pass on many cores once it nears the pass's time
+    (the debug log prints it beside each phase)."""
+
+    def __init__(self, progress: bool, n_units: int):
+        self.progress, self.n_units = progress, n_units
+        self.driver: dict[str, float] = defaultdict(float)
+
+    def __call__(self, it, desc, total=None):
+        for res in tqdm(it, total=total or self.n_units, desc=f"analyze {desc}", unit="unit",
+                        disable=not self.progress, leave=False):
+            t = time.perf_counter()
+            yield res
+            self.driver[desc] += time.perf_counter() - t
 
 
 def _write_packed(writers: dict[str, MaskWriter], unit: Unit, packed: dict) -> None:
@@ -334,6 +347,7 @@ def _window_pass(plan: dict, units: list[Unit], ctx, executor, writers, sels, ba
         for key, sparse in res.low_hist.items():
             unit_low[key][i] = sparse
     resolved = set()
+    t = time.perf_counter()
     for key, (mode, *_) in plan.items():
         if mode != "window":
             continue
@@ -344,6 +358,7 @@ def _window_pass(plan: dict, units: list[Unit], ctx, executor, writers, sels, ba
             continue  # the predicted window missed the k-th largest: left to radix select
         _select_window(sels[key], above[key], segments, units, writers[key[0]])
         resolved.add(key)
+    bar.driver[f"{desc} selection"] += time.perf_counter() - t
     return resolved, unit_low
 
 
