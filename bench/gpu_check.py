@@ -1,6 +1,7 @@
 """Every GPU check of the project in one run, one table at the end (about 7 minutes on an H100).
 
     python bench/gpu_check.py [--work /tmp/gpucheck] [--only SECTION,...] [--out DIR]
+                              [--deadline SECONDS]
 
 Sections, in order (``--only`` picks some; each runs even if an earlier one failed):
   bandwidth  the Triton kernels (gram, apply; fp32 and bf16; 2-4 tasks; 1% core masks) in GB/s
@@ -60,8 +61,12 @@ ROWS: list[tuple[str, str, str]] = []  # (section, what, figure)
 
 
 def row(section: str, what: str, figure: str) -> None:
+    """Records a figure: printed at once, and with --out the JSON rewritten, so that a run cut
+    short (a lent machine's time limit) still leaves every figure taken until then."""
     ROWS.append((section, what, figure))
     print(f"[{section}] {what}: {figure}", flush=True)
+    if OUT is not None:
+        (OUT / "gpu_check.json").write_text(json.dumps(ROWS, indent=1))
 
 
 # ---- measurements run in fresh processes -------------------------------------------------------
@@ -516,7 +521,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpucheck"))
     ap.add_argument("--only", default=",".join(SECTIONS))
-    ap.add_argument("--out", type=Path, help="also write the table and figures as JSON here")
+    ap.add_argument("--out", type=Path, help="also write the figures as JSON here (rewritten "
+                    "after each one)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds after which no further section starts (each is reported as "
+                         "skipped), so that the table prints before a time limit ends the run")
     ap.add_argument("--measure")
     ap.add_argument("args", nargs="?")
     a = ap.parse_args()
@@ -539,8 +548,13 @@ def main() -> None:
     print(f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"triton {triton.__version__}", flush=True)
     failed = []
+    start = time.perf_counter()
     for section in a.only.split(","):
         t0 = time.perf_counter()
+        if a.deadline is not None and t0 - start > a.deadline:
+            row(section, "skipped", f"--deadline {a.deadline:.0f} s passed "
+                f"({t0 - start:.0f} s in)")
+            continue
         try:
             globals()[f"s_{section}"](a.work)
         except Exception as e:  # noqa: BLE001  one failed section must not hide the others
@@ -552,9 +566,6 @@ def main() -> None:
     print(f"\n== gpu_check: {name}, {os.cpu_count()} cores ==")
     for section, what, fig in ROWS:
         print(f"{section:9s} {what:{width}s}  {fig}")
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "gpu_check.json").write_text(json.dumps(ROWS, indent=1))
     sys.exit(1 if failed else 0)
 
 
