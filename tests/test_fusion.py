@@ -526,3 +526,41 @@ def test_a_run_of_a_file_truncated_after_opening_names_it(three, tmp_path, monke
              FusionConfig(**dict(FAST, max_shard_bytes=1 << 30)), InProcessExecutor(1),
              progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _with_empty_tensor(src: Path, dst: Path) -> Path:
+    """A copy of checkpoint ``src`` whose first shard also holds an empty float tensor."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    first = sorted(dst.glob("*.safetensors"))[0]
+    sd = load_file(first)
+    sd["model.empty_scale"] = torch.zeros(0)
+    save_file(sd, first, metadata={"format": "pt"})
+    index = dst / "model.safetensors.index.json"
+    if index.exists():
+        j = json.loads(index.read_text())
+        j["weight_map"]["model.empty_scale"] = first.name
+        index.write_text(json.dumps(j))
+    return dst
+
+
+def test_an_empty_float_tensor_is_analysed_and_fused(three, tmp_path):
+    """Some exports store zero-size float tensors. The fuser's page-cache probe once planned
+    every float tensor's chunks again and failed on one (IndexError, no file named): now the
+    empty tensor is written with its shape, and every other tensor equals the fusion of the
+    same models without it."""
+    from safetensors.torch import load_file
+    base = _with_empty_tensor(three["base"], tmp_path / "base")
+    tuned = {t: _with_empty_tensor(three["tuned"][t], tmp_path / t) for t in ("a", "b")}
+    analyze(base, tuned, tmp_path / "analysis", AnalysisConfig(p=0.05), progress=False)
+    cfg = FusionConfig(**FAST)
+    fuse(base, tuned, tmp_path / "analysis" / "masks", tmp_path / "out", cfg, progress=False)
+    fuse(three["base"], {t: three["tuned"][t] for t in tuned}, three["masks"],
+         tmp_path / "ref", cfg, progress=False)
+
+    def tensors(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+    got, want = tensors(tmp_path / "out"), tensors(tmp_path / "ref")
+    assert got.pop("model.empty_scale").shape == (0,)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)

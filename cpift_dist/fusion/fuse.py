@@ -318,6 +318,7 @@ class _ShardFuser:
 
     def submit(self) -> None:
         runs = _Runs(functools.partial(self.sched.submit, _GRAM, self._run), self.chunk)
+        planned: list[Chunk] = []  # every float tensor's chunks, for the page-cache probe
         for name in self.shard.names:
             info = self.base.info(name)
             if name in self.base.tied or info.numel == 0:
@@ -327,6 +328,7 @@ class _ShardFuser:
                 continue
             self.counts[name] = [0, 0]
             chunks = plan_units([info], "global", self.chunk, 1 << 62)[0].chunks
+            planned += chunks
             segments = segments_of(info.shape, self.ctx.cfg.granularity)
             if len(chunks) == 1 or segments > 1:
                 for c in chunks:
@@ -344,15 +346,12 @@ class _ShardFuser:
             for i0, i1 in groups:
                 self.sched.submit(_GRAM, self._gram_part, st, i0, i1, nbytes)
         runs.flush()
-        self._probe()
+        self._probe(planned)
 
-    def _probe(self) -> None:
-        """Finds the input checkpoints whose pages are not in the page cache (a few chunks
-        probed, as the analysis does) and queues the shard's chunks to be asked for ahead."""
-        chunks = [c for name in self.shard.names if name not in self.base.tied
-                  and self.base.info(name).dtype.is_floating_point
-                  for c in plan_units([self.base.info(name)], "global", self.chunk,
-                                      1 << 62)[0].chunks]
+    def _probe(self, chunks: list[Chunk]) -> None:
+        """Finds the input checkpoints whose pages are not in the page cache (a few of the
+        shard's ``chunks`` probed, as the analysis does) and queues the chunks to be asked for
+        ahead."""
         if not chunks:
             return
         points = [(c.name, c.row_start) for c in chunks[::max(1, len(chunks) // PROBES)]]
