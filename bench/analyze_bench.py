@@ -151,10 +151,12 @@ def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str,
                     for n in ck.names() if ck.info(n).dtype.is_floating_point})
     t_loops = time.perf_counter()
     cfg = AnalysisConfig(p=p, read=read, **({"chunk_elements": chunk} if chunk else {}))
+    phases = _phases()
     res = analyze(base, {Path(t).name: t for t in tuned}, out, cfg,
                   executor=ex, overwrite=True, progress=False)
     dt = time.perf_counter() - t0
     out_d = {"seconds": dt, "start": t_loops - t0, "k": next(iter(res.stats.values()))["k"],
+             "phases": phases[-1] if phases else "",
              "methods": sorted({g["method"] for s in res.stats.values()
                                 for g in s["groups"].values()})}
     if executor == "ray":
@@ -188,6 +190,21 @@ def warm_read(paths: list[str]) -> None:
     flushing what earlier measurements wrote: their writeback would compete for the cores."""
     os.sync()
     m_raw(paths)
+
+
+def _phases() -> list[str]:
+    """The analysis's debug line (each phase's time, and the driver's own work in each pass),
+    collected as it is logged."""
+    import logging
+    lines: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+    log = logging.getLogger("cpift_dist.analysis.analyze")
+    log.setLevel(logging.DEBUG)
+    log.addHandler(_Keep())
+    return lines
 
 
 def child(kind: str, *args, best_of: int = 1) -> dict:
@@ -280,6 +297,7 @@ def main() -> None:
                   f"without numba's start, {c['start']:.2f} s)   speed-up vs {min(threads)} thread(s) "
                   f"{c3[min(threads)]['seconds'] / c['seconds']:.2f}x   resolved by "
                   f"{', '.join(c['methods'])}")
+            print(f"    phases: {c['phases']}")
         for n, c in maps.items():  # the full passes' reads as before 0724c62
             print(f"cpift 3 tasks, {n:2d} thread(s), read through maps, 4M-element chunks "
                   f"{c['seconds']:7.2f} s ({c['seconds'] - c['start']:.2f} s without numba's "
