@@ -18,10 +18,12 @@ if __name__ == "kernels":
     from importlib.machinery import PathFinder
 
     def _load_pypi_kernels() -> None:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+        mine_file = os.path.realpath(__file__)
+        root = os.path.dirname(os.path.dirname(mine_file))
+        path = [p for p in sys.path if os.path.realpath(p or os.curdir) != root]
         spec = PathFinder.find_spec(__name__, path)
-        if spec is None or spec.loader is None or spec.origin == __file__:
+        if (spec is None or spec.loader is None or spec.origin is None
+                or os.path.realpath(spec.origin) == mine_file):
             return
         module = importlib.util.module_from_spec(spec)
         mine = sys.modules[__name__]
