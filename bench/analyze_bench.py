@@ -151,7 +151,7 @@ def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str,
                     for n in ck.names() if ck.info(n).dtype.is_floating_point})
     t_loops = time.perf_counter()
     cfg = AnalysisConfig(p=p, read=read, **({"chunk_elements": chunk} if chunk else {}))
-    phases = _phases()
+    phases = debug_lines()
     res = analyze(base, {Path(t).name: t for t in tuned}, out, cfg,
                   executor=ex, overwrite=True, progress=False)
     dt = time.perf_counter() - t0
@@ -192,16 +192,18 @@ def warm_read(paths: list[str]) -> None:
     m_raw(paths)
 
 
-def _phases() -> list[str]:
-    """The analysis's debug line (each phase's time, and the driver's own work in each pass),
-    collected as it is logged."""
+def debug_lines(logger: str = "cpift_dist.analysis.analyze",
+                lines: list[str] | None = None) -> list[str]:
+    """``lines`` (a new list by default), to which ``logger``'s debug lines are appended as
+    they are logged (the analysis's: each phase's time, and the driver's own work in each
+    pass)."""
     import logging
-    lines: list[str] = []
+    lines = [] if lines is None else lines
 
     class _Keep(logging.Handler):
         def emit(self, record):
             lines.append(record.getMessage())
-    log = logging.getLogger("cpift_dist.analysis.analyze")
+    log = logging.getLogger(logger)
     log.setLevel(logging.DEBUG)
     log.addHandler(_Keep())
     return lines

@@ -74,14 +74,8 @@ PHASES: list[str] = []  # cpift's own debug timings of the measured call
 
 
 def _collect_phases() -> None:
-    import logging
-
-    class _H(logging.Handler):
-        def emit(self, record):
-            PHASES.append(record.getMessage())
-    log = logging.getLogger("cpift_dist")
-    log.setLevel(logging.DEBUG)
-    log.addHandler(_H())
+    from analyze_bench import debug_lines
+    debug_lines("cpift_dist", PHASES)
 
 
 def m_analyze(base: str, tuned: list[str], out: str, threads: int, read: str = "pread",
