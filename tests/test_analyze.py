@@ -317,11 +317,25 @@ def test_mask_writer_in_place_and_with_a_header_beyond_its_room(tmp_path, note):
         assert path.stat().st_size == w.data_start + sum((m.size + 7) // 8 for m in want.values())
 
 
-def test_threaded_in_process_is_identical(models, tmp_path):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_threaded_in_process_is_identical(models, tmp_path, monkeypatch, path):
+    """On threads, every path gives the same masks; each unit's mask bytes are written by the
+    thread that computed it, not by the driver."""
+    import threading
+    from cpift_dist.analysis.masks import MaskWriter
+
+    writers = []
+    write = MaskWriter.write
+    monkeypatch.setattr(MaskWriter, "write", lambda self, *a: writers.append(
+        threading.current_thread() is threading.main_thread()) or write(self, *a))
     tuned = {"a": models["a"], "b": models["b"]}
-    cfg = AnalysisConfig(p=0.04, **SMALL)
+    cfg = AnalysisConfig(p=0.04, **PATHS[path], **SMALL)
     analyze(models["base"], tuned, tmp_path / "one", cfg, InProcessExecutor(1), progress=False)
-    analyze(models["base"], tuned, tmp_path / "two", cfg, InProcessExecutor(3), progress=False)
+    assert writers and all(writers)
+    writers.clear()
+    res = analyze(models["base"], tuned, tmp_path / "two", cfg, InProcessExecutor(3),
+                  progress=False)
+    assert methods(res) == {path} and writers and not any(writers)
     for t in tuned:
         f = f"masks/{t}.safetensors"
         assert sha256_file(tmp_path / "one" / f) == sha256_file(tmp_path / "two" / f)
