@@ -339,9 +339,10 @@ def _writing(scan, executor, writers: dict[str, MaskWriter]):
     them. The driver, which writes them for Ray's results, wrote every byte of every mask on one
     thread: serial time that a pass on many threads waits on (measured on 2 cores, 348M bf16,
     3 tasks: 0.05-0.09 s of the driver's own time in the window pass, 0.00 s with this, the
-    whole run unchanged; projected for 1.1B on 16 threads: 0.16-0.3 s of a 0.2-0.4 s pass).
-    Units write distinct byte ranges (chunks start at multiples of 8 elements) with
-    ``pwrite``, which releases the GIL; the winners' bits are set after the pass."""
+    whole run unchanged; projected for 1.1B: 0.16-0.3 s, against a window pass at I/O speed
+    on 16 threads of 0.2-0.4 s). Units write distinct byte ranges (chunks start at multiples
+    of 8 elements) with ``pwrite``, which releases the GIL; the winners' bits are set after
+    the pass."""
     if not isinstance(executor, InProcessExecutor):
         return scan
 
