@@ -102,7 +102,7 @@ class MaskWriter:
         mv = memoryview(np.ascontiguousarray(packed, dtype=np.uint8)).cast("B")
         at = self.offsets[name] + byte_offset
         done = 0
-        while done < len(mv):  # no copy, GIL released (the threads write at once)
+        while done < len(mv):  # no copy, GIL released (in-process, the scan threads write at once)
             done += os.pwrite(self._fd, mv[done:], at + done)
 
     def set_bits(self, name: str, positions: np.ndarray) -> None:
