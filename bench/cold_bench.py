@@ -6,7 +6,8 @@ cache, against a raw read of the same files, with the bytes each reads from disk
 Uses (and builds once) the bf16 checkpoints of ``bench/analyze_bench.py``. Each measurement
 runs in a fresh process after the inputs are dropped from the page cache
 (``posix_fadvise(DONTNEED)``: clean pages of files no process maps; on tmpfs it does nothing,
-which the "read" column shows); bytes read are the process's ``read_bytes`` (``/proc/self/io``):
+which the "read" column shows); bytes read are the process's ``read_bytes`` (``/proc/self/io``),
+peak RSS its ``ru_maxrss``:
   raw            sequential read of base + 3 tuned (16 MiB blocks), the best of 3: on a VM
                  whose disk the host caches, the first cold read can be several times slower
   analyze        ``analyze`` of 3 tasks, p = 1%, in-process on --threads threads
@@ -23,6 +24,7 @@ import argparse
 import importlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -76,7 +78,8 @@ def measure(kind: str, base: str, tuned: list[str], out: str, threads: int, cold
     else:
         fuse(base, names, masks, out, FusionConfig(device="cpu"),
              executor=InProcessExecutor(threads), overwrite=True, progress=False)
-    return {"seconds": time.perf_counter() - t0, "read": read_bytes() - r0}
+    return {"seconds": time.perf_counter() - t0, "read": read_bytes() - r0,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def child(*args) -> dict:
@@ -102,8 +105,12 @@ def main() -> None:
     out = a.data / f"cold-{a.size}"
     masks = str(out / "an" / "masks")
     total = sum(f.stat().st_size for p in [base, *tuned] for f in files_of(Path(p)))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     print(f"== {a.size} bf16, base + 3 tuned ({total / 1e9:.2f} GB), p = 1%, "
-          f"{a.threads} threads, {os.cpu_count()} cores ==")
+          f"{a.threads} threads, {os.cpu_count()} cores, {memory / 2**30:.1f} GiB memory ==")
+    if total > memory:  # the page cache cannot hold them: no run starts warm
+        print("the inputs exceed memory: the 'warm' rows start from whatever the previous run "
+              "left in the page cache")
     rows = [("raw read", "raw", True), ("analyze, warm", "analyze", False),
             ("analyze, cold", "analyze", True),
             ("analyze, evicted between passes", "analyze-evict", True),
@@ -119,7 +126,8 @@ def main() -> None:
             extra = (f"   throughput {res['raw read']['seconds'] / r['seconds']:.2f}x the cold "
                      "raw read's")
         print(f"{label:34s} {r['seconds']:6.2f} s   read {r['read'] / 1e9:5.2f} GB "
-              f"({r['read'] / total:.2f}x the inputs){extra}", flush=True)
+              f"({r['read'] / total:.2f}x the inputs), peak RSS {r['peak_rss'] / 2**30:.2f} "
+              f"GiB{extra}", flush=True)
 
 
 if __name__ == "__main__":
