@@ -391,6 +391,69 @@ def test_cold_inputs_are_asked_ahead_and_give_the_same_masks(models, tmp_path, m
     assert asked == [(c.name, [(c.row_start, c.row_stop)]) for c in chunks for _ in range(3)]
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cold_full_pass_is_asked_ahead_across_units_by_one_thread(models, tmp_path, monkeypatch,
+                                                                  threads):
+    """In this process, one read-ahead thread asks for a cold full pass's chunks: each chunk of
+    each checkpoint once, in the units' order across their boundaries, never more than
+    READ_AHEAD elements per scanning thread beyond the units begun; the scanning threads ask
+    for none; the masks are those of a warm run."""
+    import threading
+
+    from cpift_dist.analysis import scan
+    from cpift_dist.analysis.plan import plan_units
+    from cpift_dist.executor import InProcessExecutor
+    from cpift_dist.io.checkpoint import CheckpointReader
+
+    read_ahead = 2500
+    monkeypatch.setattr(scan, "READ_AHEAD", read_ahead)
+    tuned = {"a": models["a"], "b": models["b"]}
+    cfg = AnalysisConfig(p=0.03, **SMALL)
+    analyze(models["base"], tuned, tmp_path / "warm", cfg, progress=False)
+
+    events, lock = [], threading.Lock()
+    begin = scan.ReadAhead.begin
+
+    def recorded_begin(self, unit):
+        with lock:  # recorded before the read-ahead thread can see it
+            events.append(("begin", sum(c.numel for c in unit.chunks)))
+        begin(self, unit)
+
+    def recorded_ask(self, name, ranges):
+        with lock:
+            events.append(("ask", name, list(ranges), threading.current_thread().name))
+
+    monkeypatch.setattr(scan.ReadAhead, "begin", recorded_begin)
+    monkeypatch.setattr(CheckpointReader, "prefetch_rows", recorded_ask)
+    monkeypatch.setattr(CheckpointReader, "prefetch_gather", lambda self, parts: None)
+    monkeypatch.setattr(CheckpointReader, "cached", lambda self, points: False)
+    res = analyze(models["base"], tuned, tmp_path / "cold", cfg,
+                  executor=InProcessExecutor(threads), progress=False)
+    assert methods(res) == {"sample-window"}  # one full pass
+    for t in tuned:
+        f = f"masks/{t}.safetensors"
+        assert sha256_file(tmp_path / "warm" / f) == sha256_file(tmp_path / "cold" / f)
+
+    ck = Checkpoint(models["base"])
+    units = plan_units([ck.tensors[n] for n in ck.names()], cfg.selection, cfg.chunk_elements,
+                       cfg.unit_elements)
+    assert len(units) > 3
+    chunks = [c for u in units for c in u.chunks]
+    asks = [e for e in events if e[0] == "ask"]
+    assert {e[3] for e in asks} == {"read-ahead"}
+    assert [(e[1], e[2]) for e in asks] == [(c.name, [(c.row_start, c.row_stop)])
+                                            for c in chunks for _ in range(3)]
+    before = np.cumsum([0] + [c.numel for c in chunks])  # elements ahead of each chunk
+    begun = n = 0
+    for e in events:
+        if e[0] == "begin":
+            begun += e[1]
+        else:  # the n-th ask, of chunk n // 3
+            assert before[n // 3] - begun < read_ahead * threads
+            n += 1
+    assert sum(e[1] for e in events if e[0] == "begin") == sum(c.numel for c in chunks)
+
+
 def test_window_run_of_a_file_truncated_after_opening_names_it(models, tmp_path):
     """The compiled window pass reads its own chunks: a tuned file that ends early (truncated
     after the checkpoints were opened) is a CheckpointError naming that file and tensor."""

@@ -19,6 +19,7 @@ import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,8 @@ from cpift_dist.analysis.plan import Unit, plan_units
 from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, Selection, add_sparse,
                                               resolve_high, resolve_low, sample_window,
                                               resolve_window)
-from cpift_dist.analysis.scan import (ScanContext, WindowResult, scan_high, scan_mask,
-                                      scan_sample, scan_window)
+from cpift_dist.analysis.scan import (ReadAhead, ScanContext, WindowResult, reading_ahead,
+                                      scan_high, scan_mask, scan_sample, scan_window)
 from cpift_dist.analysis.stats import task_stats
 from cpift_dist.config import TASK_NAME, AnalysisConfig
 from cpift_dist.errors import CpiftError
@@ -139,10 +140,11 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
         rest = active - done
         if rest:
             high = {key: np.zeros(HIGH_BINS, np.int64) for key in rest}
-            for _, res in bar(executor.map(scan_high, ctx, [(u, frozenset(rest)) for u in units]),
-                              "radix histogram"):
-                for key, sparse in res.items():
-                    add_sparse(high[key], sparse)
+            with _in_process(scan_high, units, ctx, executor) as scan:
+                for _, res in bar(executor.map(scan, ctx, [(u, frozenset(rest)) for u in units]),
+                                  "radix histogram"):
+                    for key, sparse in res.items():
+                        add_sparse(high[key], sparse)
             for key in rest:
                 resolve_high(sels[key], high[key])
             fits = _admit({key: sels[key].in_bin for key in rest}, limit)
@@ -159,10 +161,12 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
             if hist_keys:  # the bin was too large to collect: a third pass
                 plans = _tie_quotas(sels, hist_keys, unit_low, len(units))
                 todo = [i for i in range(len(units)) if plans[i]]
-                for j, res in bar(executor.map(_writing(scan_mask, executor, writers), ctx,
-                                               [(units[i], plans[i]) for i in todo]),
-                                  "radix masks", total=len(todo)):
-                    _write_packed(writers, units[todo[j]], res)
+                with _in_process(scan_mask, [units[i] for i in todo], ctx, executor,
+                                 writers) as scan:
+                    for j, res in bar(executor.map(scan, ctx,
+                                                   [(units[i], plans[i]) for i in todo]),
+                                      "radix masks", total=len(todo)):
+                        _write_packed(writers, units[todo[j]], res)
                 for key in hist_keys:
                     sels[key].method = "radix-3pass"
                 passes.append("radix-mask")
@@ -333,28 +337,37 @@ def _write_packed(writers: dict[str, MaskWriter], unit: Unit, packed: dict) -> N
         writers[t].write(c.name, c.flat_start // 8, data)
 
 
-def _writing(scan, executor, writers: dict[str, MaskWriter]):
-    """``scan`` as ``executor.map`` should run it. In this process, a wrapper that writes each
-    unit's packed mask bytes from the thread that computed them and returns the result without
-    them. The driver, which writes them for Ray's results, wrote every byte of every mask on one
-    thread: serial time that a pass on many threads waits on (measured on 2 cores, 348M bf16,
-    3 tasks: 0.05-0.09 s of the driver's own time in the window pass, 0.00 s with this, the
-    whole run unchanged; projected for 1.1B: 0.16-0.3 s, against a window pass at I/O speed
-    on 16 threads of 0.2-0.4 s). Units write distinct byte ranges (chunks start at multiples
-    of 8 elements) with ``pwrite``, which releases the GIL; the winners' bits are set after
-    the pass."""
+@contextmanager
+def _in_process(scan, units: list[Unit], ctx, executor, writers=None):
+    """``scan`` as ``executor.map`` should run it over ``units`` (a full pass, in their order).
+
+    In this process, a wrapper that:
+
+    - scans each unit under the pass's :class:`~cpift_dist.analysis.scan.ReadAhead`, one
+      thread asking the kernel for the cold inputs' chunks ahead of all threads, across units;
+    - with ``writers``, writes each unit's packed mask bytes from the thread that computed them
+      and returns the result without them. The driver, which writes them for Ray's results,
+      wrote every byte of every mask on one thread: serial time that a pass on many threads
+      waits on (measured on 2 cores, 348M bf16, 3 tasks: 0.05-0.09 s of the driver's own time
+      in the window pass, 0.00 s with this, the whole run unchanged; projected for 1.1B:
+      0.16-0.3 s, against a window pass at I/O speed on 16 threads of 0.2-0.4 s). Units write
+      distinct byte ranges (chunks start at multiples of 8 elements) with ``pwrite``, which
+      releases the GIL; the winners' bits are set after the pass."""
     if not isinstance(executor, InProcessExecutor):
-        return scan
+        yield scan
+        return
+    with ReadAhead(ctx, units, executor.parallelism()) as ahead:
+        @functools.wraps(scan)
+        def run(ctx, unit: Unit, *args):
+            with reading_ahead(ahead, unit):
+                res = scan(ctx, unit, *args)
+            if writers is not None:
+                packed = res.packed if isinstance(res, WindowResult) else res
+                _write_packed(writers, unit, packed)
+                packed.clear()
+            return res
 
-    @functools.wraps(scan)
-    def writing(ctx, unit: Unit, *args):
-        res = scan(ctx, unit, *args)
-        packed = res.packed if isinstance(res, WindowResult) else res
-        _write_packed(writers, unit, packed)
-        packed.clear()
-        return res
-
-    return writing
+        yield run
 
 
 def _window_pass(plan: dict, units: list[Unit], ctx, executor, writers, sels, bar, desc):
@@ -363,15 +376,15 @@ def _window_pass(plan: dict, units: list[Unit], ctx, executor, writers, sels, ba
     items: dict = defaultdict(dict)
     above: dict = defaultdict(int)
     unit_low: dict = defaultdict(dict)
-    for i, res in bar(executor.map(_writing(scan_window, executor, writers), ctx,
-                                   [(u, plan) for u in units]), desc):
-        _write_packed(writers, units[i], res.packed)  # Ray's results bring their bytes
-        for key, n in res.above.items():
-            above[key] += n
-        for key, lst in res.items.items():
-            items[key][i] = lst
-        for key, sparse in res.low_hist.items():
-            unit_low[key][i] = sparse
+    with _in_process(scan_window, units, ctx, executor, writers) as scan:
+        for i, res in bar(executor.map(scan, ctx, [(u, plan) for u in units]), desc):
+            _write_packed(writers, units[i], res.packed)  # Ray's results bring their bytes
+            for key, n in res.above.items():
+                above[key] += n
+            for key, lst in res.items.items():
+                items[key][i] = lst
+            for key, sparse in res.low_hist.items():
+                unit_low[key][i] = sparse
     resolved = set()
     t = time.perf_counter()
     for key, (mode, *_) in plan.items():
