@@ -46,6 +46,22 @@ def methods(res):
     return {g["method"] for s in res.stats.values() for g in s["groups"].values()}
 
 
+def assert_same_masks(a: Path, b: Path, tasks) -> None:
+    """The analyses in ``a`` and ``b`` wrote byte-identical masks for every task."""
+    for t in tasks:
+        f = f"masks/{t}.safetensors"
+        assert sha256_file(a / f) == sha256_file(b / f), t
+
+
+def units_of(base: Path, cfg: AnalysisConfig):
+    """The units the analysis plans for ``base`` under ``cfg``."""
+    from cpift_dist.analysis.plan import plan_units
+
+    ck = Checkpoint(base)
+    return plan_units([ck.tensors[n] for n in ck.names()], cfg.selection, cfg.chunk_elements,
+                      cfg.unit_elements)
+
+
 @pytest.mark.parametrize("p", [0.01, 0.1, 0.5])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_fp32_matches_oracle(models, tmp_path, p, path):
@@ -229,9 +245,7 @@ def test_ray_and_in_process_give_identical_masks(models, tmp_path, ray_local):
     cfg = AnalysisConfig(p=0.02, **SMALL)
     analyze(models["base"], tuned, tmp_path / "local", cfg, InProcessExecutor(), progress=False)
     analyze(models["base"], tuned, tmp_path / "ray", cfg, RayExecutor(), progress=False)
-    for t in tuned:
-        f = f"masks/{t}.safetensors"
-        assert sha256_file(tmp_path / "local" / f) == sha256_file(tmp_path / "ray" / f)
+    assert_same_masks(tmp_path / "local", tmp_path / "ray", tuned)
     man = json.loads((tmp_path / "ray" / "manifest.json").read_text())
     assert man["executor"] == "ray" and man["units"] > 4 and man["status"] == "complete"
 
@@ -336,9 +350,7 @@ def test_threaded_in_process_is_identical(models, tmp_path, monkeypatch, path):
     res = analyze(models["base"], tuned, tmp_path / "two", cfg, InProcessExecutor(3),
                   progress=False)
     assert methods(res) == {path} and writers and not any(writers)
-    for t in tuned:
-        f = f"masks/{t}.safetensors"
-        assert sha256_file(tmp_path / "one" / f) == sha256_file(tmp_path / "two" / f)
+    assert_same_masks(tmp_path / "one", tmp_path / "two", tuned)
 
 
 @pytest.mark.parametrize("read_ahead", [1, 1500])
@@ -348,7 +360,6 @@ def test_cold_inputs_are_asked_ahead_and_give_the_same_masks(models, tmp_path, m
     its sampled rows, a full pass for each chunk once, a bounded distance ahead; a warm cache
     asks for nothing; the masks are the same either way."""
     from cpift_dist.analysis import scan
-    from cpift_dist.analysis.plan import plan_units
     from cpift_dist.io.checkpoint import CheckpointReader
 
     asked = []
@@ -363,13 +374,10 @@ def test_cold_inputs_are_asked_ahead_and_give_the_same_masks(models, tmp_path, m
         monkeypatch.setattr(CheckpointReader, "cached", lambda self, points, c=cold: not c)
         analyze(models["base"], tuned, tmp_path / str(cold), cfg, progress=False)
         assert bool(asked) == cold
-    for t in tuned:
-        f = f"masks/{t}.safetensors"
-        assert sha256_file(tmp_path / "False" / f) == sha256_file(tmp_path / "True" / f)
+    assert_same_masks(tmp_path / "False", tmp_path / "True", tuned)
 
     ck = Checkpoint(models["base"])
-    units = plan_units([ck.tensors[n] for n in ck.names()], cfg.selection, cfg.chunk_elements,
-                       cfg.unit_elements)
+    units = units_of(models["base"], cfg)
     ctx = scan.ScanContext(str(models["base"]), {t: str(p) for t, p in tuned.items()})
     unit = max(units, key=lambda u: len(u.chunks))
     assert len(unit.chunks) > 3
@@ -401,7 +409,6 @@ def test_cold_full_pass_is_asked_ahead_across_units_by_one_thread(models, tmp_pa
     import threading
 
     from cpift_dist.analysis import scan
-    from cpift_dist.analysis.plan import plan_units
     from cpift_dist.executor import InProcessExecutor
     from cpift_dist.io.checkpoint import CheckpointReader
 
@@ -430,13 +437,9 @@ def test_cold_full_pass_is_asked_ahead_across_units_by_one_thread(models, tmp_pa
     res = analyze(models["base"], tuned, tmp_path / "cold", cfg,
                   executor=InProcessExecutor(threads), progress=False)
     assert methods(res) == {"sample-window"}  # one full pass
-    for t in tuned:
-        f = f"masks/{t}.safetensors"
-        assert sha256_file(tmp_path / "warm" / f) == sha256_file(tmp_path / "cold" / f)
+    assert_same_masks(tmp_path / "warm", tmp_path / "cold", tuned)
 
-    ck = Checkpoint(models["base"])
-    units = plan_units([ck.tensors[n] for n in ck.names()], cfg.selection, cfg.chunk_elements,
-                       cfg.unit_elements)
+    units = units_of(models["base"], cfg)
     assert len(units) > 3
     chunks = [c for u in units for c in u.chunks]
     asks = [e for e in events if e[0] == "ask"]
@@ -460,15 +463,12 @@ def test_window_run_of_a_file_truncated_after_opening_names_it(models, tmp_path)
     import shutil
 
     from cpift_dist.analysis import scan
-    from cpift_dist.analysis.plan import plan_units
     from cpift_dist.errors import CheckpointError
 
     d = tmp_path / "b"
     shutil.copytree(models["b"], d)
-    ck = Checkpoint(models["base"])
     cfg = AnalysisConfig(**SMALL)
-    units = plan_units([ck.tensors[n] for n in ck.names()], cfg.selection, cfg.chunk_elements,
-                       cfg.unit_elements)
+    units = units_of(models["base"], cfg)
     ctx = scan.ScanContext(str(models["base"]), {"a": str(models["a"]), "b": str(d)})
     unit = max(units, key=lambda u: len(u.chunks))
     plan = {(t, g): ("window", 1 << 30, 1 << 31) for t in ("a", "b")
