@@ -162,13 +162,12 @@ class ReadAhead:
 
     Where a unit runs alone (a Ray worker's task), it asks for its own chunks. Where each of
     this process's threads did so, the disk sat idle at times: the reads in flight drained at
-    every unit's end, and the scanning thread waited in ``madvise`` for room in the block
-    queue (measured on 2 cores,
-    3.96B bf16 inputs larger than memory, 1 thread, py-spy: 8.5 s of 59 s in ``madvise``, 25.7 s
-    waiting in ``pread``, 12.6 s in the loop). Here one thread walks the pass's units in the
-    order the executor hands them out, finds the checkpoints whose pages are missing
-    (:func:`_cold_readers`, as it reaches each unit) and asks for their chunks, up to
-    :data:`READ_AHEAD` elements per scanning thread beyond the units begun; the scanning
+    every unit's end, and the scanning thread waited in ``madvise`` for room in the block queue
+    (measured on 2 cores, 3.96B bf16 inputs larger than memory, 1 thread, py-spy: 8.5 s of 59 s
+    in ``madvise``, 25.7 s waiting in ``pread``, 12.6 s in the loop). Here one thread walks the
+    pass's units in the order the executor hands them out, finds the checkpoints whose pages
+    are missing (:func:`_cold_readers`, as it reaches each unit) and asks for their chunks, up
+    to :data:`READ_AHEAD` elements per scanning thread beyond the units begun; the scanning
     threads only say which unit they begin (:func:`reading_ahead`). A hint: if asking fails,
     the passes read what they need all the same.
 
