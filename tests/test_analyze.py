@@ -411,6 +411,7 @@ def test_cold_full_pass_is_asked_ahead_across_units_by_one_thread(models, tmp_pa
     from cpift_dist.analysis import scan
     from cpift_dist.executor import InProcessExecutor
     from cpift_dist.io.checkpoint import CheckpointReader
+    from cpift_dist.io.read_ahead import ReadAhead
 
     read_ahead = 2500
     monkeypatch.setattr(scan, "READ_AHEAD", read_ahead)
@@ -419,18 +420,18 @@ def test_cold_full_pass_is_asked_ahead_across_units_by_one_thread(models, tmp_pa
     analyze(models["base"], tuned, tmp_path / "warm", cfg, progress=False)
 
     events, lock = [], threading.Lock()
-    begin = scan.ReadAhead.begin
+    begin = ReadAhead.begin
 
-    def recorded_begin(self, unit):
+    def recorded_begin(self, elements):
         with lock:  # recorded before the read-ahead thread can see it
-            events.append(("begin", sum(c.numel for c in unit.chunks)))
-        begin(self, unit)
+            events.append(("begin", elements))
+        begin(self, elements)
 
     def recorded_ask(self, name, ranges):
         with lock:
             events.append(("ask", name, list(ranges), threading.current_thread().name))
 
-    monkeypatch.setattr(scan.ReadAhead, "begin", recorded_begin)
+    monkeypatch.setattr(ReadAhead, "begin", recorded_begin)
     monkeypatch.setattr(CheckpointReader, "prefetch_rows", recorded_ask)
     monkeypatch.setattr(CheckpointReader, "prefetch_gather", lambda self, parts: None)
     monkeypatch.setattr(CheckpointReader, "cached", lambda self, points: False)

@@ -195,31 +195,46 @@ def test_threads_and_cache_budget_give_the_same_bytes(three, tmp_path):
         assert a["outputs"] == b["outputs"] and a["per_tensor"] == b["per_tensor"], backend
 
 
-@pytest.mark.parametrize("space", ["task-vectors", "weights"])
-def test_cold_inputs_are_asked_ahead_and_fuse_the_same(three, tmp_path, monkeypatch, space):
-    """Where the page cache lacks the inputs, the fuser asks the kernel for every chunk of
-    every tuned checkpoint once, ahead of its first read and at most ``READ_AHEAD`` elements
-    per thread (and a chunk) ahead; the base only where it is read (task vectors, or a chunk
-    holding a core element). A warm cache asks for nothing; the output is the same bytes."""
+@pytest.mark.parametrize("space,threads", [("task-vectors", 1), ("weights", 2)])
+def test_cold_inputs_are_asked_ahead_by_one_thread_and_fuse_the_same(three, tmp_path,
+                                                                     monkeypatch, space,
+                                                                     threads):
+    """Where the page cache lacks the inputs, one read-ahead thread asks the kernel for every
+    chunk of every tuned checkpoint once, in the order of the chunks' first reads (on one
+    working thread: exactly that order), never more than ``READ_AHEAD`` elements per working
+    thread beyond the chunks begun; the base only where it is read (task vectors, or a chunk
+    holding a core element); the working threads ask for nothing. A warm cache asks for
+    nothing; the output is the same bytes."""
     import importlib
+    import threading
 
     from cpift_dist.io.checkpoint import CheckpointReader
+    from cpift_dist.io.read_ahead import ReadAhead
 
     fuse_module = importlib.import_module("cpift_dist.fusion.fuse")
-    monkeypatch.setattr(fuse_module, "READ_AHEAD", 700)
-    real_ahead = fuse_module._ShardFuser._read_ahead
-    gaps = []
+    read_ahead = 700
+    monkeypatch.setattr(fuse_module, "READ_AHEAD", read_ahead)
+    events, lock = [], threading.Lock()
+    real_begin, real_ahead_begin = fuse_module._ShardFuser._begin, ReadAhead.begin
 
-    def read_ahead(self, c):
-        real_ahead(self, c)
-        with self.lock:  # the counters as one critical section left them
-            gaps.append(self.shared.asked - self.shared.loaded)
+    def begin(self, c):
+        with lock:
+            events.append(("first read", c.name, (c.row_start, c.row_stop)))
+        real_begin(self, c)
 
-    monkeypatch.setattr(fuse_module._ShardFuser, "_read_ahead", read_ahead)
-    asked: list = []
-    monkeypatch.setattr(CheckpointReader, "prefetch_rows",
-                        lambda self, name, ranges: asked.append(
-                            (str(self.checkpoint.path), name, tuple(ranges[0]))))
+    def ahead_begin(self, elements):
+        with lock:  # recorded before the read-ahead thread can see it
+            events.append(("begin", elements))
+        real_ahead_begin(self, elements)
+
+    def ask(self, name, ranges):
+        with lock:
+            events.append(("ask", str(self.checkpoint.path), name, tuple(ranges[0]),
+                           threading.current_thread().name))
+
+    monkeypatch.setattr(fuse_module._ShardFuser, "_begin", begin)
+    monkeypatch.setattr(ReadAhead, "begin", ahead_begin)
+    monkeypatch.setattr(CheckpointReader, "prefetch_rows", ask)
     mask_dir = three["masks"]
     if space == "weights":  # small cores: chunks without any, whose base is not read
         analyze(three["base"], three["tuned"], tmp_path / "an", AnalysisConfig(p=0.002),
@@ -227,36 +242,51 @@ def test_cold_inputs_are_asked_ahead_and_fuse_the_same(three, tmp_path, monkeypa
         mask_dir = tmp_path / "an" / "masks"
     outs = {}
     for cold in (False, True):
-        asked.clear()
-        gaps.clear()
+        events.clear()
         monkeypatch.setattr(CheckpointReader, "cached", lambda self, points, c=cold: not c)
         outs[cold] = fuse(three["base"], three["tuned"], mask_dir, tmp_path / str(cold),
-                          FusionConfig(**FAST, space=space), InProcessExecutor(2),
+                          FusionConfig(**FAST, space=space), InProcessExecutor(threads),
                           progress=False)
-        assert bool(asked) == cold
+        assert any(e[0] == "ask" for e in events) == cold
     assert outs[False]["outputs"] == outs[True]["outputs"]
-    assert gaps and all(0 <= g <= 2 * 700 + 1024 for g in gaps)  # asked before read, bounded
+    assert len(outs[True]["outputs"]) > 2  # several shards, one read-ahead across them
+    asks = [e for e in events if e[0] == "ask"]
+    assert {e[4] for e in asks} == {"read-ahead"}
     ck = Checkpoint(three["base"])
     fused_names = [n for n in ck.names()
                    if ck.info(n).dtype.is_floating_point and n not in ck.tied]
+    first = str(Checkpoint(three["tuned"]["a"]).path)
+    asked_order = [(e[2], e[3]) for e in asks if e[1] == first]
+    read_order = [(e[1], e[2]) for e in events if e[0] == "first read"]
+    assert sorted(asked_order) == sorted(read_order)
+    assert any(ck.info(n).rows > 1 and (b - a) < ck.info(n).rows for n, (a, b) in read_order)
+    if threads == 1:
+        assert asked_order == read_order
     for path in three["tuned"].values():  # every chunk of every tuned model, asked once
-        got = [(n, r) for p, n, r in asked if p == str(Checkpoint(path).path)]
-        assert len(got) == len(set(got))
+        got = [(n, r) for _, p, n, r, _ in asks if p == str(Checkpoint(path).path)]
+        assert got == asked_order
         rows = {n: set() for n in fused_names}
         for n, (a, b) in got:
             rows[n].update(range(a, b))
         assert all(rows[n] == set(range(ck.info(n).rows)) for n in fused_names)
-    base_rows = {(n, r) for p, n, r in asked if p == str(ck.path)}
+    begun = asked = 0  # elements: never more than the budget asked beyond those begun
+    for e in events:
+        if e[0] == "begin":
+            begun += e[1]
+        elif e[0] == "ask" and e[1] == first:
+            assert asked - begun < read_ahead * threads
+            asked += (e[3][1] - e[3][0]) * ck.info(e[2]).row_numel
+    base_rows = {(n, r) for _, p, n, r, _ in asks if p == str(ck.path)}
     masks = [MaskFile(mask_dir / f"{t}.safetensors") for t in three["tuned"]]
     want = set()
-    for p, n, (a, b) in asked:
+    for n, (a, b) in asked_order:
         row = ck.info(n).row_numel
         if space == "task-vectors" or any(m.read(n).reshape(-1)[a * row:b * row].any()
                                           for m in masks):
             want.add((n, (a, b)))
     assert base_rows == want
     if space == "weights":
-        assert len(want) < len({(n, r) for _, n, r in asked})  # some chunks hold no core
+        assert len(want) < len(asked_order)  # some chunks hold no core
 
 
 @pytest.mark.gpu

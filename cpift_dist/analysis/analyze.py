@@ -34,7 +34,7 @@ from cpift_dist.analysis.plan import Unit, plan_units
 from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, Selection, add_sparse,
                                               resolve_high, resolve_low, sample_window,
                                               resolve_window)
-from cpift_dist.analysis.scan import (ReadAhead, ScanContext, WindowResult, reading_ahead,
+from cpift_dist.analysis.scan import (ScanContext, WindowResult, pass_read_ahead, reading_ahead,
                                       scan_high, scan_mask, scan_sample, scan_window)
 from cpift_dist.analysis.stats import task_stats
 from cpift_dist.config import TASK_NAME, AnalysisConfig
@@ -343,8 +343,9 @@ def _in_process(scan, units: list[Unit], ctx, executor, writers=None):
 
     In this process, a wrapper that:
 
-    - scans each unit under the pass's :class:`~cpift_dist.analysis.scan.ReadAhead`, one
-      thread asking the kernel for the cold inputs' chunks ahead of all threads, across units;
+    - scans each unit under the pass's read-ahead
+      (:func:`~cpift_dist.analysis.scan.pass_read_ahead`), one thread asking the kernel for
+      the cold inputs' chunks ahead of all threads, across units;
     - with ``writers``, writes each unit's packed mask bytes from the thread that computed them
       and returns the result without them. The driver, which writes them for Ray's results,
       wrote every byte of every mask on one thread: serial time that a pass on many threads
@@ -356,7 +357,7 @@ def _in_process(scan, units: list[Unit], ctx, executor, writers=None):
     if not isinstance(executor, InProcessExecutor):
         yield scan
         return
-    with ReadAhead(ctx, units, executor.parallelism()) as ahead:
+    with pass_read_ahead(ctx, units, executor.parallelism()) as ahead:
         @functools.wraps(scan)
         def run(ctx, unit: Unit, *args):
             with reading_ahead(ahead, unit):

@@ -24,6 +24,7 @@ from cpift_dist.analysis.plan import Unit
 from cpift_dist.analysis.radix_select import HIGH_BINS, LOW_BINS, NONFINITE_BIN
 from cpift_dist.errors import CheckpointError
 from cpift_dist.io.checkpoint import Checkpoint, drop_mapped, read_chunk, row_spans
+from cpift_dist.io.read_ahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,9 @@ def _chunks(ctx: ScanContext, unit: Unit):
     dropped from this process's page tables before the next chunk.
 
     Inputs not in the page cache are asked from the kernel ahead of use: by this process's
-    :class:`ReadAhead` where the pass runs one (:func:`reading_ahead`), else by this thread, the
-    unit's chunks up to :data:`READ_AHEAD` elements ahead (of the checkpoints whose pages a
-    probe of a few chunks, :func:`_cold_readers`, found missing)."""
+    read-ahead thread where the pass runs one (:func:`pass_read_ahead`, :func:`reading_ahead`),
+    else by this thread, the unit's chunks up to :data:`READ_AHEAD` elements ahead (of the
+    checkpoints whose pages a probe of a few chunks, :func:`_cold_readers`, found missing)."""
     fused.load_registries()  # a Ray worker's first loop (the driver's warm() did it there)
     base = _checkpoint(ctx.base)
     tuned = [_checkpoint(p) for p in ctx.tuned.values()]
@@ -157,67 +158,37 @@ def _chunks(ctx: ScanContext, unit: Unit):
                 drop_mapped(every)
 
 
-class ReadAhead:
+def pass_read_ahead(ctx: ScanContext, units: list[Unit], threads: int) -> ReadAhead:
     """A full pass's read-ahead for every thread of this process, across units.
 
     Where a unit runs alone (a Ray worker's task), it asks for its own chunks. Where each of
-    this process's threads did so, the disk sat idle at times: the reads in flight drained at
-    every unit's end, and the scanning thread waited in ``madvise`` for room in the block queue
-    (measured on 2 cores, 3.96B bf16 inputs larger than memory, 1 thread, py-spy: 8.5 s of 59 s
-    in ``madvise``, 25.7 s waiting in ``pread``, 12.6 s in the loop). Here one thread walks the
-    pass's units in the order the executor hands them out, finds the checkpoints whose pages
-    are missing (:func:`_cold_readers`, as it reaches each unit) and asks for their chunks, up
-    to :data:`READ_AHEAD` elements per scanning thread beyond the units begun; the scanning
-    threads only say which unit they begin (:func:`reading_ahead`). A hint: if asking fails,
-    the passes read what they need all the same.
+    this process's threads did so, the disk sat idle at times (:mod:`cpift_dist.io.read_ahead`).
+    Here one thread walks the pass's units in the order the executor hands them out, finds the
+    checkpoints whose pages are missing (:func:`_cold_readers`, as it reaches each unit) and
+    asks for their chunks, up to :data:`READ_AHEAD` elements per scanning thread beyond the
+    units begun; the scanning threads only say which unit they begin (:func:`reading_ahead`).
 
     Use as a context manager around the pass."""
+    return ReadAhead(_pass_asks(ctx, units), READ_AHEAD * max(1, threads))
 
-    def __init__(self, ctx: ScanContext, units: list[Unit], threads: int):
-        self.ctx, self.units = ctx, list(units)
-        self.budget = READ_AHEAD * max(1, threads)
-        self._cv = threading.Condition()
-        self._begun = 0  # elements of the units the scanning threads have begun
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
 
-    def __enter__(self) -> "ReadAhead":
-        self._thread.start()
-        return self
+def _pass_asks(ctx: ScanContext, units: list[Unit]):
+    """The read-ahead's steps of a full pass: per chunk of each unit, its elements and the ask
+    for it from the checkpoints that lack the unit's pages (probed as the unit is reached)."""
+    opened = [_checkpoint(ctx.base), *map(_checkpoint, ctx.tuned.values())]
+    with ExitStack() as stack:
+        every = [stack.enter_context(c.reader()) for c in opened]
+        for unit in units:
+            cold = None
+            for c in unit.chunks:
+                if cold is None:  # probed when the unit's first chunk is to be asked for
+                    cold = _cold_readers(unit, every)
+                yield c.numel, functools.partial(_ask, cold, c)
 
-    def __exit__(self, *exc) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        self._thread.join()
 
-    def begin(self, unit: Unit) -> None:
-        """A scanning thread begins ``unit``."""
-        with self._cv:
-            self._begun += sum(c.numel for c in unit.chunks)
-            self._cv.notify()
-
-    def _run(self) -> None:
-        try:
-            opened = [_checkpoint(self.ctx.base), *map(_checkpoint, self.ctx.tuned.values())]
-            with ExitStack() as stack:
-                every = [stack.enter_context(c.reader()) for c in opened]
-                asked = 0  # elements of the units' chunks, in order, passed or asked for
-                for unit in self.units:
-                    cold = None
-                    for c in unit.chunks:
-                        with self._cv:
-                            while not self._closed and asked - self._begun >= self.budget:
-                                self._cv.wait()
-                            if self._closed:
-                                return
-                        if cold is None:
-                            cold = _cold_readers(unit, every)
-                        for r in cold:
-                            r.prefetch_rows(c.name, [(c.row_start, c.row_stop)])
-                        asked += c.numel
-        except Exception as e:  # noqa: BLE001  a hint: the passes read what they need anyway
-            log.debug("read-ahead stopped: %s", e)
+def _ask(readers, c) -> None:
+    for r in readers:
+        r.prefetch_rows(c.name, [(c.row_start, c.row_stop)])
 
 
 @contextmanager
@@ -227,7 +198,7 @@ def reading_ahead(ahead: ReadAhead | None, unit: Unit):
     if ahead is None:
         yield
         return
-    ahead.begin(unit)
+    ahead.begin(sum(c.numel for c in unit.chunks))
     before = getattr(_LOCAL, "ahead", None)
     _LOCAL.ahead = ahead
     try:

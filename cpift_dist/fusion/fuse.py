@@ -41,6 +41,7 @@ from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_ch
 from cpift_dist.io.checkpoint import (INDEX_NAME, SINGLE_NAME, drop_mapped, read_chunk,
                                      row_spans)
 from cpift_dist.io.manifest import sha256_files
+from cpift_dist.io.read_ahead import ReadAhead
 from cpift_dist.io.safetensors_stream import PositionalWriter
 
 _log = logging.getLogger(__name__)
@@ -260,10 +261,8 @@ class _Shared:
         self.masks: dict = {}  # mask file path -> its MaskFile, shared by the threads
         self.pool: dict[int, list[torch.Tensor]] = {}  # free buffers by size
         self.bar = bar  # progress in output bytes, or None
-        # cold inputs: (fuser, chunk) in first-read order, the next one to ask the kernel for,
-        # and the elements asked for and first read so far
-        self.order: list = []
-        self.next = self.asked = self.loaded = 0
+        self.order: list = []  # cold inputs: (fuser, chunk) in first-read order
+        self.ahead: ReadAhead | None = None  # asks the kernel for them, while the work runs
 
 
 class _ShardFuser:
@@ -317,8 +316,14 @@ class _ShardFuser:
         return torch.float32
 
     def submit(self) -> None:
-        runs = _Runs(functools.partial(self.sched.submit, _GRAM, self._run), self.chunk)
-        planned: list[Chunk] = []  # every float tensor's chunks, for the page-cache probe
+        planned: list[Chunk] = []  # every float tensor's chunks in the order their tasks are
+        # queued (the order of their first reads, tasks of one priority running in that order)
+
+        def submit_run(run: list[tuple[Chunk, int]]) -> None:
+            planned.extend(c for c, _ in run)
+            self.sched.submit(_GRAM, self._run, run)
+
+        runs = _Runs(submit_run, self.chunk)
         for name in self.shard.names:
             info = self.base.info(name)
             if name in self.base.tied or info.numel == 0:
@@ -328,13 +333,13 @@ class _ShardFuser:
                 continue
             self.counts[name] = [0, 0]
             chunks = plan_units([info], "global", self.chunk, 1 << 62)[0].chunks
-            planned += chunks
             segments = segments_of(info.shape, self.ctx.cfg.granularity)
             if len(chunks) == 1 or segments > 1:
                 for c in chunks:
                     if self._runs_read(info.dtype):
                         runs.add(c, segments, self.writer.offsets[name], info.dtype)
                     else:
+                        planned.append(c)
                         self.sched.submit(_GRAM, self._whole, c, segments)
                 continue
             nbytes = info.numel * info.dtype.itemsize * (len(self.tasks) + 1)
@@ -343,6 +348,7 @@ class _ShardFuser:
             step = GROUP_CHUNKS if self._runs_read(info.dtype) else 1
             groups = [(i, min(i + step, len(chunks))) for i in range(0, len(chunks), step)]
             st = _Tensor(name, chunks, segments, groups, len(groups), [None] * len(chunks), None)
+            planned += chunks
             for i0, i1 in groups:
                 self.sched.submit(_GRAM, self._gram_part, st, i0, i1, nbytes)
         runs.flush()
@@ -351,7 +357,7 @@ class _ShardFuser:
     def _probe(self, chunks: list[Chunk]) -> None:
         """Finds the input checkpoints whose pages are not in the page cache (a few of the
         shard's ``chunks`` probed, as the analysis does) and queues the chunks to be asked for
-        ahead."""
+        ahead (:func:`_asks`)."""
         if not chunks:
             return
         points = [(c.name, c.row_start) for c in chunks[::max(1, len(chunks) // PROBES)]]
@@ -360,26 +366,19 @@ class _ShardFuser:
             with self.lock:
                 self.shared.order += [(self, c) for c in chunks]
 
-    def _read_ahead(self, c: Chunk) -> None:
-        """Before a chunk's first read: asks the kernel for the next chunks of the cold
-        checkpoints, up to :data:`READ_AHEAD` elements per thread ahead of the reads (measured
-        on this VM, cold 348M inputs: see docs/benchmarks.md). The base only where it is read:
-        in task-vector space, or where the chunk holds a core element."""
-        if not self.cold:
-            return
-        sh = self.shared
-        with self.lock:
-            sh.loaded += c.numel
-            todo = []
-            while sh.next < len(sh.order) and sh.asked - sh.loaded < READ_AHEAD * sh.sched.threads:
-                todo.append(sh.order[sh.next])
-                sh.asked += sh.order[sh.next][1].numel
-                sh.next += 1
-        for fuser, nxt in todo:
-            readers = fuser._readers()[0]
-            for i in fuser.cold:
-                if i > 0 or fuser.tv or fuser._masks(nxt).any():
-                    readers[i].prefetch_rows(nxt.name, [(nxt.row_start, nxt.row_stop)])
+    def _begin(self, c: Chunk) -> None:
+        """Before a chunk's first read: tells the process's read-ahead (:func:`_asks`)."""
+        if self.cold and self.shared.ahead is not None:
+            self.shared.ahead.begin(c.numel)
+
+    def _ask(self, c: Chunk) -> None:
+        """Asks the kernel for a chunk of the cold checkpoints (on the read-ahead's thread);
+        the base only where it is read: in task-vector space, or where the chunk holds a core
+        element."""
+        readers = self._readers()[0]
+        for i in self.cold:
+            if i > 0 or self.tv or self._masks(c).any():
+                readers[i].prefetch_rows(c.name, [(c.row_start, c.row_stop)])
 
     def finish(self) -> dict:
         for name in self.shard.names:
@@ -548,7 +547,7 @@ class _ShardFuser:
 
     def _whole(self, c: Chunk, segments: int) -> None:
         """A chunk whose coefficients depend on it alone."""
-        self._read_ahead(c)
+        self._begin(c)
         data = self._load(c)
         coef = fold_coefficients(self._gram(c, data, segments), self.t)
         self._apply(c, data, coef)
@@ -559,7 +558,7 @@ class _ShardFuser:
         the numba loops: read and Gram, one fold, apply (:meth:`_read_run`,
         :meth:`_apply_run`): two compiled calls and one write per run, where a chunk at a time
         held the GIL for a tenth of a thread's time in Python (docs/benchmarks.md). Cold
-        inputs go chunk by chunk instead, each asked for ahead (:meth:`_read_ahead`)."""
+        inputs go chunk by chunk instead, each asked for ahead (:func:`_asks`)."""
         if self.cold:
             for c, segments in run:
                 self._whole(c, segments)
@@ -676,7 +675,7 @@ class _ShardFuser:
             grams = {i0 + k: r.grams[k:k + 1] for k in range(i1 - i0)}
         else:
             for i in range(i0, i1):
-                self._read_ahead(st.chunks[i])
+                self._begin(st.chunks[i])
                 data[i] = self._load(st.chunks[i])
                 grams[i] = self._gram(st.chunks[i], data[i], st.segments)
                 self._unmap()
@@ -747,7 +746,10 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict
                 fusers[-1].submit()
             t0 = time.perf_counter()
             try:
-                shared.sched.run()
+                if shared.order:  # cold inputs: one thread asks for them ahead of all threads
+                    shared.ahead = ReadAhead(_asks(shared.order), READ_AHEAD * shared.sched.threads)
+                with shared.ahead or nullcontext():
+                    shared.sched.run()
             finally:
                 for close in shared.closers:
                     close()
@@ -765,6 +767,17 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict
             w.abort()
         raise
     return out
+
+
+def _asks(order: list):
+    """The fusion's read-ahead steps (:class:`~cpift_dist.io.read_ahead.ReadAhead`): the cold
+    chunks of every shard in the order of their first reads, each asked for by its fuser.
+
+    Each working thread asked for the next chunks itself before, ahead of its own read, and
+    waited in ``madvise`` as the analysis's threads did (docs/benchmarks.md); one thread now
+    keeps :data:`READ_AHEAD` elements per working thread asked for beyond the chunks begun."""
+    for fuser, c in order:
+        yield c.numel, functools.partial(fuser._ask, c)
 
 
 def fuse_shard(ctx: FuseContext, shard: OutShard) -> dict:
