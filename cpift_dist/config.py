@@ -94,8 +94,8 @@ class FusionConfig(_Model):
     """How the numba loops read bf16 and fp32 inputs: ``pread`` copies runs of chunks of
     every input into a per-thread buffer in one compiled call that releases the GIL (and
     groups small tensors into runs); ``map`` reads chunk by chunk through the files' memory
-    maps (no copy), the path until this option. Cold inputs (not in the page cache) go chunk
-    by chunk through the maps either way, each asked for ahead."""
+    maps (no copy), the path until this option. On either path, one read-ahead thread asks
+    the kernel for cold inputs (not in the page cache) ahead of their reads."""
     cache_bytes: int = Field(2 << 30, ge=0)
     """Inputs of multi-chunk tensors kept in memory (or on the device) between the Gram and
     apply passes by the torch and Triton backends (per output shard being fused: all its

@@ -558,11 +558,9 @@ class _ShardFuser:
         the numba loops: read and Gram, one fold, apply (:meth:`_read_run`,
         :meth:`_apply_run`): two compiled calls and one write per run, where a chunk at a time
         held the GIL for a tenth of a thread's time in Python (docs/benchmarks.md). Cold
-        inputs go chunk by chunk instead, each asked for ahead (:func:`_asks`)."""
-        if self.cold:
-            for c, segments in run:
-                self._whole(c, segments)
-            return
+        inputs too: the read-ahead (:func:`_asks`) asks for them ahead of the read."""
+        for c, _ in run:
+            self._begin(c)
         r = self._read_run(run)
         # one fold for the run's segments: the same bits as one fold per chunk (tested)
         self._apply_run(r, fold_coefficients(r.grams, self.t))
@@ -635,11 +633,11 @@ class _ShardFuser:
     def _in_runs(self, name: str) -> bool:
         """Whether the chunks of a multi-chunk tensor go through :meth:`_read_run` (one chunk
         a run: the Gram pass and the apply pass each read it)."""
-        return not self.cold and self._runs_read(self.base.info(name).dtype)
+        return self._runs_read(self.base.info(name).dtype)
 
     def _runs_read(self, dtype: torch.dtype) -> bool:
         """Whether chunks of ``dtype`` go in runs read into buffers (numba, ``read: pread``,
-        bf16 or fp32), cold inputs apart."""
+        bf16 or fp32)."""
         return self.runs and dtype in _RUN_DTYPES
 
     def _run_buffers(self, *sizes: int) -> list[np.ndarray]:
@@ -671,6 +669,8 @@ class _ShardFuser:
                 self.shared.budget -= nbytes if keep else 0
         grams, data = {}, {}
         if self._in_runs(st.name):  # one compiled call, each chunk into the same buffer
+            for c in st.chunks[i0:i1]:
+                self._begin(c)
             r = self._read_run([(c, st.segments) for c in st.chunks[i0:i1]], reuse=True)
             grams = {i0 + k: r.grams[k:k + 1] for k in range(i1 - i0)}
         else:
