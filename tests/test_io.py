@@ -239,6 +239,50 @@ def test_drop_mapped_drops_every_readers_pages_at_once(tmp_path, monkeypatch, co
     assert gather.advise.signatures  # (loaded: the compiled path was there to take)
 
 
+def test_read_ahead_asks_within_its_budget_and_stops_cleanly():
+    """ReadAhead asks step by step on its own thread, never more than the budget beyond the
+    elements begun; leaving it stops a thread waiting on the budget and closes the steps'
+    generator; a failing step stops the asks without raising into the work."""
+    import threading
+    import time
+
+    from cpift_dist.io.read_ahead import ReadAhead
+
+    asked, closed = [], []
+
+    def steps(n):
+        try:
+            for i in range(n):
+                yield 10, lambda i=i: asked.append((i, threading.current_thread().name))
+        finally:
+            closed.append(True)
+
+    with ReadAhead(steps(100), budget=25) as ahead:
+        deadline = time.monotonic() + 10
+        while len(asked) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert [i for i, _ in asked] == [0, 1, 2]  # 30 asked >= 25 + 0 begun: it waits
+        ahead.begin(20)  # it asks on while fewer than 20 + 25 are asked: steps 3 and 4
+        while len(asked) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert [i for i, _ in asked] == [0, 1, 2, 3, 4]
+    assert closed == [True] and len(asked) == 5  # left while waiting: stopped and closed
+    assert {t for _, t in asked} == {"read-ahead"}
+
+    def failing():
+        yield 1, lambda: asked.append("x")
+        yield 1, lambda: 1 / 0
+        yield 1, lambda: asked.append("never")
+
+    asked.clear()
+    with ReadAhead(failing(), budget=10) as ahead:
+        ahead._thread.join(timeout=10)  # it ends by itself, at the error
+        assert not ahead._thread.is_alive()
+    assert asked == ["x"]  # the error stopped the asks; nothing was raised here
+
+
 def test_cached_tells_pages_in_the_page_cache(models):
     """``cached`` (mincore) finds the pages of a checkpoint just read in the page cache."""
     ck = Checkpoint(models["base"])
