@@ -315,3 +315,31 @@ def epi_oracle(model: Path, p: float) -> dict[str, torch.Tensor]:
         out[n] = chosen[off:off + s.numel()]
         off += s.numel()
     return out
+
+
+def record_read_ahead(monkeypatch) -> tuple[list, object]:
+    """Records, in order, every ``ReadAhead.begin`` as ``("begin", elements)`` (before the
+    read-ahead thread can see it) and every ask to the kernel
+    (``CheckpointReader.prefetch_rows``, not passed on) as ``("ask", checkpoint path, tensor,
+    (row_start, row_stop), thread name)``. Returns the events and the lock that guards them."""
+    import threading
+
+    from cpift_dist.io.checkpoint import CheckpointReader
+    from cpift_dist.io.read_ahead import ReadAhead
+
+    events, lock = [], threading.Lock()
+    begin = ReadAhead.begin
+
+    def recorded_begin(self, elements):
+        with lock:
+            events.append(("begin", elements))
+        begin(self, elements)
+
+    def recorded_ask(self, name, ranges):
+        with lock:
+            events.append(("ask", str(self.checkpoint.path), name, tuple(ranges[0]),
+                           threading.current_thread().name))
+
+    monkeypatch.setattr(ReadAhead, "begin", recorded_begin)
+    monkeypatch.setattr(CheckpointReader, "prefetch_rows", recorded_ask)
+    return events, lock

@@ -13,7 +13,7 @@ from cpift_dist.analysis.plan import layer_of, selection_group
 from cpift_dist.config import AnalysisConfig
 from cpift_dist.executor import InProcessExecutor, RayExecutor
 from cpift_dist.io import Checkpoint, sha256_file
-from helpers import make_llama, oracle_masks, perturb
+from helpers import make_llama, oracle_masks, perturb, record_read_ahead
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -406,12 +406,9 @@ def test_cold_full_pass_is_asked_ahead_across_units_by_one_thread(models, tmp_pa
     each checkpoint once, in the units' order across their boundaries, never more than
     READ_AHEAD elements per scanning thread beyond the units begun; the scanning threads ask
     for none; the masks are those of a warm run."""
-    import threading
-
     from cpift_dist.analysis import scan
     from cpift_dist.executor import InProcessExecutor
     from cpift_dist.io.checkpoint import CheckpointReader
-    from cpift_dist.io.read_ahead import ReadAhead
 
     read_ahead = 2500
     monkeypatch.setattr(scan, "READ_AHEAD", read_ahead)
@@ -419,20 +416,7 @@ def test_cold_full_pass_is_asked_ahead_across_units_by_one_thread(models, tmp_pa
     cfg = AnalysisConfig(p=0.03, **SMALL)
     analyze(models["base"], tuned, tmp_path / "warm", cfg, progress=False)
 
-    events, lock = [], threading.Lock()
-    begin = ReadAhead.begin
-
-    def recorded_begin(self, elements):
-        with lock:  # recorded before the read-ahead thread can see it
-            events.append(("begin", elements))
-        begin(self, elements)
-
-    def recorded_ask(self, name, ranges):
-        with lock:
-            events.append(("ask", name, list(ranges), threading.current_thread().name))
-
-    monkeypatch.setattr(ReadAhead, "begin", recorded_begin)
-    monkeypatch.setattr(CheckpointReader, "prefetch_rows", recorded_ask)
+    events, _ = record_read_ahead(monkeypatch)
     monkeypatch.setattr(CheckpointReader, "prefetch_gather", lambda self, parts: None)
     monkeypatch.setattr(CheckpointReader, "cached", lambda self, points: False)
     res = analyze(models["base"], tuned, tmp_path / "cold", cfg,
@@ -444,8 +428,8 @@ def test_cold_full_pass_is_asked_ahead_across_units_by_one_thread(models, tmp_pa
     assert len(units) > 3
     chunks = [c for u in units for c in u.chunks]
     asks = [e for e in events if e[0] == "ask"]
-    assert {e[3] for e in asks} == {"read-ahead"}
-    assert [(e[1], e[2]) for e in asks] == [(c.name, [(c.row_start, c.row_stop)])
+    assert {e[4] for e in asks} == {"read-ahead"}
+    assert [(e[2], e[3]) for e in asks] == [(c.name, (c.row_start, c.row_stop))
                                             for c in chunks for _ in range(3)]
     before = np.cumsum([0] + [c.numel for c in chunks])  # elements ahead of each chunk
     begun = n = 0

@@ -19,7 +19,7 @@ from cpift_dist.fusion import fold_weights, fuse, slerp_reference
 from cpift_dist.grouping import connected_groups, group
 from cpift_dist.io import Checkpoint, sha256_file
 from cpift_dist.io.safetensors_stream import PositionalWriter
-from helpers import perturb
+from helpers import perturb, record_read_ahead
 
 pytestmark = pytest.mark.timeout(300)
 # device pinned: the same path with or without a GPU (the CUDA path has its own tests below)
@@ -206,35 +206,21 @@ def test_cold_inputs_are_asked_ahead_by_one_thread_and_fuse_the_same(three, tmp_
     holding a core element); the working threads ask for nothing. A warm cache asks for
     nothing; the output is the same bytes."""
     import importlib
-    import threading
 
     from cpift_dist.io.checkpoint import CheckpointReader
-    from cpift_dist.io.read_ahead import ReadAhead
 
     fuse_module = importlib.import_module("cpift_dist.fusion.fuse")
     read_ahead = 700
     monkeypatch.setattr(fuse_module, "READ_AHEAD", read_ahead)
-    events, lock = [], threading.Lock()
-    real_begin, real_ahead_begin = fuse_module._ShardFuser._begin, ReadAhead.begin
+    events, lock = record_read_ahead(monkeypatch)
+    real_begin = fuse_module._ShardFuser._begin
 
     def begin(self, c):
         with lock:
             events.append(("first read", c.name, (c.row_start, c.row_stop)))
         real_begin(self, c)
 
-    def ahead_begin(self, elements):
-        with lock:  # recorded before the read-ahead thread can see it
-            events.append(("begin", elements))
-        real_ahead_begin(self, elements)
-
-    def ask(self, name, ranges):
-        with lock:
-            events.append(("ask", str(self.checkpoint.path), name, tuple(ranges[0]),
-                           threading.current_thread().name))
-
     monkeypatch.setattr(fuse_module._ShardFuser, "_begin", begin)
-    monkeypatch.setattr(ReadAhead, "begin", ahead_begin)
-    monkeypatch.setattr(CheckpointReader, "prefetch_rows", ask)
     mask_dir = three["masks"]
     if space == "weights":  # small cores: chunks without any, whose base is not read
         analyze(three["base"], three["tuned"], tmp_path / "an", AnalysisConfig(p=0.002),
