@@ -11,7 +11,6 @@ parallel.
 from __future__ import annotations
 
 import functools
-import logging
 import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -25,8 +24,6 @@ from cpift_dist.analysis.radix_select import HIGH_BINS, LOW_BINS, NONFINITE_BIN
 from cpift_dist.errors import CheckpointError
 from cpift_dist.io.checkpoint import Checkpoint, drop_mapped, read_chunk, row_spans
 from cpift_dist.io.read_ahead import ReadAhead
-
-log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (task, selection group)
 Sparse = tuple[np.ndarray, np.ndarray]
@@ -179,10 +176,8 @@ def _pass_asks(ctx: ScanContext, units: list[Unit]):
     with ExitStack() as stack:
         every = [stack.enter_context(c.reader()) for c in opened]
         for unit in units:
-            cold = None
+            cold = _cold_readers(unit, every)  # probed as the read-ahead reaches the unit
             for c in unit.chunks:
-                if cold is None:  # probed when the unit's first chunk is to be asked for
-                    cold = _cold_readers(unit, every)
                 yield c.numel, functools.partial(_ask, cold, c)
 
 
@@ -192,12 +187,9 @@ def _ask(readers, c) -> None:
 
 
 @contextmanager
-def reading_ahead(ahead: ReadAhead | None, unit: Unit):
+def reading_ahead(ahead: ReadAhead, unit: Unit):
     """Within it, this thread scans ``unit`` and leaves asking for its chunks to ``ahead``
-    (None: the unit asks for its own)."""
-    if ahead is None:
-        yield
-        return
+    (outside it, a unit asks for its own)."""
     ahead.begin(sum(c.numel for c in unit.chunks))
     before = getattr(_LOCAL, "ahead", None)
     _LOCAL.ahead = ahead
