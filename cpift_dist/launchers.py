@@ -13,7 +13,9 @@ when. Jobs are queued on *slots* and run as slots free up:
   rendezvous). ``NPROC_PER_NODE`` (default ``SLURM_GPUS_ON_NODE``, else 1) ranks per node.
 
 Each job leaves ``launch.json`` in its output directory (command, slot, start, end, exit
-status). Nothing here imports Ray.
+status), and torchrun's log directory there (``torchrun/``: per attempt, the ``error.json``
+with the traceback of a rank that failed, which torchrun's failure summary prints), instead of
+a fresh ``/tmp/torchelastic_*`` on every node at every launch. Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -144,17 +146,24 @@ def _local_slots(cfg, ranks: int, use_gpu: bool, jobs: int | None = None) -> lis
         "OMP_NUM_THREADS", str(threads))} for _ in range(count)]
 
 
-def _command(launcher: str, slot, ranks: int, args: list[str], rdzv_id: str) -> list[str]:
+LOG_DIR = "torchrun"
+"""torchrun's ``--log-dir`` inside a job's output directory."""
+
+
+def _command(launcher: str, slot, ranks: int, args: list[str], rdzv_id: str,
+             log_dir: Path) -> list[str]:
     port = str(_free_port())
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                "--master_addr", "127.0.0.1", "--master_port", port, *ENTRY, *args]
+                "--master_addr", "127.0.0.1", "--master_port", port, "--log-dir", str(log_dir),
+                *ENTRY, *args]
     nodes = slot
     return ["srun", f"--nodes={len(nodes)}", f"--ntasks={len(nodes)}", "--ntasks-per-node=1",
             f"--nodelist={','.join(nodes)}", "--kill-on-bad-exit=1",
             sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(nodes)),
             "--nproc_per_node", str(ranks), "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", f"{nodes[0]}:{port}", "--rdzv_id", rdzv_id, *ENTRY, *args]
+            "--rdzv_endpoint", f"{nodes[0]}:{port}", "--rdzv_id", rdzv_id,
+            "--log-dir", str(log_dir), *ENTRY, *args]
 
 
 def run_jobs(cfg, jobs: list[Job], ranks: int, use_gpu: bool, whole_allocation: bool = False,
@@ -196,7 +205,8 @@ def run_jobs(cfg, jobs: list[Job], ranks: int, use_gpu: bool, whole_allocation: 
         i = free.get()
         try:
             cmd = _command(launcher, slots[i], ranks, job.args,
-                           f"{os.environ.get('SLURM_JOB_ID', 'local')}-{job.out.name}-{time.time_ns()}")
+                           f"{os.environ.get('SLURM_JOB_ID', 'local')}-{job.out.name}-{time.time_ns()}",
+                           job.out / LOG_DIR)
             env = {**os.environ, **envs[i], **job.env}
             job.out.mkdir(parents=True, exist_ok=True)
             record = {"label": job.label, "launcher": launcher, "slot": slots[i], "cmd": cmd,

@@ -25,11 +25,15 @@ import os
 import sys
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from cpift_dist.config import EPIConfig, TrainConfig, apply_overrides, load_config, validate
 from cpift_dist.errors import CpiftError
 from cpift_dist.training.loop import SFTJob, run
 
 
+@record  # under torchrun: a rank's uncaught exception goes to its error file, and torchrun's
+# failure summary prints the first failed rank's traceback (the files lie in --log-dir)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cpift-train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="HF checkpoint to start from")
