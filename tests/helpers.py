@@ -217,7 +217,7 @@ def torchrun_train(setup: Path, out: Path, tasks, *overrides, freeze=(), env=Non
 
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           *entry, "--model", str(setup / "model"), "--out", str(out)]
+           "--log-dir", str(out / "torchrun"), *entry, "--model", str(setup / "model"), "--out", str(out)]
     for t in tasks:
         cmd += ["--data", f"{t}={setup / 'suite' / t / 'train.jsonl'}"]
     cmd += ["max_length=320", "micro_batch=2", "lr=3e-3", "progress=false", *overrides]
@@ -247,6 +247,19 @@ def listening_beyond_loopback(procs) -> tuple[set[str], dict[str, list[str]]]:
             if not ipaddress.ip_address(c.laddr.ip.removeprefix("::ffff:")).is_loopback:
                 exposed.setdefault(name, []).append(f"{c.laddr.ip}:{c.laddr.port}")
     return names, exposed
+
+
+def own_tmp(d: Path) -> dict[str, str]:
+    """``TMPDIR`` for the processes a test starts: ``d`` (created), to look into afterwards
+    with :func:`torchelastic_dirs`."""
+    d.mkdir(parents=True, exist_ok=True)
+    return {"TMPDIR": str(d)}
+
+
+def torchelastic_dirs(d: Path) -> list[str]:
+    """What torchrun left in the temporary directory ``d``: a ``torchelastic_*`` directory per
+    launch that had no ``--log-dir`` (every launch of this project passes one)."""
+    return sorted(p.name for p in d.glob("torchelastic_*"))
 
 
 def slurm_standins(bindir: Path, hosts: list[str], log: Path | None = None) -> dict[str, str]:

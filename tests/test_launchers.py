@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, run
+from helpers import free_port, own_tmp, run, torchelastic_dirs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def _env(tmp_path, **extra):
     port = free_port()
     path = f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}"
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-            "MASTER_PORT": str(port), "PATH": path, **extra}
+            "MASTER_PORT": str(port), "PATH": path, **own_tmp(tmp_path / "tmp"), **extra}
 
 
 def test_deepspeed_launcher_script(setup, tmp_path):
@@ -34,6 +34,7 @@ def test_deepspeed_launcher_script(setup, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained 2 steps" in r.stdout
     assert (tmp_path / "out" / "model" / "config.json").exists()
+    assert torchelastic_dirs(tmp_path / "tmp") == []
 
 
 def test_slurm_script_under_stand_in_srun(setup, tmp_path):
@@ -50,3 +51,6 @@ def test_slurm_script_under_stand_in_srun(setup, tmp_path):
              str(tmp_path / "out"), *ARGS], 300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained 2 steps" in r.stdout and (tmp_path / "out" / "model").is_dir()
+    # torchrun's logs in the job's directory, none in /tmp
+    assert torchelastic_dirs(tmp_path / "tmp") == []
+    assert len(list((tmp_path / "out" / "torchrun").glob("7_*/attempt_0"))) == 1

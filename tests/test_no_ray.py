@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, run, slurm_standins
+from helpers import TINY, own_tmp, run, slurm_standins, torchelastic_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -31,7 +31,7 @@ def _env(tmp: Path, **extra) -> dict:
     (block / "ray").mkdir(parents=True, exist_ok=True)
     (block / "ray" / "__init__.py").write_text(NEVER_RAY)
     return {**os.environ, "PYTHONPATH": str(block), "RAY_IMPORT_MARKER": str(tmp / "ray-imported"),
-            "OMP_NUM_THREADS": "1", **extra}
+            "OMP_NUM_THREADS": "1", **own_tmp(tmp / "tmp"), **extra}
 
 
 def _cpift_run(runs: Path, env: dict, *more, timeout=600):
@@ -75,6 +75,9 @@ def test_cpift_run_without_ray_resumes_a_killed_fine_tune_and_skips_when_done(no
         assert steps == [1, 2], (t, steps)
         launch = json.loads((run_dir / "finetune" / t / "launch.json").read_text())
         assert launch["launcher"] == "torchrun" and launch["returncode"] == 0
+        # torchrun's logs: one run directory per launch (the crashed one and its resume)
+        assert len(list((run_dir / "finetune" / t / "torchrun").glob("*/attempt_0"))) == 2, t
+    assert torchelastic_dirs(d / "tmp") == [], "torchrun left its logs in the temp directory"
     assert not (d / "ray-imported").exists(), "a Ray-free run imported ray"
     # every output exists and loads; the frozen elements held bit for bit
     stages = sorted(run_dir.glob("sft/stage-*/model"))
@@ -108,6 +111,7 @@ def test_one_sbatch_runs_the_pipeline_and_equals_the_local_run(no_ray_run, tmp_p
             800, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     assert not (tmp_path / "ray-imported").exists(), "the SLURM path imported ray"
+    assert torchelastic_dirs(tmp_path / "tmp") == []
     slurm = tmp_path / "runs" / "tiny"
     # fine-tunes ran as srun steps on one node each, two tasks at a time on disjoint nodes
     events = [ln.split() for ln in (tmp_path / "srun.log").read_text().splitlines()]
@@ -171,3 +175,38 @@ def test_local_slots_partition_the_gpus_and_the_cores(monkeypatch):
     assert launchers.resolve_launcher(cfg) == "ray"
     cfg.ray.enabled = False
     assert launchers.resolve_launcher(cfg) == "torchrun"
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_s_traceback_lands_in_the_job_s_torchrun_logs(tmp_path, monkeypatch):
+    """A rank's uncaught exception is written by the entry point (``@record``) to torchrun's
+    log directory inside the job's output, not to a fresh ``/tmp/torchelastic_*``."""
+    from cpift_dist import launchers
+    from cpift_dist.config import RunConfig
+
+    entry = tmp_path / "entry.py"  # the entry point, with its loop made to fail
+    entry.write_text("import sys\n"
+                     "import cpift_dist.training.run as R\n"
+                     "def planted(job):\n"
+                     "    raise RuntimeError(f'planted failure in the loop of {job.out.name}')\n"
+                     "R.run = planted\n"
+                     "sys.exit(R.main())\n")
+    monkeypatch.setattr(launchers, "ENTRY", (str(entry),))
+    for k, v in own_tmp(tmp_path / "tmp").items():
+        monkeypatch.setenv(k, v)
+    cfg = RunConfig.model_validate({"base": "b", "tasks": [{"name": "a"}],
+                                    "finetune": {"local_jobs": 1}})
+    cfg.ray.enabled = False
+    out = tmp_path / "job"
+    job = launchers.Job("the probe", ["--model", str(tmp_path), "--out", str(out),
+                                      "--data", f"a={entry}"], out)
+    failed = launchers.run_jobs(cfg, [job], ranks=2, use_gpu=False)
+    assert failed == {"the probe": "torchrun exit 1; rerun to resume from its last checkpoint"}
+    errors = sorted((out / "torchrun").glob("*/attempt_0/*/error.json"))
+    assert [p.parent.name for p in errors] == ["0", "1"]  # one per rank
+    for p in errors:
+        err = json.loads(p.read_text())["message"]
+        assert err["message"] == "RuntimeError: planted failure in the loop of job"
+        stack = err["extraInfo"]["py_callstack"]  # the rank's traceback, down to the failure
+        assert "cpift_dist/training/run.py" in stack and ", in planted" in stack, stack
+    assert torchelastic_dirs(tmp_path / "tmp") == []

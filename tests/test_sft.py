@@ -13,7 +13,7 @@ from cpift_dist.errors import CpiftError
 from cpift_dist.io import Checkpoint
 from cpift_dist.training.sft import (plan_stages, random_split, similarity_split, split_budget,
                                      stage_job)
-from helpers import free_port, run, torchrun_train, write_mask
+from helpers import free_port, own_tmp, run, torchelastic_dirs, torchrun_train, write_mask
 
 BIN = Path(sys.executable).parent
 WHOLE = "model.norm.weight"                          # entirely frozen
@@ -285,12 +285,15 @@ def test_cpift_sft_stages_on_ray_freeze_and_the_baseline_launchers(tmp_path, tra
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "PATH": f"{tmp_path}:{BIN}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n1",
            "SLURM_NNODES": "1", "SLURM_JOB_ID": "9", "NPROC_PER_NODE": "2",
-           "MASTER_PORT": str(free_port())}
+           "MASTER_PORT": str(free_port()), **own_tmp(tmp_path / "tmp")}
     r = run(["bash", str(root / "launch" / "slurm_sft.sbatch"), str(cfg_file),
              "multistage-heuristic", "sft.num_stages=1"], 400, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     heur = cfg.run_dir / "baselines" / "multistage-heuristic" / "stage-1"
     assert json.loads((heur / "manifest.json").read_text())["status"] == "complete"
+    # torchrun's logs in the stage's directory, none in /tmp
+    assert len(list((heur / "torchrun").glob("9-1_*/attempt_0"))) == 1
+    assert torchelastic_dirs(tmp_path / "tmp") == []
     assert "stage 1 (multistage-heuristic): 4 steps" in r.stdout
 
 
