@@ -431,7 +431,8 @@ def s_zero3(work: Path) -> None:
     ngpu = max(1, torch.cuda.device_count())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ngpu),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "cpift_dist.training.run", "--model", str(d / "model"), "--out", str(d / "o"),
+           "--log-dir", str(d / "torchrun"), "-m", "cpift_dist.training.run",
+           "--model", str(d / "model"), "--out", str(d / "o"),
            "--data", f"arithmetic={d / 'suite' / 'arithmetic' / 'train.jsonl'}",
            "--freeze", str(d / "m.safetensors"), "zero_stage=3", "dtype=bf16", "max_steps=8",
            "max_length=320", "micro_batch=4", "lr=3e-3", "weight_decay=0.05", "progress=false"]

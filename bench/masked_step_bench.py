@@ -142,7 +142,8 @@ def main() -> None:
     for stage in (int(s) for s in a.stages.split(",")):
         out = d / f"out-z{stage}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__,
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "--log-dir", str(d / "torchrun"), __file__,
                "--worker", str(model), str(d / "suite" / "arithmetic" / "train.jsonl"),
                ",".join(masks), str(stage), a.dtype, str(a.blocks), str(a.block_steps),
                str(out), str(a.epi)]

@@ -103,7 +103,7 @@ def main() -> None:
     data = str(d / "suite" / "arithmetic" / "train.jsonl")
     common = ["max_length=320", "micro_batch=4", "lr=1e-4", "progress=false", "save_every=100000"]
     tr = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-          "--master_addr", "127.0.0.1"]
+          "--master_addr", "127.0.0.1", "--log-dir", str(d / "torchrun")]  # not /tmp
     res = {}
     for name, stage in (("zero3", 3), ("zero2", 2)):
         out = d / f"out-{name}"
