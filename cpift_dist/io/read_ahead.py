@@ -27,12 +27,15 @@ class ReadAhead:
     the working threads read what they need all the same.
 
     Use as a context manager around the work; leaving it stops the thread (after the ask in
-    flight) and closes a generator of steps."""
+    flight) and closes a generator of steps: steps not yet asked for when the work ends (a
+    read-ahead thread that lagged behind on a busy machine) are never asked for."""
 
     def __init__(self, steps: Iterable[tuple[int, Callable[[], None]]], budget: int):
         self.steps, self.budget = steps, budget
         self._cv = threading.Condition()
         self._begun = 0  # elements the working threads have begun
+        self.asked = 0  # elements of the steps asked for so far
+        self.finished = False  # every step asked for (or the thread stopped)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
 
@@ -43,30 +46,34 @@ class ReadAhead:
     def __exit__(self, *exc) -> None:
         with self._cv:
             self._closed = True
-            self._cv.notify()
+            self._cv.notify_all()
         self._thread.join()
 
     def begin(self, elements: int) -> None:
         """A working thread begins the next ``elements``."""
         with self._cv:
             self._begun += elements
-            self._cv.notify()
+            self._cv.notify_all()
 
     def _run(self) -> None:
         steps = iter(self.steps)
         try:
-            asked = 0  # elements of the steps passed so far
             for elements, ask in steps:
                 with self._cv:
-                    while not self._closed and asked - self._begun >= self.budget:
+                    while not self._closed and self.asked - self._begun >= self.budget:
                         self._cv.wait()
                     if self._closed:
                         return
                 ask()
-                asked += elements
+                with self._cv:
+                    self.asked += elements
+                    self._cv.notify_all()
         except Exception as e:  # noqa: BLE001  a hint: the work reads what it needs anyway
             log.debug("read-ahead stopped: %s", e)
         finally:
+            with self._cv:
+                self.finished = True
+                self._cv.notify_all()
             close = getattr(steps, "close", None)
             if close is not None:
                 close()
