@@ -195,6 +195,56 @@ def test_threads_and_cache_budget_give_the_same_bytes(three, tmp_path):
         assert a["outputs"] == b["outputs"] and a["per_tensor"] == b["per_tensor"], backend
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_the_debug_log_splits_the_tasks_time(three, tmp_path, monkeypatch, caplog, backend):
+    """The line gpu_check prints for fusion on many cores: the tasks' time summed over the
+    threads, split into the compiled loops (or kernels), separate reads, writes and the rest
+    (the tasks' own Python, waits for the GIL and for locks). Planted 5 ms waits in each write,
+    loop and read call land in their own shares; the shares add up to no more than the tasks'
+    time, and that to no more than the threads' time."""
+    import logging
+    import re
+    import sys
+    import threading
+    import time
+
+    mod = sys.modules["cpift_dist.fusion.fuse"]
+    planted = {"loops": 0, "reads": 0, "writes": 0}
+
+    def slowed(fn, what):
+        def call(*args, **kwargs):
+            if threading.current_thread().name.startswith("fuse-"):  # in the tasks
+                planted[what] += 1
+                time.sleep(0.005)
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(PositionalWriter, "_pwrite", slowed(PositionalWriter._pwrite, "writes"))
+    if backend == "numba":  # runs: two compiled calls each, reading their own inputs
+        for name in ("gram_run", "apply_run"):
+            monkeypatch.setattr(mod.fused, name, slowed(getattr(mod.fused, name), "loops"))
+    else:  # a chunk at a time: read into a buffer, then the torch passes
+        for name in ("gram_torch", "apply_torch"):
+            monkeypatch.setattr(mod, name, slowed(getattr(mod, name), "loops"))
+        monkeypatch.setattr(mod._ShardFuser, "_read", slowed(mod._ShardFuser._read, "reads"))
+    caplog.set_level(logging.DEBUG, logger="cpift_dist.fusion.fuse")
+    fuse(three["base"], three["tuned"], three["masks"], tmp_path / "out",
+         FusionConfig(**FAST, space="weights", backend=backend), InProcessExecutor(2),
+         progress=False)
+    msgs = [r.getMessage() for r in caplog.records]
+    [work] = [float(m.group(1)) for x in msgs if (m := re.search(r"work (\d+\.\d\d) s", x))]
+    [line] = [x for x in msgs if x.startswith("fuse tasks: ")]
+    m = re.fullmatch(r"fuse tasks: (\S+) s on 2 thread\(s\) \(\d+% of the work's time\): "
+                     r"compiled loops and kernels (\S+) s, reads (\S+) s, writes (\S+) s, the "
+                     r"rest \(Python, waits for the GIL and for locks\) (\S+) s", line)
+    busy, loops, reads, writes, rest = map(float, m.groups())
+    assert planted["loops"] and planted["writes"] and (planted["reads"] or backend == "numba")
+    for share, what in ((loops, "loops"), (reads, "reads"), (writes, "writes")):
+        assert share >= 0.005 * planted[what] - 0.01, (what, share, planted)
+    assert rest >= -0.01 and loops + reads + writes <= busy + 0.02
+    assert busy <= 2 * work + 0.02
+
+
 @pytest.mark.parametrize("space,threads", [("task-vectors", 1), ("weights", 2)])
 def test_cold_inputs_are_asked_ahead_by_one_thread_and_fuse_the_same(three, tmp_path,
                                                                      monkeypatch, space,

@@ -19,7 +19,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +123,7 @@ class _Scheduler:
         self._pending = 0
         self._done = threading.Event()
         self._error: BaseException | None = None
+        self.busy = 0.0  # seconds the threads spent in tasks, summed over threads
 
     def submit(self, priority: int, fn, *args) -> None:
         with self._lock:
@@ -135,6 +136,7 @@ class _Scheduler:
                 _, _, fn, args = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
+            t0 = time.perf_counter()
             try:
                 if self._error is None:
                     fn(*args)
@@ -143,6 +145,7 @@ class _Scheduler:
                     self._error = self._error or e
                 self._done.set()
             with self._lock:
+                self.busy += time.perf_counter() - t0
                 self._pending -= 1
                 if self._pending == 0:
                     self._done.set()
@@ -263,6 +266,24 @@ class _Shared:
         self.bar = bar  # progress in output bytes, or None
         self.order: list = []  # cold inputs: (fuser, chunk) in first-read order
         self.ahead: ReadAhead | None = None  # asks the kernel for them, while the work runs
+        self.spent = dict.fromkeys(SPENT, 0.0)  # seconds by what the tasks did (:meth:`timed`)
+
+    @contextmanager
+    def timed(self, what: str):
+        """Adds the block's time to ``spent[what]`` (summed over threads; debug log)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            with self.lock:
+                self.spent[what] += dt
+
+
+SPENT = ("loops", "reads", "writes")
+"""What the fusion's tasks spend their time on, apart from their own Python: the compiled loops
+or kernels (with, in runs, the reads they make themselves, and on CUDA the waits for the
+device), separate reads (maps, buffers, copies to the device), and writes."""
 
 
 class _ShardFuser:
@@ -432,7 +453,8 @@ class _ShardFuser:
 
     def _load(self, c: Chunk):
         """The chunk's inputs: see :meth:`_map` (the numba loops) and :meth:`_read`."""
-        return self._map(c) if self.maps else self._read(c)
+        with self.shared.timed("reads"):
+            return self._map(c) if self.maps else self._read(c)
 
     def _masks(self, c: Chunk) -> np.ndarray:
         """The tasks' packed mask bytes of the chunk, ``[N, bytes]``."""
@@ -491,22 +513,25 @@ class _ShardFuser:
                 None, pd)
 
     def _copy_base(self, name: str) -> None:
-        self.writer.write(name, self._readers()[0][0].read(name))
+        data = self._readers()[0][0].read(name)
+        with self.shared.timed("writes"):
+            self.writer.write(name, data)
 
     # -- passes -----------------------------------------------------------------------------
     def _gram(self, c: Chunk, data, segments: int) -> np.ndarray:
         b, x, p, _, pd = data
         segs = c.row_stop - c.row_start if segments > 1 else 1
-        if self.backend == "numba":
-            return fused.gram_chunk(b, x, p, segs, self.tv)
-        with torch.cuda.stream(self._stream()) if self.cuda else nullcontext():
-            if self.kernels is not None:
-                g = self.kernels.gram(x, b, pd if pd is not None else torch.from_numpy(p), segs,
-                                      self.tv)
-            else:
-                union = unpack_mask(np.bitwise_or.reduce(p, axis=0), c.numel)
-                g = gram_torch(x, b, torch.from_numpy(union).to(self.device), segs, self.tv)
-            return g.cpu().numpy()  # on CUDA: waits for this thread's stream only
+        with self.shared.timed("loops"):
+            if self.backend == "numba":
+                return fused.gram_chunk(b, x, p, segs, self.tv)
+            with torch.cuda.stream(self._stream()) if self.cuda else nullcontext():
+                if self.kernels is not None:
+                    g = self.kernels.gram(x, b, pd if pd is not None else torch.from_numpy(p),
+                                          segs, self.tv)
+                else:
+                    union = unpack_mask(np.bitwise_or.reduce(p, axis=0), c.numel)
+                    g = gram_torch(x, b, torch.from_numpy(union).to(self.device), segs, self.tv)
+                return g.cpu().numpy()  # on CUDA: waits for this thread's stream only
 
     def _apply(self, c: Chunk, data, coef: np.ndarray) -> None:
         """Fuses, writes and counts the chunk; releases its buffer. On CUDA the result comes
@@ -517,11 +542,13 @@ class _ShardFuser:
         nbytes = c.numel * dtype.itemsize
         if self.backend == "numba":
             out = self._buffer(c.numel * (2 if dtype == torch.bfloat16 else 4))
-            res, union, multi = fused.apply_chunk(b, x, p, coef, self.tv, self.ctx.cfg.overlap,
-                                                  dtype, out)
+            with self.shared.timed("loops"):
+                res, union, multi = fused.apply_chunk(b, x, p, coef, self.tv,
+                                                      self.ctx.cfg.overlap, dtype, out)
         else:
             cf = torch.from_numpy(coef)
-            with torch.cuda.stream(self._stream()) if self.cuda else nullcontext():
+            with torch.cuda.stream(self._stream()) if self.cuda else nullcontext(), \
+                    self.shared.timed("loops"):
                 if self.kernels is not None:
                     res = self.kernels.apply(x, b, pd if pd is not None else torch.from_numpy(p),
                                              cf, self.tv, self.ctx.cfg.overlap, dtype)
@@ -535,7 +562,8 @@ class _ShardFuser:
                     self._stream().synchronize()
                     res = host
             union, multi = _core_counts(p)
-        self.writer.write(c.name, res, c.flat_start * dtype.itemsize)
+        with self.shared.timed("writes"):
+            self.writer.write(c.name, res, c.flat_start * dtype.itemsize)
         self._release(buf)
         if out is not None:
             self._release(out)
@@ -599,9 +627,10 @@ class _ShardFuser:
         n_tasks = len(self.tasks)
         r.grams = np.zeros((int(r.goff[-1]), n_tasks, n_tasks))
         short = np.full(2, -1, np.int64)
-        fused.gram_run(r.fds, r.starts, r.nbytes, r.boff, r.mfds, r.mstarts, r.mbytes, r.poff,
-                       r.buf, r.packed, r.like, r.bf16, self.tv, r.seg_len, r.goff, r.grams,
-                       r.based, short)
+        with self.shared.timed("loops"):
+            fused.gram_run(r.fds, r.starts, r.nbytes, r.boff, r.mfds, r.mstarts, r.mbytes,
+                           r.poff, r.buf, r.packed, r.like, r.bf16, self.tv, r.seg_len, r.goff,
+                           r.grams, r.based, short)
         if short[0] >= 0:
             self._name_short(r.chunks[short[0]], bool(short[1]))
         return r
@@ -613,16 +642,19 @@ class _ShardFuser:
         counts."""
         counts = np.zeros((len(r.chunks), 2), np.int64)
         short = np.full(2, -1, np.int64)
-        fused.apply_run(read, r.fds, r.starts, r.nbytes, r.boff, r.mfds, r.mstarts, r.mbytes,
-                        r.poff, r.buf, r.packed, r.like, r.bf16, self.tv,
-                        np.ascontiguousarray(coef, dtype=np.float32), r.seg_len, r.goff,
-                        self.ctx.cfg.overlap == "max-magnitude", r.based, r.out, counts, short)
+        coef32 = np.ascontiguousarray(coef, dtype=np.float32)
+        with self.shared.timed("loops"):
+            fused.apply_run(read, r.fds, r.starts, r.nbytes, r.boff, r.mfds, r.mstarts,
+                            r.mbytes, r.poff, r.buf, r.packed, r.like, r.bf16, self.tv, coef32,
+                            r.seg_len, r.goff, self.ctx.cfg.overlap == "max-magnitude",
+                            r.based, r.out, counts, short)
         if short[0] >= 0:
             self._name_short(r.chunks[short[0]], bool(short[1]))
         total = int(r.nbytes.sum())
         first = r.chunks[0]
-        self.writer.write_range(self.writer.offsets[first.name]
-                                + first.flat_start * r.dtype.itemsize, r.out[:total])
+        with self.shared.timed("writes"):
+            self.writer.write_range(self.writer.offsets[first.name]
+                                    + first.flat_start * r.dtype.itemsize, r.out[:total])
         with self.lock:
             for c, (union, multi) in zip(r.chunks, counts.tolist()):
                 self.counts[c.name][0] += union
@@ -762,6 +794,14 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict
                             "device": fuser.device, "backend": fuser.backend})
             _log.debug("fuse %d shard(s): set-up %.2f s, work %.2f s, then hashes %.2f s",
                        len(shards), t0 - t_start, t1 - t0, time.perf_counter() - t1)
+            busy, spent = shared.sched.busy, shared.spent
+            _log.debug("fuse tasks: %.2f s on %d thread(s) (%.0f%% of the work's time): "
+                       "compiled loops and kernels %.2f s, reads %.2f s, writes %.2f s, the "
+                       "rest (Python, waits for the GIL and for locks) %.2f s", busy,
+                       shared.sched.threads,
+                       100 * busy / max(1e-9, (t1 - t0) * shared.sched.threads),
+                       spent["loops"], spent["reads"], spent["writes"],
+                       busy - sum(spent.values()))
     except BaseException:
         for w in writers:
             w.abort()
