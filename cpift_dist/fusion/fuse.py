@@ -121,7 +121,6 @@ class _Scheduler:
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._pending = 0
-        self._done = threading.Event()
         self._error: BaseException | None = None
         self.busy = 0.0  # seconds the threads spent in tasks, summed over threads
 
@@ -131,11 +130,13 @@ class _Scheduler:
         self._queue.put((priority, next(self._seq), fn, args))
 
     def _worker(self) -> None:
-        while not self._done.is_set():
-            try:
-                _, _, fn, args = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
+        """Runs tasks until a stop item arrives: one per thread, queued as the last task ends
+        (threads that polled for it with a timeout instead ended up to the timeout later:
+        0.1 s at the end of every fusion). After an error the queued tasks are dropped."""
+        while True:
+            _, _, fn, args = self._queue.get()
+            if fn is None:
+                return
             t0 = time.perf_counter()
             try:
                 if self._error is None:
@@ -143,12 +144,13 @@ class _Scheduler:
             except BaseException as e:
                 with self._lock:
                     self._error = self._error or e
-                self._done.set()
             with self._lock:
                 self.busy += time.perf_counter() - t0
                 self._pending -= 1
-                if self._pending == 0:
-                    self._done.set()
+                last = self._pending == 0
+            if last:
+                for _ in range(self.threads):
+                    self._queue.put((_STOP, next(self._seq), None, ()))
 
     def run(self) -> None:
         """Runs until every task (including those submitted on the way) is done."""
@@ -164,7 +166,8 @@ class _Scheduler:
             raise self._error
 
 
-_APPLY, _GRAM = 0, 1  # task priorities: finish started tensors first
+_STOP, _APPLY, _GRAM = -1, 0, 1  # priorities: the workers' stop items (queued when no
+# task is left), then finish started tensors first
 _RUN_DTYPES = (torch.bfloat16, torch.float32)  # what the compiled runs read as is
 GROUP_CHUNKS = 8
 """Chunks of a multi-chunk tensor per task of each pass in runs (``read: pread``): read one
