@@ -10,12 +10,11 @@ Sections, in order (``--only`` picks some; each runs even if an earlier one fail
   build      a Llama-shaped 1.1B bf16 base + 3 tuned checkpoints (hidden 2048, 22 layers,
              intermediate 5632, vocab 32000, untied), generated on the GPU
   analyze    `cpift analyze` of the 3 tasks (p 1%) on 1 thread and on every core, against a
-             raw read of the 4 checkpoints (page cache); with py-spy installed, how long the
-             run on every core holds the GIL (what no number of threads can shorten)
+             raw read of the 4 checkpoints (page cache)
   fuse       `cpift fuse` of a pair (empty masks, weights, omega 0.5) and of the 3 tasks with
              their masks: CUDA (Triton) vs CPU (numba, every core) vs `mergekit-yaml --cuda`
-             (pair), elements that differ between them; with py-spy, the GIL held by the
-             pair's fusion on every core, CUDA and CPU
+             (pair), elements that differ between them; each run's phases, and the
+             fusion's tasks' time split into loops or kernels, reads, writes and the rest
   writes     bench/write_bench.py in --work: 2 GiB written in 8 MiB blocks by 1 thread, by
              every core into one file (as the fuser's threads write one shard), into one
              file each, and into a shared map of one file
@@ -128,67 +127,17 @@ def py_spy() -> str | None:
     return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
 
 
-def child(kind: str, *args, timeout: float = 300, profile: Path | None = None,
-          gil: bool = False) -> dict:
+def child(kind: str, *args, timeout: float = 300, profile: Path | None = None) -> dict:
     """One measurement in a fresh process; under py-spy (every thread, idle samples too,
-    collapsed stacks into ``profile``) when given; with ``gil``, only the samples of the thread
-    that holds the GIL (:func:`gil_held`)."""
+    collapsed stacks into ``profile``) when given."""
     cmd = [sys.executable, __file__, "--measure", kind, json.dumps(args)]
     if profile:
         cmd = [py_spy() or "py-spy", "record", "-r", str(SPY_RATE), "--threads",
-               "--gil" if gil else "--idle", "-f", "raw", "-o", str(profile), "--", *cmd]
+               "--idle", "-f", "raw", "-o", str(profile), "--", *cmd]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode:
         raise RuntimeError(f"{kind} failed:\n{r.stderr[-3000:]}")
     return json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][-1])
-
-
-MEASURED = (("analyze (", "analysis/analyze.py:"), ("warm (", "analysis/fused.py:"),
-            ("fuse (", "fusion/fuse.py:"))  # the calls m_analyze and m_fuse time
-WAITS = ("Condition.wait (", "Event.wait (", "Thread.join (", "_wait_for_tstate_lock (")
-
-
-def gil_held(raw: Path, seconds: float, rate: int = SPY_RATE) -> str:
-    """How long the measured call held the GIL, from a ``py-spy record --gil --threads -f raw``
-    profile of a :func:`child`: the main thread's samples within the timed calls
-    (:data:`MEASURED`; imports and set-up left out), and every other thread's (they run only
-    within them). No number of threads brings the call below that time: ``seconds`` / held
-    bounds the speed-up that more threads (on more cores) could give over the measured run."""
-    from collections import Counter
-
-    who: Counter = Counter()
-    where: Counter = Counter()
-    samples = [(stack.split(";"), int(n)) for stack, _, n in
-               (line.rpartition(" ") for line in raw.read_text().splitlines())]
-    # the script's thread: its stacks start at the script's module (py-spy labels it
-    # "thread (ID): MainThread" or, early on, "thread (ID)")
-    ids = {f[0].partition(":")[0] for f, _ in samples if len(f) > 1 and f[1].startswith("<module> (")}
-    for frames, n in samples:
-        main = frames[0].partition(":")[0] in ids
-        if main and not any(f.startswith(a) and b in f for f in frames for a, b in MEASURED):
-            continue  # imports, set-up, the collector at exit
-        if frames[-1].startswith(WAITS):
-            continue  # blocked (the GIL released), though py-spy may still name the thread
-        who["the driver" if main else "the other threads"] += n
-        leaf = next((f for f in reversed(frames) if "cpift_dist" in f), frames[-1])
-        where[leaf] += n
-    held = sum(who.values()) / rate
-    top = ", ".join(f"{f} {n / rate * 1000:.0f} ms" for f, n in where.most_common(3))
-    parts = ", ".join(f"{k} {n / rate:.2f} s" for k, n in sorted(who.items()))
-    return (f"held {held:.2f} s of {seconds:.2f} s ({held / seconds:.0%}; {parts}): more "
-            f"threads gain at most {seconds / max(held, 1e-9):.1f}x; longest: {top}")
-
-
-def gil_row(section: str, what: str, work: Path, kind: str, *args) -> None:
-    """A row with :func:`gil_held` of one more run of ``kind`` (``args`` as :func:`child`'s),
-    when py-spy is installed; the profile stays in --out (else in ``work``)."""
-    if not py_spy():
-        row(section, f"{what}: GIL", "not measured: py-spy is not installed")
-        return
-    name = "gil-" + "".join(c if c.isalnum() else "-" for c in what) + ".txt"
-    prof = (OUT or work) / name
-    r = child(kind, *args, profile=prof, gil=True)
-    row(section, f"{what}: GIL", gil_held(prof, r["seconds"]))
 
 
 # ---- sections ------------------------------------------------------------------------------
@@ -327,9 +276,6 @@ def s_analyze(work: Path) -> None:
     a, b = work / "an-1" / "masks", work / f"an-{os.cpu_count()}" / "masks"
     same = all((a / f.name).read_bytes() == f.read_bytes() for f in b.glob("*.safetensors"))
     row("analyze", "masks on 1 thread == on every core", "byte-identical" if same else "DIFFER")
-    # does Python bind on every core? (the driver's serial work, the units' own Python)
-    gil_row("analyze", f"3 tasks, {cores} threads", work, "analyze", paths["base"], tuned,
-            str(work / f"an-gil-{cores}"), cores)
     # the full passes' reads: chunks copied into per-thread buffers (the default since
     # 0724c62, measured on 2 cores only) against the files' maps with 4M-element chunks (the
     # way before), and the buffered reads on other chunk sizes, on 1 thread and every core
@@ -412,11 +358,6 @@ def s_fuse(work: Path) -> None:
             row("fuse", f"{label}, {device} ({r['backend']}, {cores} threads)",
                 f"{r['seconds']:6.2f} s" + (f" = {r['seconds'] / raw['seconds']:.1f}x the raw read"
                                             if label == "pair" else ""))
-        if label == "pair":  # does Python bind either path on every core?
-            for device in ("cuda", "cpu"):
-                gil_row("fuse", f"pair, {device}, {cores} threads", work, "fuse",
-                        paths["base"], tuned, str(masks), str(work / f"fuse-gil-{device}"),
-                        device, space, omega, cores)
         d, t = _differ(work / f"fuse-{label.replace(' ', '')}-cuda",
                        work / f"fuse-{label.replace(' ', '')}-cpu")
         row("fuse", f"{label}: CUDA vs CPU output", f"{d:,} of {t:,} elements differ; CUDA "
