@@ -516,7 +516,8 @@ class _ShardFuser:
                 None, pd)
 
     def _copy_base(self, name: str) -> None:
-        data = self._readers()[0][0].read(name)
+        with self.shared.timed("reads"):
+            data = self._readers()[0][0].read(name)
         with self.shared.timed("writes"):
             self.writer.write(name, data)
 
