@@ -159,7 +159,7 @@ def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str,
                   executor=ex, overwrite=True, progress=False)
     dt = time.perf_counter() - t0
     out_d = {"seconds": dt, "start": t_loops - t0, "k": next(iter(res.stats.values()))["k"],
-             "phases": phases[-1] if phases else "",
+             "phases": "; ".join(phases),
              "methods": sorted({g["method"] for s in res.stats.values()
                                 for g in s["groups"].values()})}
     if executor == "ray":

@@ -561,6 +561,53 @@ def test_the_sample_is_spread_over_the_rows(tmp_path):
         assert torch.equal(m.read(name), oracle[name]), name
 
 
+def test_the_debug_log_splits_the_units_time(models, tmp_path, monkeypatch, caplog):
+    """The units' line of the debug log (in-process): their time summed over the threads,
+    split into the compiled loops, separate reads and the rest (their own Python, waits for
+    the GIL and for locks, mask writes). Planted 5 ms waits in each compiled loop and each read
+    of the sample's rows that the units make land in their own shares, which add up to no
+    more than the units' time, and that to no more than the threads' time."""
+    import logging
+    import re
+    import sys
+    import threading
+    import time
+
+    from cpift_dist.analysis import fused
+    from cpift_dist.io.checkpoint import CheckpointReader
+
+    planted = {"loops": 0, "reads": 0}
+
+    def slowed(fn, what):
+        def call(*args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():  # in the units
+                planted[what] += 1
+                time.sleep(0.005)
+            return fn(*args, **kwargs)
+        return call
+
+    for name in ("high_histograms", "window", "window_run"):
+        monkeypatch.setattr(fused, name, slowed(getattr(fused, name), "loops"))
+    monkeypatch.setattr(CheckpointReader, "gather_rows",
+                        slowed(CheckpointReader.gather_rows, "reads"))
+    caplog.set_level(logging.DEBUG, logger="cpift_dist.analysis.analyze")
+    t0 = time.perf_counter()
+    sys.modules["cpift_dist.analysis.analyze"].analyze(
+        models["base"], {"a": models["a"], "b": models["b"]}, tmp_path / "out",
+        AnalysisConfig(p=0.02, **SMALL), executor=InProcessExecutor(2), progress=False)
+    elapsed = time.perf_counter() - t0
+    [line] = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("analyze units: ")]
+    m = re.fullmatch(r"analyze units: (\S+) s on 2 thread\(s\): compiled loops (\S+) s, reads "
+                     r"(\S+) s, the rest \(Python, waits for the GIL and for locks, mask "
+                     r"writes\) (\S+) s", line)
+    units, loops, reads, rest = map(float, m.groups())
+    assert planted["loops"] and planted["reads"]
+    assert loops >= 0.005 * planted["loops"] - 0.01, (loops, planted)
+    assert reads >= 0.005 * planted["reads"] - 0.01, (reads, planted)
+    assert rest >= -0.01 and loops + reads <= units + 0.02 and units <= 2 * elapsed + 0.02
+
+
 def test_the_debug_log_times_the_phases_and_the_drivers_own_work(models, tmp_path,
                                                                    monkeypatch, caplog):
     """The debug line that gpu_check prints: each phase's time, and the driver's own work in

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from cpift_dist.analysis.plan import Unit, plan_units
 from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, Selection, add_sparse,
                                               resolve_high, resolve_low, sample_window,
                                               resolve_window)
+from cpift_dist.analysis import scan as scan_module
 from cpift_dist.analysis.scan import (ScanContext, WindowResult, pass_read_ahead, reading_ahead,
                                       scan_high, scan_mask, scan_sample, scan_window)
 from cpift_dist.analysis.stats import task_stats
@@ -105,6 +107,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
     fused.warm({np.uint16 if p.dtype == torch.bfloat16 else np.float32 for p in params})
     marks.append(("numba's loops", time.perf_counter()))
     bar = _Bars(progress, len(units))
+    spent0 = dict(scan_module.SPENT)
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "masks").mkdir()
@@ -117,7 +120,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
         plan = {}
         if cfg.sample_every > 1 and active:
             hist = {key: np.zeros(HIGH_BINS, np.int64) for key in active}
-            for _, res in bar(executor.map(scan_sample, ctx,
+            for _, res in bar(executor.map(bar.timed(scan_sample, executor), ctx,
                                            [(u, cfg.sample_every) for u in units]), "sample"):
                 for key, sparse in res.items():
                     add_sparse(hist[key], sparse)
@@ -140,7 +143,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
         rest = active - done
         if rest:
             high = {key: np.zeros(HIGH_BINS, np.int64) for key in rest}
-            with _in_process(scan_high, units, ctx, executor) as scan:
+            with _in_process(scan_high, units, ctx, executor, bar) as scan:
                 for _, res in bar(executor.map(scan, ctx, [(u, frozenset(rest)) for u in units]),
                                   "radix histogram"):
                     for key, sparse in res.items():
@@ -161,7 +164,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
             if hist_keys:  # the bin was too large to collect: a third pass
                 plans = _tie_quotas(sels, hist_keys, unit_low, len(units))
                 todo = [i for i in range(len(units)) if plans[i]]
-                with _in_process(scan_mask, [units[i] for i in todo], ctx, executor,
+                with _in_process(scan_mask, [units[i] for i in todo], ctx, executor, bar,
                                  writers) as scan:
                     for j, res in bar(executor.map(scan, ctx,
                                                    [(units[i], plans[i]) for i in todo]),
@@ -208,6 +211,12 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
                "after): %s", len(units), ", ".join(
                    f"{name} {t - marks[i][1]:.2f} s" for i, (name, t) in enumerate(marks[1:])),
                ", ".join(f"{name} {t:.2f} s" for name, t in bar.driver.items()))
+    if isinstance(executor, InProcessExecutor):
+        spent = {k: v - spent0[k] for k, v in scan_module.SPENT.items()}
+        _log.debug("analyze units: %.2f s on %d thread(s): compiled loops %.2f s, reads "
+                   "%.2f s, the rest (Python, waits for the GIL and for locks, mask writes) "
+                   "%.2f s", bar.units, executor.parallelism(), spent["loops"],
+                   spent["reads"], bar.units - sum(spent.values()))
     return AnalysisResult(out, stats, overlap)
 
 
@@ -322,6 +331,24 @@ class _Bars:
     def __init__(self, progress: bool, n_units: int):
         self.progress, self.n_units = progress, n_units
         self.driver: dict[str, float] = defaultdict(float)
+        self.units = 0.0  # in this process: the units' time, summed over threads
+        self.lock = threading.Lock()
+
+    def timed(self, scan, executor):
+        """``scan`` adding each unit's time to :attr:`units` where the units run in this
+        process (as is, for Ray's workers)."""
+        if not isinstance(executor, InProcessExecutor):
+            return scan
+
+        @functools.wraps(scan)
+        def run(*args):
+            t0 = time.perf_counter()
+            try:
+                return scan(*args)
+            finally:
+                with self.lock:
+                    self.units += time.perf_counter() - t0
+        return run
 
     def __call__(self, it, desc, total=None):
         for res in tqdm(it, total=total or self.n_units, desc=f"analyze {desc}", unit="unit",
@@ -338,7 +365,7 @@ def _write_packed(writers: dict[str, MaskWriter], unit: Unit, packed: dict) -> N
 
 
 @contextmanager
-def _in_process(scan, units: list[Unit], ctx, executor, writers=None):
+def _in_process(scan, units: list[Unit], ctx, executor, bar: _Bars, writers=None):
     """``scan`` as ``executor.map`` should run it over ``units`` (a full pass, in their order).
 
     In this process, a wrapper that:
@@ -353,7 +380,8 @@ def _in_process(scan, units: list[Unit], ctx, executor, writers=None):
       in the window pass, 0.00 s with this, the whole run unchanged; projected for 1.1B:
       0.16-0.3 s, against a window pass at I/O speed on 16 threads of 0.2-0.4 s). Units write
       distinct byte ranges (chunks start at multiples of 8 elements) with ``pwrite``, which
-      releases the GIL; the winners' bits are set after the pass."""
+      releases the GIL; the winners' bits are set after the pass;
+    - adds each unit's time to ``bar.units`` (the debug log's split of it)."""
     if not isinstance(executor, InProcessExecutor):
         yield scan
         return
@@ -368,7 +396,7 @@ def _in_process(scan, units: list[Unit], ctx, executor, writers=None):
                 packed.clear()
             return res
 
-        yield run
+        yield bar.timed(run, executor)
 
 
 def _window_pass(plan: dict, units: list[Unit], ctx, executor, writers, sels, bar, desc):
@@ -377,7 +405,7 @@ def _window_pass(plan: dict, units: list[Unit], ctx, executor, writers, sels, ba
     items: dict = defaultdict(dict)
     above: dict = defaultdict(int)
     unit_low: dict = defaultdict(dict)
-    with _in_process(scan_window, units, ctx, executor, writers) as scan:
+    with _in_process(scan_window, units, ctx, executor, bar, writers) as scan:
         for i, res in bar(executor.map(scan, ctx, [(u, plan) for u in units]), desc):
             _write_packed(writers, units[i], res.packed)  # Ray's results bring their bytes
             for key, n in res.above.items():

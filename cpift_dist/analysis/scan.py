@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -24,6 +25,24 @@ from cpift_dist.analysis.radix_select import HIGH_BINS, LOW_BINS, NONFINITE_BIN
 from cpift_dist.errors import CheckpointError
 from cpift_dist.io.checkpoint import Checkpoint, drop_mapped, read_chunk, row_spans
 from cpift_dist.io.read_ahead import ReadAhead
+
+SPENT = {"loops": 0.0, "reads": 0.0}
+"""In this process, summed over threads: seconds in the compiled loops (with, in runs, the reads
+they make themselves) and in separate reads of chunks (buffers, the sample's rows): the
+analysis's debug log gives them against the units' time; the rest is their own Python and
+their waits for the GIL."""
+_SPENT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _timed(what: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        dt = time.perf_counter() - t0
+        with _SPENT_LOCK:
+            SPENT[what] += dt
 
 Key = tuple[str, str]  # (task, selection group)
 Sparse = tuple[np.ndarray, np.ndarray]
@@ -144,8 +163,9 @@ def _chunks(ctx: ScanContext, unit: Unit):
                 ahead += 1
             dtype = base.info(c.name).dtype
             if pread:
-                raw = read_chunk(every, c.name, c.row_start, c.row_stop,
-                                 _buffer(c.numel * dtype.itemsize * len(every)))
+                with _timed("reads"):
+                    raw = read_chunk(every, c.name, c.row_start, c.row_stop,
+                                     _buffer(c.numel * dtype.itemsize * len(every)))
             else:
                 raw = [r.map_rows(c.name, c.row_start, c.row_stop) for r in every]
             b, *ts = (kernel_view(x, dtype) for x in raw)
@@ -246,8 +266,9 @@ def _sample_runs(ctx: ScanContext, unit: Unit, sample_every: int):
         need = max(run[3] * run[1].itemsize for run in runs)
         bufs = [np.empty(need, np.uint8) for _ in (rb, *readers)]
         for group, dtype, parts, _ in runs:
-            b, *ts = (kernel_view(r.gather_rows(parts, buf), dtype)
-                      for r, buf in zip((rb, *readers), bufs))
+            with _timed("reads"):
+                b, *ts = [kernel_view(r.gather_rows(parts, buf), dtype)
+                          for r, buf in zip((rb, *readers), bufs)]
             yield group, b, ts, dtype == torch.bfloat16
 
 
@@ -307,7 +328,8 @@ def _histograms(ctx: ScanContext, unit: Unit, keys, sample_every: int) -> dict[K
             hist = acc[group] = np.zeros((n_pad, HIGH_BINS), np.int64)
         for g0, grp in _groups(b, ts):
             g1 = g0 + fused.GROUP
-            fused.high_histograms(b, grp, bf16, active[g0:g1], hist[g0:g1])
+            with _timed("loops"):
+                fused.high_histograms(b, grp, bf16, active[g0:g1], hist[g0:g1])
     if ctx.check_finite:  # once per unit: per chunk, the sums cost 6% of the sample pass's GIL
         bad = {k for h in acc.values() for k in np.flatnonzero(h[:, NONFINITE_BIN:].any(axis=1))}
         if bad:
@@ -377,9 +399,10 @@ def scan_window(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> WindowR
             found = []
             for g0, group in groups:
                 g1 = g0 + fused.GROUP
-                c_task, c_idx, c_bits = fused.window(b, group, bf16, win[g0:g1], lo[g0:g1],
-                                                     hi[g0:g1], packed[g0:g1], above[g0:g1],
-                                                     bad[g0:g1])
+                with _timed("loops"):
+                    c_task, c_idx, c_bits = fused.window(b, group, bf16, win[g0:g1],
+                                                         lo[g0:g1], hi[g0:g1], packed[g0:g1],
+                                                         above[g0:g1], bad[g0:g1])
                 found.append((c_task + g0, c_idx, c_bits))
             c_task, c_idx, c_bits = (found[0] if len(found) == 1 else
                                      (np.concatenate(x) for x in zip(*found)))
@@ -401,7 +424,9 @@ def scan_window(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> WindowR
                 acc = low_acc[c.group] = np.zeros((n_pad, LOW_BINS), np.int64)
             for g0, group in groups:
                 g1 = g0 + fused.GROUP
-                fused.low_histograms(b, group, bf16, hist[g0:g1], high[g0:g1], acc[g0:g1])
+                with _timed("loops"):
+                    fused.low_histograms(b, group, bf16, hist[g0:g1], high[g0:g1],
+                                         acc[g0:g1])
     res.low_hist = {(t, g): _to_sparse(h[k]) for g, h in low_acc.items()
                     for k, t in enumerate(tasks)
                     if plan.get((t, g), (None,))[0] == "histogram"}
@@ -458,9 +483,11 @@ def _window_runs(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> Window
             above = np.zeros(n_pad, np.int64)
             bad = np.zeros(n_pad, np.bool_)
             short = np.full(1, -1, np.int64)
-            c_ci, c_task, c_idx, c_bits = fused.window_run(
-                fds, starts, nbytes, _buffer(int(nbytes.max()) * len(every)), _KINDS[dtype],
-                dtype == torch.bfloat16, win, lo, hi, packed, poff, above, bad, short)
+            buf = _buffer(int(nbytes.max()) * len(every))
+            with _timed("loops"):
+                c_ci, c_task, c_idx, c_bits = fused.window_run(
+                    fds, starts, nbytes, buf, _KINDS[dtype], dtype == torch.bfloat16, win, lo,
+                    hi, packed, poff, above, bad, short)
             if short[0] >= 0:  # names the file that came short
                 c = chunks[int(short[0])]
                 read_chunk(every, c.name, c.row_start, c.row_stop,
@@ -517,8 +544,9 @@ def scan_mask(ctx: ScanContext, unit: Unit,
         packed = np.zeros((n_pad, (c.numel + 7) // 8), np.uint8)
         for g0, group in _groups(b, ts):
             g1 = g0 + fused.GROUP
-            fused.threshold_masks(b, group, bf16, active[g0:g1], thr[g0:g1], quota[g0:g1],
-                                  took[g0:g1], packed[g0:g1])
+            with _timed("loops"):
+                fused.threshold_masks(b, group, bf16, active[g0:g1], thr[g0:g1], quota[g0:g1],
+                                      took[g0:g1], packed[g0:g1])
         for k in np.flatnonzero(active):
             taken[keys[k]] = int(took[k])
             out[(tasks[k], ci)] = packed[k]
