@@ -251,15 +251,17 @@ def listening_beyond_loopback(procs) -> tuple[set[str], dict[str, list[str]]]:
 
 def own_tmp(d: Path) -> dict[str, str]:
     """``TMPDIR`` for the processes a test starts: ``d`` (created), to look into afterwards
-    with :func:`torchelastic_dirs`."""
+    with :func:`left_in_tmp`."""
     d.mkdir(parents=True, exist_ok=True)
     return {"TMPDIR": str(d)}
 
 
-def torchelastic_dirs(d: Path) -> list[str]:
-    """What torchrun left in the temporary directory ``d``: a ``torchelastic_*`` directory per
-    launch that had no ``--log-dir`` (every launch of this project passes one)."""
-    return sorted(p.name for p in d.glob("torchelastic_*"))
+def left_in_tmp(d: Path) -> list[str]:
+    """What processes left behind in the temporary directory ``d``: a ``torchelastic_*``
+    directory per torchrun launch that had no ``--log-dir`` (every launch of this project
+    passes one), a ``pymp-*`` directory per Python process using ``multiprocessing`` (e.g.
+    Ray's dashboard) that was killed before its exit handlers ran."""
+    return sorted(p.name for pat in ("torchelastic_*", "pymp-*") for p in d.glob(pat))
 
 
 def slurm_standins(bindir: Path, hosts: list[str], log: Path | None = None) -> dict[str, str]:

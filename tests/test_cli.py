@@ -38,12 +38,19 @@ def test_exit_status_and_ray_job_entry(models, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_analyze_joins_a_running_cluster_by_address(models, tmp_path):
-    """A separately started 2-node Ray cluster on 127.0.0.1, joined with --address."""
+def test_analyze_joins_a_running_cluster_by_address(models, tmp_path, monkeypatch):
+    """A separately started 2-node Ray cluster on 127.0.0.1, joined with --address. The
+    cluster has no dashboard: joining needs none, and Ray stops it with SIGTERM, which leaves
+    its multiprocessing directory (``pymp-*``) in the temp directory on every run."""
     from ray.cluster_utils import Cluster
 
+    from helpers import left_in_tmp, own_tmp
+
+    for k, v in own_tmp(tmp_path / "tmp").items():  # the cluster's processes and the CLI's
+        monkeypatch.setenv(k, v)
     cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+                      head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                      "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         common = ["analyze", "--base", str(models["base"]), "--tuned", f"a={models['a']}",
@@ -54,6 +61,7 @@ def test_analyze_joins_a_running_cluster_by_address(models, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     finally:
         cluster.shutdown()
+    assert left_in_tmp(tmp_path / "tmp") == []
     man = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert man["executor"] == "ray" and man["units"] > 4
     r = _run([str(BIN / "cpift"), *common, "--out", str(tmp_path / "l"), "--no-ray"], timeout=120)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, own_tmp, run, torchelastic_dirs
+from helpers import free_port, left_in_tmp, own_tmp, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def test_deepspeed_launcher_script(setup, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained 2 steps" in r.stdout
     assert (tmp_path / "out" / "model" / "config.json").exists()
-    assert torchelastic_dirs(tmp_path / "tmp") == []
+    assert left_in_tmp(tmp_path / "tmp") == []
 
 
 def test_slurm_script_under_stand_in_srun(setup, tmp_path):
@@ -52,5 +52,5 @@ def test_slurm_script_under_stand_in_srun(setup, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained 2 steps" in r.stdout and (tmp_path / "out" / "model").is_dir()
     # torchrun's logs in the job's directory, none in /tmp
-    assert torchelastic_dirs(tmp_path / "tmp") == []
+    assert left_in_tmp(tmp_path / "tmp") == []
     assert len(list((tmp_path / "out" / "torchrun").glob("7_*/attempt_0"))) == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, own_tmp, run, slurm_standins, torchelastic_dirs
+from helpers import TINY, left_in_tmp, own_tmp, run, slurm_standins
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -77,7 +77,7 @@ def test_cpift_run_without_ray_resumes_a_killed_fine_tune_and_skips_when_done(no
         assert launch["launcher"] == "torchrun" and launch["returncode"] == 0
         # torchrun's logs: one run directory per launch (the crashed one and its resume)
         assert len(list((run_dir / "finetune" / t / "torchrun").glob("*/attempt_0"))) == 2, t
-    assert torchelastic_dirs(d / "tmp") == [], "torchrun left its logs in the temp directory"
+    assert left_in_tmp(d / "tmp") == [], "left in the temp directory"
     assert not (d / "ray-imported").exists(), "a Ray-free run imported ray"
     # every output exists and loads; the frozen elements held bit for bit
     stages = sorted(run_dir.glob("sft/stage-*/model"))
@@ -111,7 +111,7 @@ def test_one_sbatch_runs_the_pipeline_and_equals_the_local_run(no_ray_run, tmp_p
             800, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     assert not (tmp_path / "ray-imported").exists(), "the SLURM path imported ray"
-    assert torchelastic_dirs(tmp_path / "tmp") == []
+    assert left_in_tmp(tmp_path / "tmp") == []
     slurm = tmp_path / "runs" / "tiny"
     # fine-tunes ran as srun steps on one node each, two tasks at a time on disjoint nodes
     events = [ln.split() for ln in (tmp_path / "srun.log").read_text().splitlines()]
@@ -209,4 +209,4 @@ def test_a_rank_s_traceback_lands_in_the_job_s_torchrun_logs(tmp_path, monkeypat
         assert err["message"] == "RuntimeError: planted failure in the loop of job"
         stack = err["extraInfo"]["py_callstack"]  # the rank's traceback, down to the failure
         assert "cpift_dist/training/run.py" in stack and ", in planted" in stack, stack
-    assert torchelastic_dirs(tmp_path / "tmp") == []
+    assert left_in_tmp(tmp_path / "tmp") == []

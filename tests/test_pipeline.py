@@ -179,6 +179,9 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
     token.chmod(0o600)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "RAY_TMPDIR": str(short),  # the job's `python` is this environment's
+           # the head is killed, and its dashboard with it: what that leaves in the temp
+           # directory (its multiprocessing directory) goes with `short`
+           "TMPDIR": str(short),
            # Ray's single-machine mode: the node IP is 127.0.0.1 and every server of the head
            # listens there alone (`--node-ip-address 127.0.0.1` by itself binds all interfaces)
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",

@@ -13,7 +13,7 @@ from cpift_dist.errors import CpiftError
 from cpift_dist.io import Checkpoint
 from cpift_dist.training.sft import (plan_stages, random_split, similarity_split, split_budget,
                                      stage_job)
-from helpers import free_port, own_tmp, run, torchelastic_dirs, torchrun_train, write_mask
+from helpers import free_port, left_in_tmp, own_tmp, run, torchrun_train, write_mask
 
 BIN = Path(sys.executable).parent
 WHOLE = "model.norm.weight"                          # entirely frozen
@@ -293,7 +293,7 @@ def test_cpift_sft_stages_on_ray_freeze_and_the_baseline_launchers(tmp_path, tra
     assert json.loads((heur / "manifest.json").read_text())["status"] == "complete"
     # torchrun's logs in the stage's directory, none in /tmp
     assert len(list((heur / "torchrun").glob("9-1_*/attempt_0"))) == 1
-    assert torchelastic_dirs(tmp_path / "tmp") == []
+    assert left_in_tmp(tmp_path / "tmp") == []
     assert "stage 1 (multistage-heuristic): 4 steps" in r.stdout
 
 
