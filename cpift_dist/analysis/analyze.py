@@ -29,13 +29,13 @@ import torch
 from tqdm.auto import tqdm
 
 from cpift_dist.analysis import fused
+from cpift_dist.analysis import scan as scan_module
 from cpift_dist.analysis.masks import MaskWriter
 from cpift_dist.analysis.overlap import mask_counts
 from cpift_dist.analysis.plan import Unit, plan_units
 from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, Selection, add_sparse,
                                               resolve_high, resolve_low, sample_window,
                                               resolve_window)
-from cpift_dist.analysis import scan as scan_module
 from cpift_dist.analysis.scan import (ScanContext, WindowResult, pass_read_ahead, reading_ahead,
                                       scan_high, scan_mask, scan_sample, scan_window)
 from cpift_dist.analysis.stats import task_stats
@@ -45,6 +45,7 @@ from cpift_dist.executor import InProcessExecutor
 from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
                            write_manifest)
 from cpift_dist.io.manifest import sha256_files
+from cpift_dist.timing import TimeSplit
 
 
 _log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
     fused.warm({np.uint16 if p.dtype == torch.bfloat16 else np.float32 for p in params})
     marks.append(("numba's loops", time.perf_counter()))
     bar = _Bars(progress, len(units))
-    spent0 = dict(scan_module.SPENT)
+    spent0 = scan_module.SPENT.snapshot()
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "masks").mkdir()
@@ -212,11 +213,11 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
                    f"{name} {t - marks[i][1]:.2f} s" for i, (name, t) in enumerate(marks[1:])),
                ", ".join(f"{name} {t:.2f} s" for name, t in bar.driver.items()))
     if isinstance(executor, InProcessExecutor):
-        spent = {k: v - spent0[k] for k, v in scan_module.SPENT.items()}
+        spent = scan_module.SPENT.since(spent0)
         _log.debug("analyze units: %.2f s on %d thread(s): compiled loops %.2f s, reads "
                    "%.2f s, the rest (Python, waits for the GIL and for locks, mask writes) "
                    "%.2f s", bar.units, executor.parallelism(), spent["loops"],
-                   spent["reads"], bar.units - sum(spent.values()))
+                   spent["reads"], TimeSplit.rest(bar.units, spent))
     return AnalysisResult(out, stats, overlap)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -25,24 +24,13 @@ from cpift_dist.analysis.radix_select import HIGH_BINS, LOW_BINS, NONFINITE_BIN
 from cpift_dist.errors import CheckpointError
 from cpift_dist.io.checkpoint import Checkpoint, drop_mapped, read_chunk, row_spans
 from cpift_dist.io.read_ahead import ReadAhead
+from cpift_dist.timing import TimeSplit
 
-SPENT = {"loops": 0.0, "reads": 0.0}
+SPENT = TimeSplit("loops", "reads")
 """In this process, summed over threads: seconds in the compiled loops (with, in runs, the reads
 they make themselves) and in separate reads of chunks (buffers, the sample's rows): the
 analysis's debug log gives them against the units' time; the rest is their own Python and
 their waits for the GIL."""
-_SPENT_LOCK = threading.Lock()
-
-
-@contextmanager
-def _timed(what: str):
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        dt = time.perf_counter() - t0
-        with _SPENT_LOCK:
-            SPENT[what] += dt
 
 Key = tuple[str, str]  # (task, selection group)
 Sparse = tuple[np.ndarray, np.ndarray]
@@ -163,7 +151,7 @@ def _chunks(ctx: ScanContext, unit: Unit):
                 ahead += 1
             dtype = base.info(c.name).dtype
             if pread:
-                with _timed("reads"):
+                with SPENT.timed("reads"):
                     raw = read_chunk(every, c.name, c.row_start, c.row_stop,
                                      _buffer(c.numel * dtype.itemsize * len(every)))
             else:
@@ -266,7 +254,7 @@ def _sample_runs(ctx: ScanContext, unit: Unit, sample_every: int):
         need = max(run[3] * run[1].itemsize for run in runs)
         bufs = [np.empty(need, np.uint8) for _ in (rb, *readers)]
         for group, dtype, parts, _ in runs:
-            with _timed("reads"):
+            with SPENT.timed("reads"):
                 b, *ts = [kernel_view(r.gather_rows(parts, buf), dtype)
                           for r, buf in zip((rb, *readers), bufs)]
             yield group, b, ts, dtype == torch.bfloat16
@@ -328,7 +316,7 @@ def _histograms(ctx: ScanContext, unit: Unit, keys, sample_every: int) -> dict[K
             hist = acc[group] = np.zeros((n_pad, HIGH_BINS), np.int64)
         for g0, grp in _groups(b, ts):
             g1 = g0 + fused.GROUP
-            with _timed("loops"):
+            with SPENT.timed("loops"):
                 fused.high_histograms(b, grp, bf16, active[g0:g1], hist[g0:g1])
     if ctx.check_finite:  # once per unit: per chunk, the sums cost 6% of the sample pass's GIL
         bad = {k for h in acc.values() for k in np.flatnonzero(h[:, NONFINITE_BIN:].any(axis=1))}
@@ -399,7 +387,7 @@ def scan_window(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> WindowR
             found = []
             for g0, group in groups:
                 g1 = g0 + fused.GROUP
-                with _timed("loops"):
+                with SPENT.timed("loops"):
                     c_task, c_idx, c_bits = fused.window(b, group, bf16, win[g0:g1],
                                                          lo[g0:g1], hi[g0:g1], packed[g0:g1],
                                                          above[g0:g1], bad[g0:g1])
@@ -424,7 +412,7 @@ def scan_window(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> WindowR
                 acc = low_acc[c.group] = np.zeros((n_pad, LOW_BINS), np.int64)
             for g0, group in groups:
                 g1 = g0 + fused.GROUP
-                with _timed("loops"):
+                with SPENT.timed("loops"):
                     fused.low_histograms(b, group, bf16, hist[g0:g1], high[g0:g1],
                                          acc[g0:g1])
     res.low_hist = {(t, g): _to_sparse(h[k]) for g, h in low_acc.items()
@@ -484,7 +472,7 @@ def _window_runs(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> Window
             bad = np.zeros(n_pad, np.bool_)
             short = np.full(1, -1, np.int64)
             buf = _buffer(int(nbytes.max()) * len(every))
-            with _timed("loops"):
+            with SPENT.timed("loops"):
                 c_ci, c_task, c_idx, c_bits = fused.window_run(
                     fds, starts, nbytes, buf, _KINDS[dtype], dtype == torch.bfloat16, win, lo,
                     hi, packed, poff, above, bad, short)
@@ -544,7 +532,7 @@ def scan_mask(ctx: ScanContext, unit: Unit,
         packed = np.zeros((n_pad, (c.numel + 7) // 8), np.uint8)
         for g0, group in _groups(b, ts):
             g1 = g0 + fused.GROUP
-            with _timed("loops"):
+            with SPENT.timed("loops"):
                 fused.threshold_masks(b, group, bf16, active[g0:g1], thr[g0:g1], quota[g0:g1],
                                       took[g0:g1], packed[g0:g1])
         for k in np.flatnonzero(active):

@@ -19,7 +19,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from cpift_dist.io.checkpoint import (INDEX_NAME, SINGLE_NAME, drop_mapped, read
 from cpift_dist.io.manifest import sha256_files
 from cpift_dist.io.read_ahead import ReadAhead
 from cpift_dist.io.safetensors_stream import PositionalWriter
+from cpift_dist.timing import TimeSplit
 
 _log = logging.getLogger(__name__)
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
@@ -269,18 +270,7 @@ class _Shared:
         self.bar = bar  # progress in output bytes, or None
         self.order: list = []  # cold inputs: (fuser, chunk) in first-read order
         self.ahead: ReadAhead | None = None  # asks the kernel for them, while the work runs
-        self.spent = dict.fromkeys(SPENT, 0.0)  # seconds by what the tasks did (:meth:`timed`)
-
-    @contextmanager
-    def timed(self, what: str):
-        """Adds the block's time to ``spent[what]`` (summed over threads; debug log)."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            dt = time.perf_counter() - t0
-            with self.lock:
-                self.spent[what] += dt
+        self.spent = TimeSplit(*SPENT)  # seconds by what the tasks did (debug log)
 
 
 SPENT = ("loops", "reads", "writes")
@@ -456,7 +446,7 @@ class _ShardFuser:
 
     def _load(self, c: Chunk):
         """The chunk's inputs: see :meth:`_map` (the numba loops) and :meth:`_read`."""
-        with self.shared.timed("reads"):
+        with self.shared.spent.timed("reads"):
             return self._map(c) if self.maps else self._read(c)
 
     def _masks(self, c: Chunk) -> np.ndarray:
@@ -516,16 +506,16 @@ class _ShardFuser:
                 None, pd)
 
     def _copy_base(self, name: str) -> None:
-        with self.shared.timed("reads"):
+        with self.shared.spent.timed("reads"):
             data = self._readers()[0][0].read(name)
-        with self.shared.timed("writes"):
+        with self.shared.spent.timed("writes"):
             self.writer.write(name, data)
 
     # -- passes -----------------------------------------------------------------------------
     def _gram(self, c: Chunk, data, segments: int) -> np.ndarray:
         b, x, p, _, pd = data
         segs = c.row_stop - c.row_start if segments > 1 else 1
-        with self.shared.timed("loops"):
+        with self.shared.spent.timed("loops"):
             if self.backend == "numba":
                 return fused.gram_chunk(b, x, p, segs, self.tv)
             with torch.cuda.stream(self._stream()) if self.cuda else nullcontext():
@@ -546,13 +536,13 @@ class _ShardFuser:
         nbytes = c.numel * dtype.itemsize
         if self.backend == "numba":
             out = self._buffer(c.numel * (2 if dtype == torch.bfloat16 else 4))
-            with self.shared.timed("loops"):
+            with self.shared.spent.timed("loops"):
                 res, union, multi = fused.apply_chunk(b, x, p, coef, self.tv,
                                                       self.ctx.cfg.overlap, dtype, out)
         else:
             cf = torch.from_numpy(coef)
             with torch.cuda.stream(self._stream()) if self.cuda else nullcontext(), \
-                    self.shared.timed("loops"):
+                    self.shared.spent.timed("loops"):
                 if self.kernels is not None:
                     res = self.kernels.apply(x, b, pd if pd is not None else torch.from_numpy(p),
                                              cf, self.tv, self.ctx.cfg.overlap, dtype)
@@ -566,7 +556,7 @@ class _ShardFuser:
                     self._stream().synchronize()
                     res = host
             union, multi = _core_counts(p)
-        with self.shared.timed("writes"):
+        with self.shared.spent.timed("writes"):
             self.writer.write(c.name, res, c.flat_start * dtype.itemsize)
         self._release(buf)
         if out is not None:
@@ -631,7 +621,7 @@ class _ShardFuser:
         n_tasks = len(self.tasks)
         r.grams = np.zeros((int(r.goff[-1]), n_tasks, n_tasks))
         short = np.full(2, -1, np.int64)
-        with self.shared.timed("loops"):
+        with self.shared.spent.timed("loops"):
             fused.gram_run(r.fds, r.starts, r.nbytes, r.boff, r.mfds, r.mstarts, r.mbytes,
                            r.poff, r.buf, r.packed, r.like, r.bf16, self.tv, r.seg_len, r.goff,
                            r.grams, r.based, short)
@@ -647,7 +637,7 @@ class _ShardFuser:
         counts = np.zeros((len(r.chunks), 2), np.int64)
         short = np.full(2, -1, np.int64)
         coef32 = np.ascontiguousarray(coef, dtype=np.float32)
-        with self.shared.timed("loops"):
+        with self.shared.spent.timed("loops"):
             fused.apply_run(read, r.fds, r.starts, r.nbytes, r.boff, r.mfds, r.mstarts,
                             r.mbytes, r.poff, r.buf, r.packed, r.like, r.bf16, self.tv, coef32,
                             r.seg_len, r.goff, self.ctx.cfg.overlap == "max-magnitude",
@@ -656,7 +646,7 @@ class _ShardFuser:
             self._name_short(r.chunks[short[0]], bool(short[1]))
         total = int(r.nbytes.sum())
         first = r.chunks[0]
-        with self.shared.timed("writes"):
+        with self.shared.spent.timed("writes"):
             self.writer.write_range(self.writer.offsets[first.name]
                                     + first.flat_start * r.dtype.itemsize, r.out[:total])
         with self.lock:
@@ -798,14 +788,14 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict
                             "device": fuser.device, "backend": fuser.backend})
             _log.debug("fuse %d shard(s): set-up %.2f s, work %.2f s, then hashes %.2f s",
                        len(shards), t0 - t_start, t1 - t0, time.perf_counter() - t1)
-            busy, spent = shared.sched.busy, shared.spent
+            busy, spent = shared.sched.busy, shared.spent.snapshot()
             _log.debug("fuse tasks: %.2f s on %d thread(s) (%.0f%% of the work's time): "
                        "compiled loops and kernels %.2f s, reads %.2f s, writes %.2f s, the "
                        "rest (Python, waits for the GIL and for locks) %.2f s", busy,
                        shared.sched.threads,
                        100 * busy / max(1e-9, (t1 - t0) * shared.sched.threads),
                        spent["loops"], spent["reads"], spent["writes"],
-                       busy - sum(spent.values()))
+                       TimeSplit.rest(busy, spent))
     except BaseException:
         for w in writers:
             w.abort()
