@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from cpift_dist.errors import CpiftError
+from cpift_dist.ray_utils import keep_local_logs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -318,16 +319,21 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    rc = 1  # an exception other than those below propagates
     try:
-        return {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
-                "finetune": cmd_finetune, "sft": cmd_sft, "run": cmd_run,
-                "data": cmd_data}[args.command](args)
+        rc = {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
+              "finetune": cmd_finetune, "sft": cmd_sft, "run": cmd_run,
+              "data": cmd_data}[args.command](args)
     except CpiftError as e:
         print(f"cpift: error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
     except KeyboardInterrupt:
         print("cpift: interrupted (no partial output was kept)", file=sys.stderr)
-        return 130
+        rc = 130
+    finally:
+        if rc != 0 and (logs := keep_local_logs()) is not None:
+            print(f"cpift: the local Ray's logs are kept in {logs}", file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":

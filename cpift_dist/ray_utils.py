@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -55,10 +56,36 @@ LOCAL_START_ATTEMPTS = 3
 start-up deadline (``The current node timed out during startup``); a fresh try usually works."""
 
 
+_LOCAL: dict = {}
+"""The private local Ray this process started: ``dir``, its temp dir (sockets, the session's
+logs), and ``keep``, whether that outlives the process (:func:`keep_local_logs`)."""
+
+
+def keep_local_logs() -> str | None:
+    """Keeps the private local Ray's temp dir, with its session's logs (the workers' output,
+    which does not reach the driver), after this process exits; without this call it is
+    removed at exit. Returns the dir, or ``None`` where this process started no local Ray.
+    The CLI calls it when a command fails."""
+    if "dir" not in _LOCAL:
+        return None
+    _LOCAL["keep"] = True
+    return _LOCAL["dir"]
+
+
+def _end_local(ray) -> None:
+    """At exit: stops the private local Ray, then removes its temp dir unless it is kept (a
+    run left 3.6 MB of logs in /tmp per run, as Ray leaves /tmp/ray)."""
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    if not _LOCAL.get("keep"):
+        shutil.rmtree(_LOCAL["dir"], ignore_errors=True)
+
+
 def _start_local(ray, num_cpus: int | None, env: dict | None,
                  attempts: int = LOCAL_START_ATTEMPTS, pause: float = 2.0) -> None:
     """Starts a private local Ray, each attempt in a fresh temp dir; a failed attempt's
-    processes are stopped and its dir removed before the next.
+    processes are stopped and its dir removed before the next. The started one is stopped at
+    exit and its dir removed, unless :func:`keep_local_logs` keeps it.
 
     Raises:
         CpiftError: every attempt failed (the last cause named).
@@ -73,6 +100,8 @@ def _start_local(ray, num_cpus: int | None, env: dict | None,
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                          _temp_dir=tmp, runtime_env=env, log_to_driver=False,
                          configure_logging=False)
+            _LOCAL.update(dir=tmp, keep=False)
+            atexit.register(_end_local, ray)  # after Ray's own handler, so it runs first
             return
         except Exception as e:  # Ray raises plain Exception/RuntimeError/TimeoutError here
             cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -1,5 +1,6 @@
 """The private local Ray retries its start: a first attempt that times out (as on a busy
-machine) is cleaned up and a fresh one comes up; attempts that all fail end in one clear line."""
+machine) is cleaned up and a fresh one comes up; attempts that all fail end in one clear line.
+The one that came up is stopped at exit and its dir removed."""
 
 import sys
 
@@ -24,9 +25,8 @@ ray.init = flaky
 assert ray_utils.init_ray(None, num_cpus=1) == "local"
 assert ray.get(ray.remote(lambda: 7).remote()) == 7
 print("ATTEMPTS", len(calls), "FIRST_DIR_GONE", not os.path.exists(calls[0]),
-      "FRESH_DIR", calls[0] != calls[1], flush=True)
-ray.shutdown()
-"""
+      "FRESH_DIR", calls[0] != calls[1], "UP", os.path.isdir(calls[1]), flush=True)
+"""  # exits with Ray up: the exit stops it and removes its dir
 
 
 @pytest.mark.timeout(180)
@@ -38,10 +38,12 @@ def test_a_failed_local_ray_start_is_retried_in_a_fresh_dir():
     short = tempfile.mkdtemp(prefix="cr-", dir="/tmp")  # Ray's socket paths are length-limited
     try:
         r = run([sys.executable, "-c", _PROBE], 170, env={**os.environ, "RAY_TMPDIR": short})
+        left = os.listdir(short)
     finally:
         shutil.rmtree(short, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "ATTEMPTS 2 FIRST_DIR_GONE True FRESH_DIR True" in r.stdout
+    assert "ATTEMPTS 2 FIRST_DIR_GONE True FRESH_DIR True UP True" in r.stdout
+    assert left == [], f"the local Ray's dir outlived the process: {left}"
     assert "local Ray did not start (attempt 1 of 3)" in r.stderr
 
 
