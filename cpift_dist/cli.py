@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from cpift_dist.errors import CpiftError
-from cpift_dist.ray_utils import keep_local_logs
+from cpift_dist.ray_utils import keep_local_logs, local_ray_uses
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     rc = 1  # an exception other than those below propagates
+    uses = local_ray_uses()
     try:
         rc = {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
               "finetune": cmd_finetune, "sft": cmd_sft, "run": cmd_run,
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cpift: interrupted (no partial output was kept)", file=sys.stderr)
         rc = 130
     finally:
-        if rc != 0 and (logs := keep_local_logs()) is not None:
+        if rc != 0 and local_ray_uses() > uses and (logs := keep_local_logs()) is not None:
             print(f"cpift: the local Ray's logs are kept in {logs}", file=sys.stderr)
     return rc
 

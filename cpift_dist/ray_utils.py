@@ -28,6 +28,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     import ray
 
     if ray.is_initialized():
+        if _LOCAL["dirs"]:
+            _LOCAL["uses"] += 1
         return "existing"
     env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}} \
         if os.environ.get("DS_ACCELERATOR") else None
@@ -56,20 +58,29 @@ LOCAL_START_ATTEMPTS = 3
 start-up deadline (``The current node timed out during startup``); a fresh try usually works."""
 
 
-_LOCAL: dict = {}
-"""The private local Ray this process started: ``dir``, its temp dir (sockets, the session's
-logs), and ``keep``, whether that outlives the process (:func:`keep_local_logs`)."""
+_LOCAL: dict = {"dirs": [], "keep": False, "uses": 0}
+"""The private local Rays this process started: ``dirs``, their temp dirs (sockets, the
+sessions' logs; one unless Ray was shut down and started again), ``keep``, whether those
+outlive the process (:func:`keep_local_logs`), and ``uses``, how many :func:`init_ray` calls
+handed one out (:func:`local_ray_uses`)."""
+
+
+def local_ray_uses() -> int:
+    """How many :func:`init_ray` calls of this process have handed out its private local Ray
+    (started or already running): a caller compares two readings to learn whether the work in
+    between ran on it."""
+    return _LOCAL["uses"]
 
 
 def keep_local_logs() -> str | None:
     """Keeps the private local Ray's temp dir, with its session's logs (the workers' output,
     which does not reach the driver), after this process exits; without this call it is
     removed at exit. Returns the dir, or ``None`` where this process started no local Ray.
-    The CLI calls it when a command fails."""
-    if "dir" not in _LOCAL:
+    The CLI calls it when a command that ran on it fails."""
+    if not _LOCAL["dirs"]:
         return None
     _LOCAL["keep"] = True
-    return _LOCAL["dir"]
+    return _LOCAL["dirs"][-1]
 
 
 def _end_local(ray) -> None:
@@ -77,8 +88,9 @@ def _end_local(ray) -> None:
     run left 3.6 MB of logs in /tmp per run, as Ray leaves /tmp/ray)."""
     with contextlib.suppress(Exception):
         ray.shutdown()
-    if not _LOCAL.get("keep"):
-        shutil.rmtree(_LOCAL["dir"], ignore_errors=True)
+    if not _LOCAL["keep"]:
+        for d in _LOCAL["dirs"]:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _start_local(ray, num_cpus: int | None, env: dict | None,
@@ -100,8 +112,10 @@ def _start_local(ray, num_cpus: int | None, env: dict | None,
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                          _temp_dir=tmp, runtime_env=env, log_to_driver=False,
                          configure_logging=False)
-            _LOCAL.update(dir=tmp, keep=False)
-            atexit.register(_end_local, ray)  # after Ray's own handler, so it runs first
+            _LOCAL["dirs"].append(tmp)
+            _LOCAL["uses"] += 1
+            if len(_LOCAL["dirs"]) == 1:  # registered after Ray's own handler: runs first
+                atexit.register(_end_local, ray)
             return
         except Exception as e:  # Ray raises plain Exception/RuntimeError/TimeoutError here
             cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -69,3 +69,33 @@ def test_a_local_ray_that_never_starts_is_one_clear_error(tmp_path, monkeypatch)
         ray_utils.init_ray(None, num_cpus=1)
     assert len(tries) == 3 and len(set(tries)) == 3
     assert not list(tmp_path.iterdir())  # every attempt's temp dir removed
+
+
+@pytest.mark.timeout(60)
+def test_only_a_failed_command_that_ran_on_the_local_ray_keeps_its_logs(tmp_path, monkeypatch,
+                                                                          capsys):
+    """A process that started the private local Ray keeps its dir when a command run on it
+    fails; a command that fails without it (``--no-ray``) says nothing about Ray's logs and
+    keeps nothing (its error stays one line)."""
+    import ray
+
+    from cpift_dist import ray_utils
+    from cpift_dist.cli import main
+
+    state = {"dirs": [str(tmp_path / "cpift-ray-x")], "keep": False, "uses": 1}
+    monkeypatch.setattr(ray_utils, "_LOCAL", state)  # as after a local start in this process
+    pickled = tmp_path / "pickled"  # a checkpoint the analysis refuses, after the executor
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    argv = ["analyze", "--base", str(pickled), "--tuned", f"a={pickled}", "--out",
+            str(tmp_path / "o"), "--quiet"]
+    assert main([*argv, "--no-ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pickle checkpoints are not read" in err, err
+    assert not state["keep"] and state["uses"] == 1
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # the local Ray is up
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "pickle checkpoints are not read" in err[0], err
+    assert err[1:] == [f"cpift: the local Ray's logs are kept in {tmp_path / 'cpift-ray-x'}"]
+    assert state["keep"] and state["uses"] == 2
