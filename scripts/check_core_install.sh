@@ -19,5 +19,9 @@ start=$(date +%s)
 "$CPIFT_VENV/bin/cpift" run --preset tiny --quiet runs_dir="$work/runs" \
   train.max_steps=2 train.save_every=1 grouping.tau=0.04
 test -f "$work/runs/tiny/report/report.md"
+if [ -n "$(ls -A "$RAY_TMPDIR")" ]; then  # a finished run removes its local Ray's dir
+  echo "check_core_install: the local Ray's dir outlived the run: $(ls -A "$RAY_TMPDIR")" >&2
+  exit 1
+fi
 echo "check_core_install: the tiny pipeline ran on the core dependencies alone in" \
      "$(( $(date +%s) - start )) s"

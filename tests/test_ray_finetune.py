@@ -25,8 +25,11 @@ def setup(train_setup):
     return train_setup
 
 
-def test_a_two_rank_fine_tune_spread_over_two_nodes_with_a_worker_crash(setup, tmp_path):
+def test_a_two_rank_fine_tune_spread_over_two_nodes_with_a_worker_crash(setup, tmp_path,
+                                                                         monkeypatch):
     from ray.cluster_utils import Cluster
+
+    from helpers import left_in_tmp, own_tmp
 
     cfg = {"name": "ft", "runs_dir": str(tmp_path), "base": str(setup / "model"),
            "tasks": [{"name": t, "train_data": str(setup / "suite" / t / "train.jsonl")}
@@ -34,8 +37,13 @@ def test_a_two_rank_fine_tune_spread_over_two_nodes_with_a_worker_crash(setup, t
            "train": TRAIN,
            "finetune": {"workers_per_task": 2, "max_failures": 1, "placement": "STRICT_SPREAD"}}
     (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    for k, v in own_tmp(tmp_path / "tmp").items():  # the cluster's processes and the CLI's
+        monkeypatch.setenv(k, v)
+    # no dashboard: joining needs none, and stopping the cluster SIGTERMs it, which leaves its
+    # multiprocessing directory (pymp-*) in the temp directory
     cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1"})
+                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
+                                      "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
         env = {**os.environ, FAULT_ENV: "2", "OMP_NUM_THREADS": "1"}  # every rank dies once
@@ -44,6 +52,7 @@ def test_a_two_rank_fine_tune_spread_over_two_nodes_with_a_worker_crash(setup, t
     finally:
         cluster.shutdown()
     assert r.returncode == 0, r.stderr[-4000:]
+    assert left_in_tmp(tmp_path / "tmp") == []
     out = tmp_path / "ft" / "finetune" / "arithmetic"
     ranks = [json.loads((out / "ranks" / f"{i}.json").read_text()) for i in (0, 1)]
     assert ranks[0]["node"] != ranks[1]["node"]  # a job's two ranks on different nodes
