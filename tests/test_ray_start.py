@@ -76,13 +76,16 @@ def test_only_a_failed_command_that_ran_on_the_local_ray_keeps_its_logs(tmp_path
                                                                           capsys):
     """A process that started the private local Ray keeps its dir when a command run on it
     fails; a command that fails without it (``--no-ray``) says nothing about Ray's logs and
-    keeps nothing (its error stays one line)."""
+    keeps nothing (its error stays one line). At exit the dir is removed unless kept (the
+    removal with a real Ray: the test above and scripts/check_core_install.sh)."""
     import ray
 
     from cpift_dist import ray_utils
     from cpift_dist.cli import main
 
-    state = {"dirs": [str(tmp_path / "cpift-ray-x")], "keep": False, "uses": 1}
+    kept = tmp_path / "cpift-ray-x"
+    (kept / "session_latest" / "logs").mkdir(parents=True)
+    state = {"dirs": [str(kept)], "keep": False, "uses": 1}
     monkeypatch.setattr(ray_utils, "_LOCAL", state)  # as after a local start in this process
     pickled = tmp_path / "pickled"  # a checkpoint the analysis refuses, after the executor
     pickled.mkdir()
@@ -99,3 +102,10 @@ def test_only_a_failed_command_that_ran_on_the_local_ray_keeps_its_logs(tmp_path
     assert "pickle checkpoints are not read" in err[0], err
     assert err[1:] == [f"cpift: the local Ray's logs are kept in {tmp_path / 'cpift-ray-x'}"]
     assert state["keep"] and state["uses"] == 2
+    stops = []
+    monkeypatch.setattr(ray, "shutdown", lambda: stops.append(1))  # the session's Ray stays
+    ray_utils._end_local(ray)  # what the exit runs
+    assert stops == [1] and (kept / "session_latest" / "logs").is_dir()
+    state["keep"] = False
+    ray_utils._end_local(ray)
+    assert stops == [1, 1] and not kept.exists()
