@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -213,11 +212,11 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
                    f"{name} {t - marks[i][1]:.2f} s" for i, (name, t) in enumerate(marks[1:])),
                ", ".join(f"{name} {t:.2f} s" for name, t in bar.driver.items()))
     if isinstance(executor, InProcessExecutor):
-        spent = scan_module.SPENT.since(spent0)
+        spent, units = scan_module.SPENT.since(spent0), bar.units.snapshot()["units"]
         _log.debug("analyze units: %.2f s on %d thread(s): compiled loops %.2f s, reads "
                    "%.2f s, the rest (Python, waits for the GIL and for locks, mask writes) "
-                   "%.2f s", bar.units, executor.parallelism(), spent["loops"],
-                   spent["reads"], TimeSplit.rest(bar.units, spent))
+                   "%.2f s", units, executor.parallelism(), spent["loops"],
+                   spent["reads"], TimeSplit.rest(units, spent))
     return AnalysisResult(out, stats, overlap)
 
 
@@ -332,8 +331,7 @@ class _Bars:
     def __init__(self, progress: bool, n_units: int):
         self.progress, self.n_units = progress, n_units
         self.driver: dict[str, float] = defaultdict(float)
-        self.units = 0.0  # in this process: the units' time, summed over threads
-        self.lock = threading.Lock()
+        self.units = TimeSplit("units")  # in this process: the units' time, summed over threads
 
     def timed(self, scan, executor):
         """``scan`` adding each unit's time to :attr:`units` where the units run in this
@@ -343,12 +341,8 @@ class _Bars:
 
         @functools.wraps(scan)
         def run(*args):
-            t0 = time.perf_counter()
-            try:
+            with self.units.timed("units"):
                 return scan(*args)
-            finally:
-                with self.lock:
-                    self.units += time.perf_counter() - t0
         return run
 
     def __call__(self, it, desc, total=None):
