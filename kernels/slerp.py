@@ -37,7 +37,9 @@ Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run 
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 
 import torch
 import triton
@@ -340,6 +342,23 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_INTERPRETER = threading.Lock()
+
+
+def _one_at_a_time_when_interpreted(fn):
+    """Launches of ``fn`` one thread at a time under the interpreter: Triton 3.6's keeps the
+    launch's state in module globals, and two threads interpreting at once fail ("Did you
+    forget to add @triton.jit?": seen fusing on 3 threads with ``--backend triton`` on CPU).
+    On a device the launches stay concurrent."""
+    @functools.wraps(fn)
+    def launch(*args, **kw):
+        if not _interpreted():
+            return fn(*args, **kw)
+        with _INTERPRETER:
+            return fn(*args, **kw)
+    return launch
+
+
 def _programs(segments: int, L: int, x: torch.Tensor, block: int) -> int:
     """Programs per segment: enough for every SM several times over, none without a tile;
     under the interpreter one per tile (its kernels do not loop)."""
@@ -354,6 +373,7 @@ def _options(x: torch.Tensor) -> dict:
     return {} if _interpreted() or not x.is_cuda else {"enable_fp_fusion": False}
 
 
+@_one_at_a_time_when_interpreted
 def gram(x: torch.Tensor, base: torch.Tensor, packed: torch.Tensor, segments: int,
          task_vectors: bool, block: int | None = None) -> torch.Tensor:
     """float64 [S, N, N] Gram matrices of the non-core elements (see module doc). ``block``
@@ -388,6 +408,7 @@ def gram(x: torch.Tensor, base: torch.Tensor, packed: torch.Tensor, segments: in
     return partial.sum(dim=1)[:, :n_tasks, :n_tasks]
 
 
+@_one_at_a_time_when_interpreted
 def apply(x: torch.Tensor, base: torch.Tensor, packed: torch.Tensor, coef: torch.Tensor,
           task_vectors: bool, overlap: str, out_dtype: torch.dtype,
           block: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
