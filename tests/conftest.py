@@ -49,6 +49,35 @@ def bf16_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def mixed_models(bf16_models, models, tmp_path_factory) -> dict[str, Path]:
+    """Fine-tunes stored in another dtype than their base: a bf16 base with an fp32 fine-tune
+    whose updates are finer than bf16 can hold (as DeepSpeed's ``zero_to_fp32`` saves a bf16
+    run's master weights), one with only the MLP in fp32, and one in bf16; an fp32 base with a
+    bf16 and an fp16 fine-tune."""
+    d = tmp_path_factory.mktemp("mixed")
+    g = torch.Generator().manual_seed(21)
+
+    def fp32(only=""):
+        def edit(name, t):
+            if only not in name:
+                return t
+            fine = torch.randn(t.shape, generator=g) * 2e-4  # below bf16's ulp near 1
+            return t.float() + fine * (torch.rand(t.shape, generator=g) < 0.5)
+        return edit
+
+    base = bf16_models["base"]
+    return {"base": base,
+            "fp32": perturb(base, d / "fp32", seed=6, edit=fp32()),
+            "mlp": perturb(base, d / "mlp", seed=7, edit=fp32("mlp")),
+            "bf16": bf16_models["a"],
+            "base32": models["base"],
+            "to_bf16": perturb(models["base"], d / "to_bf16", seed=8,
+                               edit=lambda n, t: t.bfloat16()),
+            "to_fp16": perturb(models["base"], d / "to_fp16", seed=9,
+                               edit=lambda n, t: t.half() if "attn" in n else t)}
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One private local Ray for the whole session (bound to 127.0.0.1, 2 CPUs)."""
     ray = pytest.importorskip("ray", reason="ray is not installed (a GPU check machine)")

@@ -167,6 +167,30 @@ def test_bf16_matches_oracle(bf16_models, tmp_path, path, read, monkeypatch):
     assert_masks_equal(tmp_path / "out", bf16_models["base"], tuned, 0.05)
 
 
+@pytest.mark.parametrize("read", ["pread", "map"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_fine_tunes_in_another_dtype_match_the_oracle(mixed_models, tmp_path, path, read,
+                                                      monkeypatch):
+    """|tuned - base| of a parameter whose checkpoints differ in dtype is taken in float32
+    (both widened exactly, as the oracle does), on every selection path and both reads; the
+    window pass's compiled runs leave such parameters to the per-chunk loop."""
+    from cpift_dist.analysis import fused
+
+    runs = []
+    window_run = fused.window_run
+    monkeypatch.setattr(fused, "window_run", lambda *a: runs.append(len(a[0])) or window_run(*a))
+    m = mixed_models
+    assert Checkpoint(m["fp32"]).info("lm_head.weight").dtype == torch.float32
+    assert Checkpoint(m["mlp"]).info("lm_head.weight").dtype == torch.bfloat16
+    for i, (base, tuned) in enumerate(((m["base"], {t: m[t] for t in ("fp32", "mlp", "bf16")}),
+                                       (m["base32"], {t: m[t] for t in ("to_bf16", "to_fp16")}))):
+        out = tmp_path / f"out{i}"
+        cfg = AnalysisConfig(p=0.05, **PATHS[path], **SMALL, read=read)
+        analyze(base, tuned, out, cfg, progress=False)
+        assert_masks_equal(out, base, tuned, 0.05)
+    assert not sum(runs)  # every unit holds a parameter of two dtypes
+
+
 def test_many_exact_ties_at_threshold(models, tmp_path):
     # deltas quantised to 2**-10 make thousands of equal magnitudes; pick p so that the
     # threshold lands inside a run of equal values and check the tie count

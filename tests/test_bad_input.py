@@ -74,10 +74,13 @@ def test_shape_mismatch(models, tmp_path, capsys):
 
 
 def test_dtype_mismatch(models, tmp_path, capsys):
-    d = variant(models, tmp_path, "t",
-                edit=lambda n, t: t.half() if n == "model.norm.weight" else t)
-    expect(capsys, tmp_path, models, {"t": d}, "tensor 'model.norm.weight': dtype",
-           "torch.float16")
+    """bf16, fp16 and fp32 may differ between base and fine-tune (compared in float32); a
+    float64 or an integer copy of a float parameter is refused."""
+    for kind, edit in (("torch.float64", torch.Tensor.double), ("torch.int32", torch.Tensor.int)):
+        d = variant(models, tmp_path, kind,
+                    edit=lambda n, t, e=edit: e(t) if n == "model.norm.weight" else t)
+        expect(capsys, tmp_path, models, {"t": d}, "tensor 'model.norm.weight': dtype", kind,
+               str(d), "only bfloat16, float16 and float32 may differ")
 
 
 def test_truncated_safetensors(models, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """cpift fuse and cpift group end to end on tiny real checkpoints."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -553,6 +554,72 @@ def test_runs_read_into_buffers_fuse_the_bytes_of_the_maps(three, bf16_models, t
         else:  # every chunk is whole: one angle per row
             assert kinds == {"gram", "apply"}
         runs.clear()
+
+
+@pytest.fixture(scope="module")
+def mixed(mixed_models, tmp_path_factory):
+    """A bf16 base with fine-tunes in fp32, in bf16 with an fp32 MLP, and in bf16; masks."""
+    d = tmp_path_factory.mktemp("mixed")
+    tuned = {t: mixed_models[t] for t in ("fp32", "mlp", "bf16")}
+    analyze(mixed_models["base"], tuned, d / "analysis", AnalysisConfig(p=0.05),
+            progress=False)
+    return {"base": mixed_models["base"], "tuned": tuned, "masks": d / "analysis" / "masks"}
+
+
+def check_fuses_widened(mixed, tmp_path, tasks, variants):
+    """Fuses ``tasks`` of ``mixed`` with each of ``variants`` (FusionConfig fields) on 1 and 3
+    threads, in both spaces, and checks every output against the float64 definition: the
+    widened parameters in float32 (core bit for bit), the others in bf16; the config says
+    float32 and transformers loads the values as written."""
+    from transformers import AutoModelForCausalLM
+
+    three = dict(mixed, tuned={t: mixed["tuned"][t] for t in tasks})
+    base = Checkpoint(mixed["base"])
+    wide = {n for n in base.names() if any(
+        Checkpoint(three["tuned"][t]).info(n).dtype != torch.bfloat16 for t in tasks)}
+    assert wide and (len(tasks) == 3) == (wide == set(base.names()))
+    for space in ("task-vectors", "weights"):
+        want = expected(three, space, "max-magnitude")
+        for kind, extra in variants.items():
+            for threads in (1, 3):
+                out = tmp_path / f"{space}-{kind}-{threads}"
+                fuse(three["base"], three["tuned"], three["masks"], out,
+                     FusionConfig(space=space, **dict(FAST, **extra)),
+                     InProcessExecutor(threads), progress=False)
+                ck = Checkpoint(out)
+                for name, (ref, core, _) in want.items():
+                    dtype = ck.info(name).dtype
+                    assert dtype == (torch.float32 if name in wide else torch.bfloat16), name
+                    got = ck.read(name).double().reshape(-1)
+                    assert torch.equal(got[core], ref[core]), (kind, name)
+                    tol = dict(rtol=1e-5, atol=1e-6) if name in wide else dict(rtol=2 ** -7,
+                                                                              atol=1e-6)
+                    assert torch.allclose(got[~core], ref[~core], **tol), (kind, name)
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float32"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    name = sorted(wide)[0]
+    assert torch.equal(model.state_dict()[name], ck.read(name))
+
+
+@pytest.mark.parametrize("tasks", [("mlp", "bf16"), ("fp32", "mlp", "bf16")])
+def test_fine_tunes_in_another_dtype_fuse_in_float32(mixed, tmp_path, tasks):
+    """A parameter whose checkpoints differ in dtype is fused in float32 and written in
+    float32 (core values of an fp32 fine-tune transplanted bit for bit); the others keep the
+    base's bf16. The same definition on every CPU path: the compiled loops reading runs (only
+    the uniform tensors go in runs) and maps, the torch path, and the Triton kernels
+    (interpreted on CPU, one launch at a time), on 1 and 3 threads."""
+    variants = {"runs": dict(), "maps": dict(read="map"), "torch": dict(backend="torch")}
+    if len(tasks) == 3 and importlib.util.find_spec("triton"):  # once for the slower path
+        variants["triton"] = dict(backend="triton")
+    check_fuses_widened(mixed, tmp_path, tasks, variants)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the CPU paths are tested above)")
+def test_fine_tunes_in_another_dtype_fuse_in_float32_on_cuda(mixed, tmp_path):
+    """The same on the GPU: widened in the page-locked buffers, the kernels in float32."""
+    check_fuses_widened(mixed, tmp_path, ("mlp", "bf16"), {"cuda": dict(device="cuda")})
 
 
 @pytest.mark.parametrize("which", ["tuned", "mask"])

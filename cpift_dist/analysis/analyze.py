@@ -42,7 +42,7 @@ from cpift_dist.config import TASK_NAME, AnalysisConfig
 from cpift_dist.errors import CpiftError
 from cpift_dist.executor import InProcessExecutor
 from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
-                           write_manifest)
+                           widened, write_manifest)
 from cpift_dist.io.manifest import sha256_files
 from cpift_dist.timing import TimeSplit
 
@@ -104,7 +104,9 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
     # numba's loops loaded once here, before the executor's threads or workers start: threads
     # that each load them at once serialise on numba's compiler lock (measured on 16 cores)
     marks.append(("checks", time.perf_counter()))
-    fused.warm({np.uint16 if p.dtype == torch.bfloat16 else np.float32 for p in params})
+    wide = widened(base_ck, list(tuned_ck.values()))  # compared in float32
+    fused.warm({np.uint16 if p.dtype == torch.bfloat16 and p.name not in wide else np.float32
+                for p in params})
     marks.append(("numba's loops", time.perf_counter()))
     bar = _Bars(progress, len(units))
     spent0 = scan_module.SPENT.snapshot()

@@ -81,12 +81,14 @@ def _as_kernel_input(x: torch.Tensor) -> np.ndarray:
     return kernel_view(x.contiguous().reshape(-1).view(torch.uint8).numpy(), x.dtype)
 
 
-def kernel_view(raw: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+def kernel_view(raw: np.ndarray, dtype: torch.dtype, wide: bool = False) -> np.ndarray:
     """Raw bytes of a chunk as the fused loops take them, read-only: bf16 as its uint16 bits,
     float32 as is (both views, no copy), any other float dtype widened to float32 (exactly, as
-    torch does). A chunk that is not aligned to its item size (safetensors does not pad between
-    tensors) is copied, so that every loop compiles for aligned arrays only."""
-    if dtype in (torch.bfloat16, torch.float32):
+    torch does), and bf16 too where ``wide`` (a parameter whose checkpoints differ in dtype:
+    see :func:`~cpift_dist.io.checkpoint.common_dtype`). A chunk that is not aligned to its item
+    size (safetensors does not pad between tensors) is copied, so that every loop compiles for
+    aligned arrays only."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and not wide):
         kind = np.uint16 if dtype == torch.bfloat16 else np.float32
         out = raw.view(kind)  # a new array: the caller's flags stay as they are
         if not out.flags.aligned:  # (numpy's flag; ``raw.ctypes`` cost 1.4 us a chunk)
@@ -149,15 +151,16 @@ def _chunks(ctx: ScanContext, unit: Unit):
                     r.prefetch_rows(nxt.name, [(nxt.row_start, nxt.row_stop)])
                 pending += nxt.numel
                 ahead += 1
-            dtype = base.info(c.name).dtype
+            dtypes = [ck.info(c.name).dtype for ck in (base, *tuned)]
+            wide = len(set(dtypes)) > 1
             if pread:
                 with SPENT.timed("reads"):
                     raw = read_chunk(every, c.name, c.row_start, c.row_stop,
-                                     _buffer(c.numel * dtype.itemsize * len(every)))
+                                     _buffer(c.numel * sum(d.itemsize for d in dtypes)))
             else:
                 raw = [r.map_rows(c.name, c.row_start, c.row_stop) for r in every]
-            b, *ts = (kernel_view(x, dtype) for x in raw)
-            yield ci, c, b, ts, dtype == torch.bfloat16
+            b, *ts = (kernel_view(x, d, wide) for x, d in zip(raw, dtypes))
+            yield ci, c, b, ts, dtypes[0] == torch.bfloat16 and not wide
             pending -= c.numel
             if not pread:
                 drop_mapped(every)
@@ -231,13 +234,14 @@ def _sample_runs(ctx: ScanContext, unit: Unit, sample_every: int):
     fused.load_registries()
     base = _checkpoint(ctx.base)
     tuned = [_checkpoint(p) for p in ctx.tuned.values()]
-    runs: list[list] = []  # [group, dtype, [(name, absolute row ranges)], elements]
+    runs: list[list] = []  # [group, dtypes, [(name, absolute row ranges)], elements]
     for c in unit.chunks:
         info = base.info(c.name)
         rel = sample_ranges(c.row_stop - c.row_start, info.row_numel, sample_every)
         numel = int((rel[:, 1] - rel[:, 0]).sum()) * info.row_numel
-        if not runs or runs[-1][:2] != [c.group, info.dtype]:
-            runs.append([c.group, info.dtype, [], 0])
+        dtypes = tuple(ck.info(c.name).dtype for ck in (base, *tuned))
+        if not runs or runs[-1][:2] != [c.group, dtypes]:
+            runs.append([c.group, dtypes, [], 0])
         parts = runs[-1][2]
         if parts and parts[-1][0] == c.name:  # one part per tensor, not per chunk: each part
             parts[-1][1].append(rel + c.row_start)  # costs every reader a few numpy calls
@@ -251,13 +255,14 @@ def _sample_runs(ctx: ScanContext, unit: Unit, sample_every: int):
         readers = [stack.enter_context(c.reader()) for c in tuned]
         for r in _cold_readers(unit, (rb, *readers)):
             r.prefetch_gather([part for run in runs for part in run[2]])
-        need = max(run[3] * run[1].itemsize for run in runs)
-        bufs = [np.empty(need, np.uint8) for _ in (rb, *readers)]
-        for group, dtype, parts, _ in runs:
+        bufs = [np.empty(max(run[3] * run[1][k].itemsize for run in runs), np.uint8)
+                for k in range(len(readers) + 1)]
+        for group, dtypes, parts, _ in runs:
+            wide = len(set(dtypes)) > 1
             with SPENT.timed("reads"):
-                b, *ts = [kernel_view(r.gather_rows(parts, buf), dtype)
-                          for r, buf in zip((rb, *readers), bufs)]
-            yield group, b, ts, dtype == torch.bfloat16
+                b, *ts = [kernel_view(r.gather_rows(parts, buf), d, wide)
+                          for r, buf, d in zip((rb, *readers), bufs, dtypes)]
+            yield group, b, ts, dtypes[0] == torch.bfloat16 and not wide
 
 
 def _groups(b: np.ndarray, ts: list[np.ndarray]) -> list[tuple[int, tuple]]:
@@ -428,9 +433,9 @@ def _window_runs(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> Window
     """:func:`scan_window` for the common case, one compiled call per run of chunks
     (:func:`fused.window_run`: reads and window loop, the GIL released once per run, not handed
     over twice per chunk), with the same results. ``None`` where the per-chunk loop must do it:
-    reads through maps (``read: map``), a dtype other than bf16 and float32, a histogram plan
-    (the radix fallback), or inputs not in the page cache (its reads are asked ahead chunk by
-    chunk)."""
+    reads through maps (``read: map``), a dtype other than bf16 and float32 or checkpoints that
+    differ in dtype (widened chunk by chunk), a histogram plan (the radix fallback), or inputs
+    not in the page cache (its reads are asked ahead chunk by chunk)."""
     tasks = list(ctx.tuned)
     n_t, n_pad = len(tasks), _padded(len(tasks))
     groups = dict.fromkeys(c.group for c in unit.chunks)
@@ -439,7 +444,9 @@ def _window_runs(ctx: ScanContext, unit: Unit, plan: dict[Key, tuple]) -> Window
         return None
     base = _checkpoint(ctx.base)
     tuned = [_checkpoint(p) for p in ctx.tuned.values()]
-    if any(base.info(n).dtype not in _KINDS for n in dict.fromkeys(c.name for c in unit.chunks)):
+    names = dict.fromkeys(c.name for c in unit.chunks)
+    if any(base.info(n).dtype not in _KINDS or any(ck.info(n).dtype != base.info(n).dtype
+                                                   for ck in tuned) for n in names):
         return None
     runs: list[list] = []  # [group, dtype, [chunk indices]]
     for ci, c in enumerate(unit.chunks):

@@ -37,7 +37,7 @@ from cpift_dist.fusion import fused
 from cpift_dist.fusion.slerp import (apply_torch, fold_coefficients, fold_weights, gram_torch,
                                      segments_of)
 from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
-                           sha256_file, write_manifest)
+                           sha256_file, widened, write_manifest)
 from cpift_dist.io.checkpoint import (INDEX_NAME, SINGLE_NAME, drop_mapped, read_chunk,
                                      row_spans)
 from cpift_dist.io.manifest import sha256_files
@@ -59,6 +59,9 @@ class FuseContext:
     out: str
     cfg: FusionConfig
     threads: int = 1
+    wide: frozenset = frozenset()
+    """Parameters whose checkpoints differ in dtype (:func:`~cpift_dist.io.checkpoint.widened`):
+    read widened to float32, fused and written in float32."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,20 @@ class OutShard:
     names: tuple[str, ...]
 
 
-def plan_shards(base: Checkpoint, max_shard_bytes: int) -> list[OutShard]:
-    """Tensors in name order, cut into files of at most ``max_shard_bytes`` (HF naming).
+def out_dtype(base: Checkpoint, name: str, wide=frozenset()) -> torch.dtype:
+    """The dtype of tensor ``name`` (a parameter or a stored tied copy) in the fused output:
+    the base's, or float32 for a parameter in ``wide`` (checkpoints that differ in dtype: the
+    promoted dtype, so that every transplanted core value is kept exactly)."""
+    return torch.float32 if base.tied.get(name, name) in wide else base.info(name).dtype
+
+
+def out_bytes(base: Checkpoint, name: str, wide=frozenset()) -> int:
+    return base.info(name).numel * out_dtype(base, name, wide).itemsize
+
+
+def plan_shards(base: Checkpoint, max_shard_bytes: int, wide=frozenset()) -> list[OutShard]:
+    """Tensors in name order, cut into files of at most ``max_shard_bytes`` (HF naming) of
+    output (:func:`out_dtype`).
 
     A stored tied copy (``base.tied``) follows its parameter in the same file, so that it is
     written as a byte copy of the fused value and the output stays tied.
@@ -79,7 +94,7 @@ def plan_shards(base: Checkpoint, max_shard_bytes: int) -> list[OutShard]:
     size = 0
     for name in base.names():
         names = [name] + sorted(a for a, src in base.tied.items() if src == name)
-        nbytes = sum(base.info(n).numel * base.info(n).dtype.itemsize for n in names)
+        nbytes = sum(out_bytes(base, n, wide) for n in names)
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -326,8 +341,12 @@ class _ShardFuser:
     def _float_dtype(self) -> torch.dtype:
         for name in self.shard.names:
             if self.base.info(name).dtype.is_floating_point:
-                return self.base.info(name).dtype
+                return self._dtype(name)
         return torch.float32
+
+    def _dtype(self, name: str) -> torch.dtype:
+        """The values' dtype in the loops and the output (:func:`out_dtype`)."""
+        return out_dtype(self.base, name, self.ctx.wide)
 
     def submit(self) -> None:
         planned: list[Chunk] = []  # every float tensor's chunks in the order their tasks are
@@ -350,16 +369,16 @@ class _ShardFuser:
             segments = segments_of(info.shape, self.ctx.cfg.granularity)
             if len(chunks) == 1 or segments > 1:
                 for c in chunks:
-                    if self._runs_read(info.dtype):
+                    if self._in_runs(name):
                         runs.add(c, segments, self.writer.offsets[name], info.dtype)
                     else:
                         planned.append(c)
                         self.sched.submit(_GRAM, self._whole, c, segments)
                 continue
-            nbytes = info.numel * info.dtype.itemsize * (len(self.tasks) + 1)
+            nbytes = out_bytes(self.base, name, self.ctx.wide) * (len(self.tasks) + 1)
             # in runs, up to GROUP_CHUNKS chunks a task (one compiled call reads them one after
             # the other into the same buffer); else a chunk a task
-            step = GROUP_CHUNKS if self._runs_read(info.dtype) else 1
+            step = GROUP_CHUNKS if self._in_runs(name) else 1
             groups = [(i, min(i + step, len(chunks))) for i in range(0, len(chunks), step)]
             st = _Tensor(name, chunks, segments, groups, len(groups), [None] * len(chunks), None)
             planned += chunks
@@ -462,11 +481,12 @@ class _ShardFuser:
         weight space the base is mapped only where the chunk holds a core element: elsewhere
         the loops do not read it, and the first task's array stands in for it."""
         readers, _ = self._readers()
-        dtype = self.base.info(c.name).dtype
+        wide = c.name in self.ctx.wide  # widened to float32 (each by its own dtype)
         p = self._masks(c)
-        xs = [kernel_view(r.map_rows(c.name, c.row_start, c.row_stop), dtype)
-              for r in readers[1:]]
-        b = (kernel_view(readers[0].map_rows(c.name, c.row_start, c.row_stop), dtype)
+        xs = [kernel_view(r.map_rows(c.name, c.row_start, c.row_stop),
+                          r.checkpoint.info(c.name).dtype, wide) for r in readers[1:]]
+        b = (kernel_view(readers[0].map_rows(c.name, c.row_start, c.row_stop),
+                         self.base.info(c.name).dtype, wide)
              if self.tv or p.any() else xs[0])
         return b, xs, p, None, None
 
@@ -481,18 +501,19 @@ class _ShardFuser:
         packed masks [N, bytes] (numpy), the buffer (release it when done) and, on
         CUDA, the masks on the device. On CUDA the values are copied to the device (one
         asynchronous copy of the page-locked buffer on this thread's stream) and the host
-        buffer goes back to the pool: the values returned are device tensors."""
+        buffer goes back to the pool: the values returned are device tensors. A checkpoint
+        that stores the chunk in another dtype than :meth:`_dtype` is read and widened."""
         readers, _ = self._readers()
-        dtype = self.base.info(c.name).dtype
+        dtype = self._dtype(c.name)
         nb = c.numel * dtype.itemsize
         buf = self._buffer(nb * (len(self.tasks) + 1))
         p = self._masks(c)
         b = buf[:nb].view(dtype)
         if self.tv or p.any():  # in weight space only a core element looks at the base (its
-            readers[0].read_rows(c.name, c.row_start, c.row_stop, b)  # |x - base|): else skip
+            _read_as(readers[0], c, b)  # |x - base|): else skip
         x = buf[nb:].view(dtype).view(len(self.tasks), c.numel)
         for k, r in enumerate(readers[1:]):
-            r.read_rows(c.name, c.row_start, c.row_stop, x[k])
+            _read_as(r, c, x[k])
         if not self.cuda:
             return b, x, p, buf, None
         stream = self._stream()
@@ -531,7 +552,7 @@ class _ShardFuser:
         """Fuses, writes and counts the chunk; releases its buffer. On CUDA the result comes
         back by one asynchronous copy into a page-locked buffer, on this thread's stream."""
         b, x, p, buf, pd = data
-        dtype = self.base.info(c.name).dtype
+        dtype = self._dtype(c.name)
         out = None
         nbytes = c.numel * dtype.itemsize
         if self.backend == "numba":
@@ -657,14 +678,12 @@ class _ShardFuser:
                 self.shared.bar.update(total)
 
     def _in_runs(self, name: str) -> bool:
-        """Whether the chunks of a multi-chunk tensor go through :meth:`_read_run` (one chunk
-        a run: the Gram pass and the apply pass each read it)."""
-        return self._runs_read(self.base.info(name).dtype)
-
-    def _runs_read(self, dtype: torch.dtype) -> bool:
-        """Whether chunks of ``dtype`` go in runs read into buffers (numba, ``read: pread``,
-        bf16 or fp32)."""
-        return self.runs and dtype in _RUN_DTYPES
+        """Whether the chunks of tensor ``name`` go in runs read into buffers by the compiled
+        loops (:meth:`_read_run`; numba, ``read: pread``, bf16 or fp32 in every checkpoint);
+        a multi-chunk tensor's a chunk a run (the Gram pass and the apply pass each read
+        it)."""
+        return (self.runs and self.base.info(name).dtype in _RUN_DTYPES
+                and name not in self.ctx.wide)
 
     def _run_buffers(self, *sizes: int) -> list[np.ndarray]:
         """This thread's buffers for a run (inputs, masks, output), grown as needed and
@@ -765,7 +784,8 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict
         with torch_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.threads))):
             fusers = []
             for shard in shards:
-                entries = {n: (base.info(n).dtype, base.info(n).shape) for n in shard.names}
+                entries = {n: (out_dtype(base, n, ctx.wide), base.info(n).shape)
+                           for n in shard.names}
                 writers.append(PositionalWriter(Path(ctx.out) / shard.file, entries,
                                                 {"format": "pt"}))
                 fusers.append(_ShardFuser(ctx, shard, writers[-1], shared))
@@ -817,6 +837,34 @@ def _asks(order: list):
 def fuse_shard(ctx: FuseContext, shard: OutShard) -> dict:
     """One output shard (a Ray task): see :func:`fuse_shards`."""
     return fuse_shards(ctx, [shard])[0]
+
+
+def _config_dtype(path: Path, dtype: str) -> None:
+    """Sets the model config's dtype (``dtype``, and ``torch_dtype`` where the file has it):
+    transformers loads a checkpoint in its config's dtype by default, which would round the
+    fused float32 tensors of widened parameters back to the base's dtype."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable model config ({e})") from None
+    if not isinstance(config, dict):
+        return
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _read_as(reader, c: Chunk, out: torch.Tensor) -> None:
+    """The chunk's rows from ``reader`` into ``out``, widened from the checkpoint's own dtype
+    where it differs (exactly: bf16 and fp16 to float32)."""
+    own = reader.checkpoint.info(c.name).dtype
+    if own == out.dtype:
+        reader.read_rows(c.name, c.row_start, c.row_stop, out)
+        return
+    tmp = torch.empty(c.numel, dtype=own)
+    reader.read_rows(c.name, c.row_start, c.row_stop, tmp)
+    out.copy_(tmp)
 
 
 def _unpack(packed: np.ndarray, n: int) -> torch.Tensor:
@@ -878,18 +926,21 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
         raise CpiftError("no tuned checkpoints given (--tuned NAME=DIR)")
     base_ck = Checkpoint(base)
     base_ck.check_tied()
+    tuned_cks = []
     for p in tuned.values():
-        ck = Checkpoint(p)
-        compare_checkpoints(base_ck, ck)
-        ck.check_tied()
+        tuned_cks.append(Checkpoint(p))
+        compare_checkpoints(base_ck, tuned_cks[-1])
+        tuned_cks[-1].check_tied()
+    wide = widened(base_ck, tuned_cks)  # fused and written in float32
     t0 = time.perf_counter()
     mask_files = check_masks(base_ck, Path(masks_dir), list(tuned))
-    shards = plan_shards(base_ck, cfg.max_shard_bytes)
+    shards = plan_shards(base_ck, cfg.max_shard_bytes, wide)
     device, backend = _device_and_backend(cfg)
     if device == "cuda" and not torch.cuda.is_available():
         raise CpiftError("fusion.device=cuda but no CUDA device is available")
     if backend == "numba":
-        fused.warm({torch.bfloat16 if base_ck.info(n).dtype == torch.bfloat16 else torch.float32
+        fused.warm({torch.bfloat16 if out_dtype(base_ck, n, wide) == torch.bfloat16
+                    else torch.float32
                     for n in base_ck.names() if base_ck.info(n).dtype.is_floating_point})
     t1 = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as hasher:
@@ -897,9 +948,9 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
         mask_digests = hasher.submit(sha256_files, list(mask_files.values()))
         threads = getattr(executor, "threads", None) or max(1, int(executor.num_cpus))
         ctx = FuseContext(str(base), {t: str(p) for t, p in tuned.items()}, mask_files,
-                          str(tmp), cfg, threads)
+                          str(tmp), cfg, threads, wide)
         if isinstance(executor, InProcessExecutor):  # the threads share every shard's work
-            total = sum(base_ck.info(n).numel * base_ck.info(n).dtype.itemsize
+            total = sum(out_bytes(base_ck, n, wide)
                         for sh in shards for n in sh.names if n not in base_ck.tied)
             with tqdm(total=total, desc="fuse", unit="B", unit_scale=True,
                       disable=not progress, leave=False) as bar:
@@ -915,7 +966,7 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
         outputs = {r["file"]: r["sha256"] for r in results}
         if len(shards) > 1:
             weight_map = {n: r["file"] for r in results for n in r["names"]}
-            total = sum(i.numel * i.dtype.itemsize for i in base_ck.tensors.values())
+            total = sum(out_bytes(base_ck, n, wide) for n in base_ck.tensors)
             (tmp / INDEX_NAME).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                 indent=2) + "\n")
@@ -924,6 +975,8 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
             if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name not in (
                     INDEX_NAME, "manifest.json"):
                 shutil.copy(f, tmp / f.name)
+                if f.name == "config.json" and wide:
+                    _config_dtype(tmp / f.name, "float32")
                 outputs[f.name] = sha256_file(tmp / f.name)
         counts = {n: c for r in results for n, c in r["counts"].items()}
         digests = {"base": checkpoint_digest(base)}

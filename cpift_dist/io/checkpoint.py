@@ -648,15 +648,37 @@ def tied_copies(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, str]:
             and tensors[a].shape == tensors[c].shape and tensors[a].dtype == tensors[c].dtype}
 
 
+MIXABLE = (torch.bfloat16, torch.float16, torch.float32)
+"""Dtypes that one parameter may have differently in the base and the tuned checkpoints (a bf16
+release fine-tuned and saved in fp32, as DeepSpeed's ``zero_to_fp32`` writes): the analysis
+and the fuser widen such a parameter's values to float32, exactly."""
+
+
+def common_dtype(dtypes) -> torch.dtype:
+    """The dtype in which a parameter stored with ``dtypes`` (base and tuned checkpoints) is
+    compared and fused: the one dtype where all agree, else float32 (every :data:`MIXABLE`
+    dtype widens to it exactly; torch's type promotion gives the same)."""
+    first, *rest = dtypes
+    return first if all(d == first for d in rest) else torch.float32
+
+
+def widened(base: Checkpoint, tuned: list[Checkpoint]) -> frozenset[str]:
+    """The base's parameters that some tuned checkpoint stores in another dtype (checked by
+    :func:`compare_checkpoints`): compared and fused in float32."""
+    return frozenset(n for n in base.names()
+                     if any(t.info(n).dtype != base.info(n).dtype for t in tuned))
+
+
 def compare_checkpoints(base: Checkpoint, tuned: Checkpoint) -> None:
-    """Checks that ``tuned`` has exactly ``base``'s parameters with the same shapes and dtypes.
+    """Checks that ``tuned`` has exactly ``base``'s parameters with the same shapes, and the
+    same dtypes, or two of :data:`MIXABLE` (a bf16 or fp16 base with fp32 fine-tunes, say).
 
     Parameters, not stored tensors: a tied copy stored by one and not the other (see
     :func:`tied_copies`) is the same model.
 
     Raises:
-        CheckpointError: naming the first missing or extra tensor, or the tensor whose shape or
-            dtype differs, with both files.
+        CheckpointError: naming the first missing or extra tensor, or the tensor whose shape
+            differs, or whose dtypes differ and cannot be mixed, with both files.
     """
     missing = sorted(set(base.names()) - set(tuned.names()))
     if missing:
@@ -673,6 +695,7 @@ def compare_checkpoints(base: Checkpoint, tuned: Checkpoint) -> None:
         if b.shape != t.shape:
             raise CheckpointError(
                 f"tensor {name!r}: shape {list(t.shape)} in {t.file} != {list(b.shape)} in {b.file}")
-        if b.dtype != t.dtype:
+        if b.dtype != t.dtype and not (b.dtype in MIXABLE and t.dtype in MIXABLE):
             raise CheckpointError(
-                f"tensor {name!r}: dtype {t.dtype} in {t.file} != {b.dtype} in {b.file}")
+                f"tensor {name!r}: dtype {t.dtype} in {t.file} != {b.dtype} in {b.file} "
+                f"(only bfloat16, float16 and float32 may differ)")
