@@ -81,18 +81,25 @@ def _as_kernel_input(x: torch.Tensor) -> np.ndarray:
     return kernel_view(x.contiguous().reshape(-1).view(torch.uint8).numpy(), x.dtype)
 
 
-def kernel_view(raw: np.ndarray, dtype: torch.dtype, wide: bool = False) -> np.ndarray:
+def kernel_view(raw: np.ndarray, dtype: torch.dtype, wide: bool = False,
+                into: np.ndarray | None = None) -> np.ndarray:
     """Raw bytes of a chunk as the fused loops take them, read-only: bf16 as its uint16 bits,
     float32 as is (both views, no copy), any other float dtype widened to float32 (exactly, as
     torch does), and bf16 too where ``wide`` (a parameter whose checkpoints differ in dtype:
-    see :func:`~cpift_dist.io.checkpoint.common_dtype`). A chunk that is not aligned to its item
+    see :func:`~cpift_dist.io.checkpoint.widened`), by a compiled loop into ``into`` (a
+    float32 buffer the caller reuses) where given. A chunk that is not aligned to its item
     size (safetensors does not pad between tensors) is copied, so that every loop compiles for
     aligned arrays only."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and not wide):
+    if dtype == torch.float32 or dtype == torch.bfloat16:
         kind = np.uint16 if dtype == torch.bfloat16 else np.float32
         out = raw.view(kind)  # a new array: the caller's flags stay as they are
         if not out.flags.aligned:  # (numpy's flag; ``raw.ctypes`` cost 1.4 us a chunk)
             out = raw.copy().view(kind)
+        if wide and dtype == torch.bfloat16:
+            out.flags.writeable = False
+            wide_out = np.empty(out.size, np.float32) if into is None else into[:out.size]
+            fused.widen_bf16(out, wide_out.view(np.uint32))
+            out = wide_out[:]
     else:
         out = torch.from_numpy(raw.copy()).view(dtype).to(torch.float32).numpy()
     out.flags.writeable = False
@@ -118,6 +125,19 @@ def _buffer(nbytes: int) -> np.ndarray:
     if buf is None or buf.size < nbytes:
         buf = _LOCAL.buf = np.empty(nbytes, np.uint8)
     return buf
+
+
+def _widened(k: int, n: int) -> np.ndarray:
+    """This thread's ``k``-th float32 buffer for chunks widened from bf16 (checkpoints that
+    differ in dtype), at least ``n`` elements, reused chunk after chunk."""
+    bufs = getattr(_LOCAL, "widened", None)
+    if bufs is None:
+        bufs = _LOCAL.widened = []
+    while len(bufs) <= k:
+        bufs.append(np.empty(0, np.float32))
+    if bufs[k].size < n:
+        bufs[k] = np.empty(n, np.float32)
+    return bufs[k]
 
 
 def _chunks(ctx: ScanContext, unit: Unit):
@@ -159,7 +179,8 @@ def _chunks(ctx: ScanContext, unit: Unit):
                                      _buffer(c.numel * sum(d.itemsize for d in dtypes)))
             else:
                 raw = [r.map_rows(c.name, c.row_start, c.row_stop) for r in every]
-            b, *ts = (kernel_view(x, d, wide) for x, d in zip(raw, dtypes))
+            b, *ts = (kernel_view(x, d, wide, _widened(k, c.numel) if wide else None)
+                      for k, (x, d) in enumerate(zip(raw, dtypes)))
             yield ci, c, b, ts, dtypes[0] == torch.bfloat16 and not wide
             pending -= c.numel
             if not pread:
@@ -257,11 +278,13 @@ def _sample_runs(ctx: ScanContext, unit: Unit, sample_every: int):
             r.prefetch_gather([part for run in runs for part in run[2]])
         bufs = [np.empty(max(run[3] * run[1][k].itemsize for run in runs), np.uint8)
                 for k in range(len(readers) + 1)]
-        for group, dtypes, parts, _ in runs:
+        for run in runs:
+            group, dtypes, parts, _ = run
             wide = len(set(dtypes)) > 1
             with SPENT.timed("reads"):
-                b, *ts = [kernel_view(r.gather_rows(parts, buf), d, wide)
-                          for r, buf, d in zip((rb, *readers), bufs, dtypes)]
+                b, *ts = [kernel_view(r.gather_rows(parts, buf), d, wide,
+                                      _widened(k, run[3]) if wide else None)
+                          for k, (r, buf, d) in enumerate(zip((rb, *readers), bufs, dtypes))]
             yield group, b, ts, dtypes[0] == torch.bfloat16 and not wide
 
 

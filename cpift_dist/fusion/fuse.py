@@ -334,15 +334,12 @@ class _ShardFuser:
         self.runs = self.maps and cfg.read == "pread"
         self.chunk = cfg.chunk_for(self.backend)
         self.cold: list[int] = []  # readers (0: the base) whose pages were not in the cache
-        if self.kernels is not None:
-            _tune_once(self.kernels, len(self.tasks), self._float_dtype(), self.tv, cfg.overlap,
-                       self.device)
-
-    def _float_dtype(self) -> torch.dtype:
-        for name in self.shard.names:
-            if self.base.info(name).dtype.is_floating_point:
-                return self._dtype(name)
-        return torch.float32
+        if self.kernels is not None:  # every dtype the shard's kernels run in (float32 too
+            # where some checkpoint stores a parameter in another dtype than the base)
+            for dtype in sorted({self._dtype(n) for n in shard.names
+                                 if self.base.info(n).dtype.is_floating_point}, key=str):
+                _tune_once(self.kernels, len(self.tasks), dtype, self.tv, cfg.overlap,
+                           self.device)
 
     def _dtype(self, name: str) -> torch.dtype:
         """The values' dtype in the loops and the output (:func:`out_dtype`)."""
@@ -942,6 +939,8 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
         fused.warm({torch.bfloat16 if out_dtype(base_ck, n, wide) == torch.bfloat16
                     else torch.float32
                     for n in base_ck.names() if base_ck.info(n).dtype.is_floating_point})
+        if wide:  # the compiled widening of bf16 chunks, loaded before the threads start
+            kernel_view(np.zeros(2, np.uint8), torch.bfloat16, wide=True)
     t1 = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as hasher:
         # the masks' digests (inputs, read-only) while the shards fuse, not after them

@@ -1,7 +1,7 @@
 """Streaming checkpoint IO: lazy sharded reads, bounded-memory sharded writes, manifests."""
 
 from cpift_dist.io.atomic import atomic_dir
-from cpift_dist.io.checkpoint import (Checkpoint, CheckpointReader, TensorInfo, common_dtype,
+from cpift_dist.io.checkpoint import (Checkpoint, CheckpointReader, TensorInfo,
                                       compare_checkpoints, read_header, widened)
 from cpift_dist.io.manifest import (checkpoint_digest, read_manifest, sha256_file,
                                     write_manifest)
@@ -9,6 +9,6 @@ from cpift_dist.io.shard_writer import ShardWriter
 
 __all__ = [
     "Checkpoint", "CheckpointReader", "ShardWriter", "TensorInfo", "atomic_dir",
-    "checkpoint_digest", "common_dtype", "compare_checkpoints", "read_header", "read_manifest",
-    "sha256_file", "widened", "write_manifest",
+    "checkpoint_digest", "compare_checkpoints", "read_header", "read_manifest", "sha256_file",
+    "widened", "write_manifest",
 ]

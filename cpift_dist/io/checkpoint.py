@@ -654,17 +654,11 @@ release fine-tuned and saved in fp32, as DeepSpeed's ``zero_to_fp32`` writes): t
 and the fuser widen such a parameter's values to float32, exactly."""
 
 
-def common_dtype(dtypes) -> torch.dtype:
-    """The dtype in which a parameter stored with ``dtypes`` (base and tuned checkpoints) is
-    compared and fused: the one dtype where all agree, else float32 (every :data:`MIXABLE`
-    dtype widens to it exactly; torch's type promotion gives the same)."""
-    first, *rest = dtypes
-    return first if all(d == first for d in rest) else torch.float32
-
-
 def widened(base: Checkpoint, tuned: list[Checkpoint]) -> frozenset[str]:
     """The base's parameters that some tuned checkpoint stores in another dtype (checked by
-    :func:`compare_checkpoints`): compared and fused in float32."""
+    :func:`compare_checkpoints`): compared and fused in float32, to which every
+    :data:`MIXABLE` dtype widens exactly (torch's type promotion of any two of them gives the
+    same)."""
     return frozenset(n for n in base.names()
                      if any(t.info(n).dtype != base.info(n).dtype for t in tuned))
 
