@@ -1,10 +1,11 @@
 """Delta-analysis benchmark: cpift analyze against a naive whole-model analysis and a raw read.
 
-    .venv/bin/python bench/analyze_bench.py [--sizes 348m,90m] [--dtype bf16|fp32]
+    .venv/bin/python bench/analyze_bench.py [--sizes 348m,90m] [--dtype bf16|fp32|mixed]
         [--threads 1,2] [--data bench/_data] [--no-ray]
 
 Builds (once, cached under --data) Llama-shaped checkpoints in ``--dtype`` (bf16 by default,
-as real checkpoints are): a base and 3 tuned variants per size, with sparse deltas on 20% of
+as real checkpoints are; ``mixed``: a bf16 base with fp32 fine-tunes, as DeepSpeed's
+``zero_to_fp32`` saves them): a base and 3 tuned variants per size, with sparse deltas on 20% of
 the elements and, as real fine-tunes do, larger updates concentrated in a band of rows of
 every matrix (a sample of the first rows of each chunk misses them). Then, in one run, each
 measurement in a fresh process (peak RSS from VmHWM; for Ray, sampled over the process tree):
@@ -51,7 +52,7 @@ def build(root: Path, size: str, dtype: str = "bf16") -> dict[str, Path]:
     from cpift_dist.io import ShardWriter, write_manifest
 
     d = root / size if dtype == "fp32" else root / f"{size}-{dtype}"
-    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32  # mixed: the tuned ones
     paths = {"base": d / "base", **{t: d / t for t in ("t1", "t2", "t3")}}
     if all((p / "manifest.json").exists() for p in paths.values()):
         for p in paths.values():  # older caches lacked `architectures` (mergekit needs it)
@@ -81,7 +82,7 @@ def build(root: Path, size: str, dtype: str = "bf16") -> dict[str, Path]:
                     band = max(1, shape[0] // 20)
                     r0 = int(torch.randint(0, shape[0] - band + 1, (1,), generator=gt))
                     t[r0:r0 + band] += torch.randn(band, shape[1], generator=gt) * 2e-2
-            w.add(n, t.to(tdtype))
+            w.add(n, t.to(torch.bfloat16 if dtype == "mixed" and not i else tdtype))
         digests = w.close()
         cfg.save_pretrained(path)
         write_manifest(path, "bench-model", {"size": size}, {}, outputs=digests)
@@ -148,10 +149,11 @@ def m_cpift(base: str, tuned: list[str], p: float, executor: str, out: str,
         import torch
 
         from cpift_dist.analysis import fused
-        from cpift_dist.io import Checkpoint
+        from cpift_dist.io import Checkpoint, widened
         ck = Checkpoint(base)
-        fused.warm({np.uint16 if ck.info(n).dtype == torch.bfloat16 else np.float32
-                    for n in ck.names() if ck.info(n).dtype.is_floating_point})
+        wide = widened(ck, [Checkpoint(t) for t in tuned])
+        fused.warm({np.uint16 if ck.info(n).dtype == torch.bfloat16 and n not in wide
+                    else np.float32 for n in ck.names() if ck.info(n).dtype.is_floating_point})
     t_loops = time.perf_counter()
     cfg = AnalysisConfig(p=p, read=read, **({"chunk_elements": chunk} if chunk else {}))
     phases = debug_lines()
@@ -243,7 +245,7 @@ def _vm_hwm() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="348m,90m")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--dtype", choices=["bf16", "fp32", "mixed"], default="bf16")
     ap.add_argument("--threads", default="1,2", help="in-process thread counts to sweep")
     ap.add_argument("--no-ray", action="store_true", help="skip the local-Ray measurement")
     ap.add_argument("--data", type=Path, default=Path(__file__).parent / "_data")

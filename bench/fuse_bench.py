@@ -1,6 +1,6 @@
 """Fusion benchmark: cpift fuse against a naive load-everything SLERP and mergekit-yaml.
 
-    .venv/bin/python bench/fuse_bench.py [--size 348m] [--dtype bf16|fp32] [--threads 1,2]
+    .venv/bin/python bench/fuse_bench.py [--size 348m] [--dtype bf16|fp32|mixed] [--threads 1,2]
         [--data bench/_data] [--no-mergekit]
 
 Uses the checkpoints of bench/analyze_bench.py (built if missing). In one run, each in a fresh
@@ -50,7 +50,7 @@ def m_cpift(base, tuned, masks, out, space, omega, threads=2, backend="auto", re
     t0 = time.perf_counter()
     if backend != "torch":  # numba's per-process start, timed apart (fuse would do it first)
         from cpift_dist.fusion import fused
-        fused.warm()
+        fused.warm()  # both dtypes (a widened model fuses in float32)
     t1 = time.perf_counter()
     fuse(base, {Path(t).name: t for t in tuned}, masks, out,
          FusionConfig(space=space, omega=omega, max_shard_bytes=SHARD, backend=backend,
@@ -169,7 +169,7 @@ def mergekit(a, b, out, shard_params: str | None) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="348m")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--dtype", choices=["bf16", "fp32", "mixed"], default="bf16")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--data", type=Path, default=HERE / "_data")
