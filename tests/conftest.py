@@ -61,7 +61,7 @@ def mixed_models(bf16_models, models, tmp_path_factory) -> dict[str, Path]:
         def edit(name, t):
             if only not in name:
                 return t
-            fine = torch.randn(t.shape, generator=g) * 2e-4  # below bf16's ulp near 1
+            fine = torch.randn(t.shape, generator=g) * 2e-4  # about bf16's step at 0.02
             return t.float() + fine * (torch.rand(t.shape, generator=g) < 0.5)
         return edit
 

@@ -100,6 +100,33 @@ def test_fusion_keeps_the_output_tied(tied, tmp_path):
     assert torch.equal(logits["stored"], logits["plain"])
 
 
+def test_a_tied_model_fine_tuned_in_fp32_stays_tied_in_float32(tmp_path):
+    """A bf16 tied base (head stored) with an fp32 fine-tune that stores only the embedding and
+    a bf16 one that stores both: masks equal the float32 oracle, and the fused embedding and
+    its stored copy are both float32, one value written twice (the copy's dtype follows its
+    parameter's)."""
+    base = make_tied(tmp_path / "base", store_head=True, dtype=torch.bfloat16)
+    src = make_tied(tmp_path / "src", store_head=False, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    fp32 = perturb(src, tmp_path / "fp32", seed=1, shard_bytes=8_000,
+                   edit=lambda n, t: t.float() + 1e-4 * torch.randn(t.shape, generator=g))
+    bf16 = perturb(base, tmp_path / "bf16", seed=2, shard_bytes=8_000)  # a file per copy
+    tuned = {"a": fp32, "b": bf16}
+    assert Checkpoint(fp32).tied == {} and Checkpoint(bf16).tied == {HEAD: EMBED}
+    analyze(base, tuned, tmp_path / "an", AnalysisConfig(p=0.05), progress=False)
+    for t, path in tuned.items():
+        mf = MaskFile(tmp_path / "an" / "masks" / f"{t}.safetensors")
+        for n, want in oracle_masks(base, path, 0.05).items():
+            assert torch.equal(mf.read(n), want), (t, n)
+    fuse(base, tuned, tmp_path / "an" / "masks", tmp_path / "fused",
+         FusionConfig(max_shard_bytes=20_000, device="cpu"), progress=False)
+    out = Checkpoint(tmp_path / "fused")
+    assert out.tied == {HEAD: EMBED}
+    assert {out.info(n).dtype for n in out.stored_names()} == {torch.float32}
+    assert torch.equal(out.read(HEAD), out.read(EMBED))
+    out.check_tied()
+
+
 def test_tied_copies_that_differ_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
