@@ -57,12 +57,12 @@ def _widen(src, start, m, bf16, out_u32, out_f32):
 
 
 @njit(nogil=True, cache=True)
-def widen_bf16(src, out_u32):
-    """``out_u32[:n]`` = the float32 bit patterns of the bf16 values ``src`` (uint16 bits,
-    read-only), exactly: a parameter whose checkpoints differ in dtype is compared in float32
-    (:func:`cpift_dist.analysis.scan.kernel_view`), into a buffer the caller reuses."""
-    for i in range(src.size):
-        out_u32[i] = np.uint32(src[i]) << np.uint32(16)
+def widen_bf16(src, out):
+    """``out[:n]`` = the float32 values of the bf16 ``src`` (uint16 bits, read-only), exactly
+    (:func:`_widen` over the whole array): a parameter whose checkpoints differ in dtype is
+    compared in float32 (:func:`cpift_dist.analysis.scan.kernel_view`), into a buffer the
+    caller reuses."""
+    _widen(src, 0, src.size, True, out.view(np.uint32), out)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -547,7 +547,7 @@ def warm(dtypes=(np.uint16, np.float32)) -> None:
         threshold_masks(b, t, bf16, active, i64, i64, np.zeros(GROUP, np.int64),
                         np.zeros((GROUP, 2), np.uint8))
     set_bits(np.zeros(1, np.uint8), np.zeros(1, np.int64), 0)
-    widen_bf16(readonly(np.zeros(1, np.uint16)), np.zeros(1, np.uint32))
+    widen_bf16(readonly(np.zeros(1, np.uint16)), np.zeros(1, np.float32))
     kth_largest_bits(readonly(np.zeros(1, np.int32)), 1)
     set_winners(readonly(np.zeros(1, np.int32)), readonly(np.zeros(1, np.int64)), 0, 0, 1,
                 np.zeros(1, np.uint8))

@@ -98,8 +98,8 @@ def kernel_view(raw: np.ndarray, dtype: torch.dtype, wide: bool = False,
         if wide and dtype == torch.bfloat16:
             out.flags.writeable = False
             wide_out = np.empty(out.size, np.float32) if into is None else into[:out.size]
-            fused.widen_bf16(out, wide_out.view(np.uint32))
-            out = wide_out[:]
+            fused.widen_bf16(out, wide_out)
+            out = wide_out
     else:
         out = torch.from_numpy(raw.copy()).view(dtype).to(torch.float32).numpy()
     out.flags.writeable = False
