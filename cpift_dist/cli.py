@@ -11,6 +11,7 @@
               [--address RAY_ADDRESS] [--no-ray] [--plan] [--prepare-stage K]
     cpift run [CONFIG.yaml] [--preset default|tiny] [--address RAY_ADDRESS] [--from STAGE]
               [key=value ...]
+    cpift verify DIR [DIR ...]      (exit 1 when a file differs from its manifest)
     cpift data make-suite --out DIR [--seed S] [--n-train N] [--n-eval N]
 
 Every error on bad input is one line naming the culprit; the exit status is 2 and no partial
@@ -93,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="ready stage K's directory and exit (before a launcher runs it)")
     _add_exec_args(sf)
     sf.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+    v = sub.add_parser("verify", help="re-hash a stage's outputs against its manifest")
+    v.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
+                   help="stage directories holding a manifest.json (a checkpoint, an analysis)")
 
     dp = sub.add_parser("data", help="task data tools")
     dsub = dp.add_subparsers(dest="data_command", required=True)
@@ -298,6 +303,21 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from cpift_dist.io import read_manifest, verify_outputs
+
+    bad = 0
+    for d in args.dirs:
+        problems = verify_outputs(d)
+        for line in problems:
+            print(f"cpift: {line}", file=sys.stderr)
+        if problems:
+            bad += 1
+        else:
+            print(f"{d}: {len(read_manifest(d)['outputs'])} files match the manifest")
+    return 1 if bad else 0
+
+
 def cmd_data(args) -> int:
     from cpift_dist.data import make_suite
 
@@ -324,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
               "finetune": cmd_finetune, "sft": cmd_sft, "run": cmd_run,
-              "data": cmd_data}[args.command](args)
+              "verify": cmd_verify, "data": cmd_data}[args.command](args)
     except CpiftError as e:
         print(f"cpift: error: {e}", file=sys.stderr)
         rc = 2

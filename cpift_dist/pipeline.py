@@ -23,7 +23,8 @@ from typing import Callable
 
 from cpift_dist.config import RunConfig, TaskConfig
 from cpift_dist.errors import CpiftError
-from cpift_dist.io.manifest import checkpoint_digest, read_manifest, sha256_file, sha256_json
+from cpift_dist.io.manifest import (checkpoint_digest, outputs_digest, read_manifest,
+                                    sha256_file, sha256_json)
 from cpift_dist.ray_utils import resolve_use_gpu
 
 STAGES = ("finetune", "analyze", "group", "fuse", "sft", "baselines", "eval", "report")
@@ -33,7 +34,7 @@ def output_digest(path: Path) -> str:
     """Digest of a stage output: its manifest's file hashes, else the checkpoint digest."""
     man = read_manifest(path)
     if man and man.get("outputs"):
-        return sha256_json({f: o["sha256"] for f, o in man["outputs"].items()})
+        return outputs_digest(man)
     return checkpoint_digest(path)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from blake3 import blake3
 
 from cpift_dist.analysis import MaskFile, analyze
 from cpift_dist.cli import main
@@ -354,7 +355,7 @@ def test_cuda_fusion_threads_cache_and_cpu_agree(three, tmp_path, space):
 
 def test_positional_writer_any_order_threads_and_refusals(tmp_path):
     """Pieces written out of order from several threads give the file safetensors reads, and
-    the sha256 the background hasher computed equals the file's; a double write and a missing
+    the digest the background hasher computed (BLAKE3) equals the file's; a double write and a missing
     piece are refused by name."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -372,7 +373,7 @@ def test_positional_writer_any_order_threads_and_refusals(tmp_path):
     got = load_file(tmp_path / "f.safetensors")
     assert torch.equal(got["x"], x) and torch.equal(got["z"], x)
     assert torch.equal(got["y"], torch.arange(5.0))
-    assert digest == sha256_file(tmp_path / "f.safetensors")
+    assert digest == blake3((tmp_path / "f.safetensors").read_bytes()).hexdigest()
     w = PositionalWriter(tmp_path / "g.safetensors", entries)
     w.write("y", torch.arange(5.0))
     with pytest.raises(Exception, match="written twice"):

@@ -9,8 +9,11 @@ import torch
 
 from cpift_dist.config import RunConfig, load_config
 from cpift_dist.errors import CpiftError
+from blake3 import blake3
+
 from cpift_dist.io import (Checkpoint, ShardWriter, atomic_dir, checkpoint_digest,
-                           sha256_file, write_manifest)
+                           verify_outputs, write_manifest)
+from cpift_dist.io.manifest import sha256_json
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,13 +312,13 @@ def test_shard_writer_output_loads_in_transformers(models, tmp_path, shard_bytes
     assert (out / "model.safetensors.index.json").exists() == multi
     assert len(list(out.glob("*.safetensors"))) == (len(digests) - 1 if multi else 1)
     for f, d in digests.items():
-        assert sha256_file(out / f) == d
+        assert blake3((out / f).read_bytes()).hexdigest() == d
     model = AutoModelForCausalLM.from_pretrained(out)
     sd = model.state_dict()
     for n in src.names():
         assert torch.equal(sd[n], src.read(n)), n
-    # the manifest's sha256 is what the digest is built from
-    assert checkpoint_digest(out) == checkpoint_digest(out)
+    # the manifest's digests are what the checkpoint's digest is built from
+    assert checkpoint_digest(out) == sha256_json({f: f"blake3:{d}" for f, d in digests.items()})
     ids = torch.tensor([[1, 2, 3]])
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 6)
 
@@ -387,3 +390,52 @@ def test_use_gpu_resolves_to_what_the_machine_has(monkeypatch):
     monkeypatch.setattr(ray_utils, "gpus_available", lambda: 2)
     assert ray_utils.resolve_use_gpu(None, 2) and not ray_utils.resolve_use_gpu(None, 3)
     assert ray_utils.resolve_use_gpu(False, 2) is False
+
+
+def test_manifests_old_and_new_digests_and_cpift_verify(tmp_path, capsys):
+    """New manifests record each output's BLAKE3; one written before them (sha256) keeps the
+    checkpoint digest it had then (so that a finished run resumes after the upgrade), and both
+    are re-hashed by `cpift verify`, which names a changed, resized or missing file."""
+    import hashlib
+    import json
+
+    from cpift_dist.cli import main
+
+    d = tmp_path / "stage"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.bin").write_bytes(bytes(range(256)) * 4096)
+    (d / "sub" / "b.json").write_text('{"x": 1}\n')
+    man = write_manifest(d, "copy", {}, {})
+    files = {"a.bin": d / "a.bin", "sub/b.json": d / "sub" / "b.json"}
+    assert man["outputs"] == {f: {"blake3": blake3(p.read_bytes()).hexdigest(),
+                                  "bytes": p.stat().st_size} for f, p in files.items()}
+    assert checkpoint_digest(d) == sha256_json(
+        {f: "blake3:" + blake3(p.read_bytes()).hexdigest() for f, p in files.items()})
+    assert verify_outputs(d) == [] and main(["verify", str(d)]) == 0
+    assert "2 files match the manifest" in capsys.readouterr().out
+
+    old = tmp_path / "old"
+    shutil.copytree(d, old)
+    legacy = json.loads((old / "manifest.json").read_text())
+    legacy["outputs"] = {f: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                             "bytes": p.stat().st_size} for f, p in files.items()}
+    (old / "manifest.json").write_text(json.dumps(legacy))
+    # the digest the code before BLAKE3 computed for this manifest, literally
+    assert checkpoint_digest(old) == sha256_json(
+        {f: o["sha256"] for f, o in legacy["outputs"].items()})
+    assert verify_outputs(old) == []
+
+    for stage, algo in ((d, "blake3"), (old, "sha256")):
+        raw = bytearray((stage / "a.bin").read_bytes())
+        raw[5000] ^= 1  # same size, one bit
+        (stage / "a.bin").write_bytes(bytes(raw))
+        problems = verify_outputs(stage)
+        assert len(problems) == 1 and f"a.bin: {algo} " in problems[0], problems
+        (stage / "sub" / "b.json").write_text('{"x": 10}\n')
+        assert any("b.json: 10 bytes, the manifest says 9" in p for p in verify_outputs(stage))
+        (stage / "sub" / "b.json").unlink()
+        assert any("b.json: missing" in p for p in verify_outputs(stage))
+        assert main(["verify", str(stage)]) == 1
+        assert "a.bin" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path)]) == 2  # no manifest there
+    assert "no readable manifest" in capsys.readouterr().err

@@ -37,10 +37,10 @@ from cpift_dist.fusion import fused
 from cpift_dist.fusion.slerp import (apply_torch, fold_coefficients, fold_weights, gram_torch,
                                      segments_of)
 from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
-                           sha256_file, widened, write_manifest)
+                           file_digest, widened, write_manifest)
 from cpift_dist.io.checkpoint import (INDEX_NAME, SINGLE_NAME, drop_mapped, read_chunk,
                                      row_spans)
-from cpift_dist.io.manifest import sha256_files
+from cpift_dist.io.manifest import file_digests
 from cpift_dist.io.read_ahead import ReadAhead
 from cpift_dist.io.safetensors_stream import PositionalWriter
 from cpift_dist.timing import TimeSplit
@@ -770,7 +770,7 @@ def _tune_once(kernels, n_tasks: int, dtype: torch.dtype, tv: bool, overlap: str
 
 def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict]:
     """Fuses the tensors of ``shards`` on ``ctx.threads`` threads shared by all of them, and
-    writes each; returns per shard its sha256 and counts. The tasks run in shard order (the
+    writes each; returns per shard its digest and counts. The tasks run in shard order (the
     scheduler's priorities), so memory is bounded as for one shard at a time."""
     t_start = time.perf_counter()
     fused.load_registries()  # a Ray worker's first loop (the driver's warm() did it there)
@@ -800,7 +800,7 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict
             out = []
             for shard, fuser, writer in zip(shards, fusers, writers):
                 counts = fuser.finish()
-                out.append({"file": shard.file, "sha256": writer.close(),
+                out.append({"file": shard.file, "digest": writer.close(),
                             "names": list(shard.names), "counts": counts,
                             "device": fuser.device, "backend": fuser.backend})
             _log.debug("fuse %d shard(s): set-up %.2f s, work %.2f s, then hashes %.2f s",
@@ -944,7 +944,7 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
     t1 = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as hasher:
         # the masks' digests (inputs, read-only) while the shards fuse, not after them
-        mask_digests = hasher.submit(sha256_files, list(mask_files.values()))
+        mask_digests = hasher.submit(file_digests, list(mask_files.values()))
         threads = getattr(executor, "threads", None) or max(1, int(executor.num_cpus))
         ctx = FuseContext(str(base), {t: str(p) for t, p in tuned.items()}, mask_files,
                           str(tmp), cfg, threads, wide)
@@ -962,21 +962,21 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
                 results.append(r)
         t2 = time.perf_counter()
         results.sort(key=lambda r: r["file"])
-        outputs = {r["file"]: r["sha256"] for r in results}
+        outputs = {r["file"]: r["digest"] for r in results}
         if len(shards) > 1:
             weight_map = {n: r["file"] for r in results for n in r["names"]}
             total = sum(out_bytes(base_ck, n, wide) for n in base_ck.tensors)
             (tmp / INDEX_NAME).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                 indent=2) + "\n")
-            outputs[INDEX_NAME] = sha256_file(tmp / INDEX_NAME)
+            outputs[INDEX_NAME] = file_digest(tmp / INDEX_NAME)
         for f in sorted(Path(base).iterdir()):
             if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name not in (
                     INDEX_NAME, "manifest.json"):
                 shutil.copy(f, tmp / f.name)
                 if f.name == "config.json" and wide:
                     _config_dtype(tmp / f.name, "float32")
-                outputs[f.name] = sha256_file(tmp / f.name)
+                outputs[f.name] = file_digest(tmp / f.name)
         counts = {n: c for r in results for n, c in r["counts"].items()}
         digests = {"base": checkpoint_digest(base)}
         digests.update({f"tuned/{t}": checkpoint_digest(p) for t, p in tuned.items()})

@@ -10,7 +10,6 @@ with safetensors itself (tested).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from cpift_dist.errors import CpiftError
-from cpift_dist.io.manifest import sha256_update
+from cpift_dist.io.manifest import file_hash, hash_update
 
 DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
@@ -48,11 +47,11 @@ def build_header(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
 class PositionalWriter:
     """Writes one safetensors file whose header is known up front: tensors or row ranges in
     any order, from any thread, each ``pwrite`` at its precomputed offset; a background thread
-    hashes (sha256) the file's completed prefix as it grows, so hashing overlaps the work.
+    hashes (:func:`~cpift_dist.io.manifest.file_hash`) the file's completed prefix as it grows, so hashing overlaps the work.
 
     Use :meth:`write` for the bytes of a tensor from a byte offset, :meth:`close` to finish
     (every byte written exactly once, else an error naming the first incomplete tensor) and get
-    the sha256; :meth:`abort` on failure.
+    its digest; :meth:`abort` on failure.
 
     Raises:
         CpiftError: a write outside its tensor, twice over the same bytes, or an incomplete file.
@@ -79,8 +78,8 @@ class PositionalWriter:
         self._frontier = len(header)  # bytes [0, frontier) are written
         self._closing = False
         self._error: BaseException | None = None
-        self._sha = hashlib.sha256()
-        self._hasher = threading.Thread(target=self._hash, name=f"sha256 {self.path.name}",
+        self._hash_of = file_hash()
+        self._hasher = threading.Thread(target=self._hash, name=f"hash {self.path.name}",
                                         daemon=True)
         self._hasher.start()
 
@@ -150,13 +149,13 @@ class PositionalWriter:
                     target = self._frontier
                     if target == hashed:
                         return
-                sha256_update(self._sha, self._fd, hashed, target)
+                hash_update(self._hash_of, self._fd, hashed, target)
                 hashed = target
         except BaseException as e:  # reported by close()
             self._error = e
 
     def close(self) -> str:
-        """Checks every byte was written; returns the file's sha256."""
+        """Checks every byte was written; returns the file's digest (as manifests record it)."""
         with self._cv:
             self._closing = True
             self._cv.notify()
@@ -169,7 +168,7 @@ class PositionalWriter:
             raise CpiftError(f"{self.path}: tensor {first!r} was not written whole")
         if self._error is not None:
             raise CpiftError(f"{self.path}: hashing failed ({self._error})")
-        return self._sha.hexdigest()
+        return self._hash_of.hexdigest()
 
     def abort(self) -> None:
         """Stops the hasher and closes the file (after an error; the file is incomplete). Does

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from safetensors.torch import save
 
 from cpift_dist.io.checkpoint import INDEX_NAME, SINGLE_NAME
+from cpift_dist.io.manifest import file_hash
 
 
 class ShardWriter:
@@ -28,9 +28,9 @@ class ShardWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str], str]] = []  # (tmp path, names, sha256)
+        self._shards: list[tuple[Path, list[str], str]] = []  # (tmp path, names, digest)
         self._total = 0
-        self.sha256: dict[str, str] = {}
+        self.digests: dict[str, str] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
@@ -44,11 +44,11 @@ class ShardWriter:
         data = save(self._pending, metadata=self.metadata)
         path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
         path.write_bytes(data)
-        self._shards.append((path, list(self._pending), hashlib.sha256(data).hexdigest()))
+        self._shards.append((path, list(self._pending), file_hash().update(data).hexdigest()))
         self._pending, self._pending_bytes = {}, 0
 
     def close(self) -> dict[str, str]:
-        """Writes the last shard and the index; returns file name -> sha256."""
+        """Writes the last shard and the index; returns file name -> digest (as manifests record it)."""
         if self._pending or not self._shards:
             self._flush()
         n = len(self._shards)
@@ -56,12 +56,12 @@ class ShardWriter:
         for i, (tmp, names, digest) in enumerate(self._shards):
             fname = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             tmp.rename(self.directory / fname)
-            self.sha256[fname] = digest
+            self.digests[fname] = digest
             weight_map.update({nm: fname for nm in names})
         if n > 1:
             index = {"metadata": {"total_size": self._total},
                      "weight_map": dict(sorted(weight_map.items()))}
             text = json.dumps(index, indent=2) + "\n"
             (self.directory / INDEX_NAME).write_text(text)
-            self.sha256[INDEX_NAME] = hashlib.sha256(text.encode()).hexdigest()
-        return self.sha256
+            self.digests[INDEX_NAME] = file_hash().update(text.encode()).hexdigest()
+        return self.digests

@@ -39,8 +39,8 @@ import numpy as np
 
 from cpift_dist.config import EPIConfig, RunConfig, TrainConfig
 from cpift_dist.errors import CpiftError
-from cpift_dist.io.manifest import (checkpoint_digest, read_manifest, sha256_file, sha256_json,
-                                    write_manifest)
+from cpift_dist.io.manifest import (checkpoint_digest, file_digest, read_manifest, sha256_file,
+                                    sha256_json, write_manifest)
 from cpift_dist.launchers import resolve_launcher
 from cpift_dist.ray_utils import resolve_use_gpu
 from cpift_dist.training.freeze import CoreUnion, freeze_problem
@@ -279,7 +279,7 @@ def finish_stage(cfg: RunConfig, stage: Stage, job: SFTJob) -> dict:
         extra.update(_epi_facts(stage, freeze))
     if not cfg.sft.keep_checkpoints:
         shutil.rmtree(stage.out / "checkpoints", ignore_errors=True)
-    outputs = {str(p.relative_to(stage.out)): sha256_file(p)
+    outputs = {str(p.relative_to(stage.out)): file_digest(p)
                for p in sorted(model.rglob("*")) if p.is_file()}
     return write_manifest(stage.out, f"sft-{stage.method}", config, inputs, outputs, extra)
 
@@ -297,7 +297,7 @@ def _epi_facts(stage: Stage, freeze: Path) -> dict:
     problem = freeze_problem(facts)
     if problem:
         raise CpiftError(f"{freeze}: SFT stage {stage.index} ({stage.method}): {problem}")
-    masks = {r["mask"]: sha256_file(stage.out / r["mask"]) for r in log["refreshes"]}
+    masks = {r["mask"]: file_digest(stage.out / r["mask"]) for r in log["refreshes"]}
     if len(masks) != facts["epi"]["refreshes"]:
         raise CpiftError(f"{stage.out}: {facts['epi']['refreshes']} EPI refreshes, "
                          f"{len(masks)} masks recorded")
