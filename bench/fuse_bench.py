@@ -1,7 +1,7 @@
 """Fusion benchmark: cpift fuse against a naive load-everything SLERP and mergekit-yaml.
 
     .venv/bin/python bench/fuse_bench.py [--size 348m] [--dtype bf16|fp32|mixed] [--threads 1,2]
-        [--data bench/_data] [--no-mergekit]
+        [--data bench/_data] [--no-mergekit] [--out-dir /dev/shm/fb] [--rounds 2]
 
 Uses the checkpoints of bench/analyze_bench.py (built if missing). In one run, each in a fresh
 process reading from page cache, with peak RSS from the process's own high-water mark:
@@ -18,7 +18,10 @@ process reading from page cache, with peak RSS from the process's own high-water
   threads   the pair on each of --threads threads (they share the work of every shard), each
             beside `read: map` on 4M-element chunks (the path before runs, alternated), and
             on the most threads with backend torch (the unfused reference ops) side by side;
-            also printed without the fixed per-process start of numba's loops (timed apart).
+            also printed without the fixed per-process start of numba's loops (timed apart);
+            --rounds alternated rounds, the best and the median printed.
+--out-dir puts every output (and the raw writes) there, e.g. in tmpfs (/dev/shm) so that the
+disk's write-back does not time the fuser; it is removed at the end.
 On a CUDA machine it also times the Triton apply kernel against a device-to-device copy and
 against torch eager SLERP of the same tensors.
 """
@@ -29,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -173,6 +177,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--data", type=Path, default=HERE / "_data")
+    ap.add_argument("--out-dir", type=Path, help="where outputs go (default: beside the data)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternated rounds of the sweep")
     ap.add_argument("--measure")
     ap.add_argument("args", nargs="?")
     a = ap.parse_args()
@@ -187,6 +193,8 @@ def main() -> None:
     paths = {k: str(v) for k, v in build(a.data, a.size, a.dtype).items()}
     d = a.data / f"fuse-{a.size}-{a.dtype}"
     d.mkdir(exist_ok=True)
+    o = a.out_dir or d  # the outputs
+    o.mkdir(parents=True, exist_ok=True)
     from cpift_dist.analysis import analyze
     from cpift_dist.config import AnalysisConfig
 
@@ -199,44 +207,49 @@ def main() -> None:
     gib = 1 << 30
     warm_read([paths["base"], *tuned3.values()])
     ours = child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
-                 str(d / "out-pair"), "weights", 0.5)
+                 str(o / "out-pair"), "weights", 0.5)
     warm_read([paths["t1"], paths["t2"]])
-    naive = child("naive", paths["t1"], paths["t2"], str(d / "out-naive"))
+    naive = child("naive", paths["t1"], paths["t2"], str(o / "out-naive"))
     mk_default = mk_200 = None
     if not a.no_mergekit:
         warm_read([paths["t1"], paths["t2"]])
-        mk_default = mergekit(paths["t1"], paths["t2"], str(d / "out-mk"), None)
+        mk_default = mergekit(paths["t1"], paths["t2"], str(o / "out-mk"), None)
         warm_read([paths["t1"], paths["t2"]])
-        mk_200 = mergekit(paths["t1"], paths["t2"], str(d / "out-mk200"), "50M")
+        mk_200 = mergekit(paths["t1"], paths["t2"], str(o / "out-mk200"), "50M")
     from analyze_bench import child as raw_child
 
     threads = [int(x) for x in a.threads.split(",")]
     warm_read([paths["base"], paths["t1"], paths["t2"]])
     raw = raw_child("raw", [paths["t1"], paths["t2"]], best_of=3)
     out_bytes = raw["bytes"] // 2  # the fused pair: one model of the inputs' dtype
-    writes = sorted(child("write", str(d / f"raw-write-{i}.bin"), out_bytes)["seconds"]
+    writes = sorted(child("write", str(o / f"raw-write-{i}.bin"), out_bytes)["seconds"]
                     for i in range(3))
     for i in range(3):
-        (d / f"raw-write-{i}.bin").unlink()
+        (o / f"raw-write-{i}.bin").unlink()
     write = {"seconds": writes[1]}
     sweep, maps = {}, {}
     for n in threads:  # the default and the maps path before it (4M chunks), alternated
         warm_read([paths["t1"], paths["t2"]])
         runs = [(child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
-                       str(d / f"out-pair-{n}"), "weights", 0.5, n),
+                       str(o / f"out-pair-{n}"), "weights", 0.5, n),
                  child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
-                       str(d / f"out-pair-{n}"), "weights", 0.5, n, "auto", "map", 1 << 22))
-                for _ in range(2)]
+                       str(o / f"out-pair-{n}"), "weights", 0.5, n, "auto", "map", 1 << 22))
+                for _ in range(a.rounds)]
         sweep[n] = min((r for r, _ in runs), key=lambda r: r["seconds"])
+        sweep[n]["median"] = statistics.median(r["seconds"] for r, _ in runs)
         maps[n] = min((m for _, m in runs), key=lambda r: r["seconds"])
 
     warm_read([paths["t1"], paths["t2"]])
     unfused = child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
-                    str(d / "out-pair-torch"), "weights", 0.5, max(threads), "torch")
+                    str(o / "out-pair-torch"), "weights", 0.5, max(threads), "torch")
     warm_read([paths["base"], *tuned3.values()])
     three = child("cpift", paths["base"], list(tuned3.values()), str(d / "masks3" / "masks"),
-                  str(d / "out-3"), "task-vectors", "uniform")
-    print(f"\n== fuse, {a.size} {a.dtype} ({os.cpu_count()} cores), output shards 200 MB ==")
+                  str(o / "out-3"), "task-vectors", "uniform")
+    if a.out_dir:
+        for f in o.iterdir():
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    print(f"\n== fuse, {a.size} {a.dtype} ({os.cpu_count()} cores), output shards 200 MB, "
+          f"outputs in {o}, sweep: best of {a.rounds} ==")
     print(f"pair  raw read of its inputs {raw['seconds']:6.2f} s")
     floor = raw["seconds"] + write["seconds"]
     print(f"pair  raw write of its output ({out_bytes / 1e9:.2f} GB, new file) "
@@ -244,9 +257,11 @@ def main() -> None:
           f"read + raw write {floor:.2f} s")
     for n, r in sweep.items():
         loops = {m: sweep[m]["seconds"] - sweep[m]["start"] for m in sweep}
-        print(f"pair  cpift, {n:2d} thread(s)     {r['seconds']:6.2f} s   "
-              f"{r['seconds'] / raw['seconds']:.2f}x the raw read   speed-up vs "
-              f"{min(threads)} thread(s) {sweep[min(threads)]['seconds'] / r['seconds']:.2f}x"
+        print(f"pair  cpift, {n:2d} thread(s)     {r['seconds']:6.2f} s (median "
+              f"{r['median']:.2f} s)   {r['seconds'] / raw['seconds']:.2f}x the raw read   "
+              f"speed-up vs {min(threads)} thread(s) "
+              f"{sweep[min(threads)]['seconds'] / r['seconds']:.2f}x (medians "
+              f"{sweep[min(threads)]['median'] / r['median']:.2f}x)"
               f"   without numba's start ({r['start']:.2f} s): {loops[n]:.2f} s, "
               f"{loops[n] / raw['seconds']:.2f}x the raw read, speed-up "
               f"{loops[min(threads)] / loops[n]:.2f}x; {r['seconds'] / floor:.2f}x the raw read "
