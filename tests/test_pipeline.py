@@ -8,7 +8,7 @@ import torch
 
 from cpift_dist.cli import preset_path
 from cpift_dist.config import load_config
-from cpift_dist.io import Checkpoint
+from cpift_dist.io import Checkpoint, verify_outputs
 from cpift_dist.pipeline import STAGES, Pipeline
 from helpers import TINY
 
@@ -50,6 +50,12 @@ def test_every_stage_writes_outputs_that_load(tiny_run):
     page = (run / "report" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "src='http" not in page
     assert res["table"].splitlines()[0].startswith("| method |")
+    # every stage's manifest lists files that are there, with their sizes and digests
+    stage_dirs = sorted(m.parent for m in run.rglob("manifest.json"))
+    assert {run / "analysis", run / "fusion" / "backbone", run / "finetune" / "arithmetic"
+            / "model", run / "sft" / "stage-1"} <= set(stage_dirs), stage_dirs
+    for d in stage_dirs:
+        assert verify_outputs(d) == [], d
 
 
 def test_frozen_elements_hold_across_the_stages(tiny_run):
