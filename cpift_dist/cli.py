@@ -95,9 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_exec_args(sf)
     sf.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
-    v = sub.add_parser("verify", help="re-hash a stage's outputs against its manifest")
+    v = sub.add_parser("verify", help="re-hash stages' outputs against their manifests")
     v.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
-                   help="stage directories holding a manifest.json (a checkpoint, an analysis)")
+                   help="a stage directory holding a manifest.json (a checkpoint, an "
+                        "analysis), or a tree of them (a whole run: every stage below)")
 
     dp = sub.add_parser("data", help="task data tools")
     dsub = dp.add_subparsers(dest="data_command", required=True)
@@ -305,9 +306,19 @@ def cmd_sft(args) -> int:
 
 def cmd_verify(args) -> int:
     from cpift_dist.io import read_manifest, verify_outputs
+    from cpift_dist.io.manifest import MANIFEST_NAME
 
+    stages = []
+    for d in args.dirs:  # a stage directory, or a tree of them (a whole run)
+        if (d / MANIFEST_NAME).is_file():
+            stages.append(d)
+            continue
+        found = sorted(m.parent for m in d.rglob(MANIFEST_NAME)) if d.is_dir() else []
+        if not found:
+            raise CpiftError(f"{d}: no {MANIFEST_NAME} there or below")
+        stages += found
     bad = 0
-    for d in args.dirs:
+    for d in stages:
         problems = verify_outputs(d)
         for line in problems:
             print(f"cpift: {line}", file=sys.stderr)
@@ -315,6 +326,8 @@ def cmd_verify(args) -> int:
             bad += 1
         else:
             print(f"{d}: {len(read_manifest(d)['outputs'])} files match the manifest")
+    if len(stages) > 1:
+        print(f"{len(stages) - bad} of {len(stages)} stage directories match their manifests")
     return 1 if bad else 0
 
 

@@ -437,5 +437,12 @@ def test_manifests_old_and_new_digests_and_cpift_verify(tmp_path, capsys):
         assert any("b.json: missing" in p for p in verify_outputs(stage))
         assert main(["verify", str(stage)]) == 1
         assert "a.bin" in capsys.readouterr().err
-    assert main(["verify", str(tmp_path)]) == 2  # no manifest there
+    # a tree: every stage below (both now fail), and a directory with no manifest below it
+    assert main(["verify", str(tmp_path)]) == 1
+    assert "0 of 2 stage directories match" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["verify", str(tmp_path / "empty")]) == 2
+    assert "no manifest.json there or below" in capsys.readouterr().err
+    (old / "manifest.json").write_text("{")  # unreadable
+    assert main(["verify", str(old)]) == 2
     assert "no readable manifest" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from cpift_dist.cli import preset_path
+from cpift_dist.cli import main, preset_path
 from cpift_dist.config import load_config
 from cpift_dist.io import Checkpoint, verify_outputs
 from cpift_dist.pipeline import STAGES, Pipeline
@@ -56,6 +56,7 @@ def test_every_stage_writes_outputs_that_load(tiny_run):
             / "model", run / "sft" / "stage-1"} <= set(stage_dirs), stage_dirs
     for d in stage_dirs:
         assert verify_outputs(d) == [], d
+    assert main(["verify", str(run)]) == 0  # the whole run, as a user checks a copied one
 
 
 def test_frozen_elements_hold_across_the_stages(tiny_run):
