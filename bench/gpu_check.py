@@ -542,6 +542,12 @@ def main() -> None:
         _collect_phases()
         print(json.dumps({"analyze": m_analyze, "fuse": m_fuse}[a.measure](*json.loads(a.args))))
         return
+    # what the image may lack (README, "GPU check"): fail before the device time is spent
+    missing = [m for m in ("pydantic", "blake3", "numba", "safetensors", "transformers", "yaml")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"gpu_check: {', '.join(missing)} not importable: carry the wheels "
+                         "(README, 'GPU check') and put them on PYTHONPATH")
     import torch
     import triton
 
