@@ -5,7 +5,7 @@
     cpift group --analysis OUT --tau 0.1 [--order random|core-size|task-order] [--seed S] --out groups.json
     cpift fuse --base DIR --tuned NAME=DIR ... --masks OUT/masks --out DIR [--omega uniform|FLOAT]
                [--space weights|task-vectors] [--overlap max-magnitude|task-order]
-               [--granularity tensor|row] [--device auto|cpu|cuda]
+               [--granularity tensor|row] [--device auto|cpu|cuda] [--widened-dtype float32|base]
     cpift finetune --config cfg.yaml [--task NAME ...] [--address RAY_ADDRESS]
     cpift sft --config cfg.yaml [--method cpi|multitask|multistage-random|multistage-heuristic|epi]
               [--address RAY_ADDRESS] [--no-ray] [--plan] [--prepare-stage K]
@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     for flag, field in (("--omega", "omega"), ("--space", "space"), ("--overlap", "overlap"),
                         ("--granularity", "granularity"), ("--device", "device"),
-                        ("--backend", "backend"), ("--max-shard-size", "max_shard_bytes")):
+                        ("--backend", "backend"), ("--max-shard-size", "max_shard_bytes"),
+                        ("--widened-dtype", "widened_dtype")):
         f.add_argument(flag, dest=f"fusion_{field}", help=f"fusion.{field}")
     _add_exec_args(f)
     f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")

@@ -96,6 +96,11 @@ class FusionConfig(_Model):
     groups small tensors into runs); ``map`` reads chunk by chunk through the files' memory
     maps (no copy), the path until this option. On either path, one read-ahead thread asks
     the kernel for cold inputs (not in the page cache) ahead of their reads."""
+    widened_dtype: Literal["float32", "base"] = "float32"
+    """How a parameter whose checkpoints differ in dtype (a bf16 base with fp32 fine-tunes),
+    fused in float32, is written: ``float32`` keeps the transplanted core values of an fp32
+    fine-tune bit for bit (and the config says float32); ``base`` rounds the fused float32
+    values to the base's dtype (round to nearest even), half the bytes for a bf16 base."""
     cache_bytes: int = Field(2 << 30, ge=0)
     """Inputs of multi-chunk tensors kept in memory (or on the device) between the Gram and
     apply passes by the torch and Triton backends (per output shard being fused: all its

@@ -125,6 +125,19 @@ def test_a_tied_model_fine_tuned_in_fp32_stays_tied_in_float32(tmp_path):
     assert {out.info(n).dtype for n in out.stored_names()} == {torch.float32}
     assert torch.equal(out.read(HEAD), out.read(EMBED))
     out.check_tied()
+    # through the command line, written in the base's dtype: still one value written twice,
+    # the float32 output's rounded
+    r = run([sys.executable, "-m", "cpift_dist.cli", "fuse", "--no-ray", "--quiet",
+             "--base", str(base), "--tuned", f"a={fp32}", "--tuned", f"b={bf16}",
+             "--masks", str(tmp_path / "an" / "masks"), "--out", str(tmp_path / "narrow"),
+             "--widened-dtype", "base", "--device", "cpu", "fusion.max_shard_bytes=20000"], 120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    narrow = Checkpoint(tmp_path / "narrow")
+    assert narrow.tied == {HEAD: EMBED}
+    assert {narrow.info(n).dtype for n in narrow.stored_names()} == {torch.bfloat16}
+    for n in out.stored_names():
+        assert torch.equal(narrow.read(n), out.read(n).bfloat16()), n
+    narrow.check_tied()
 
 
 def test_tied_copies_that_differ_are_refused(tmp_path):

@@ -61,7 +61,13 @@ class FuseContext:
     threads: int = 1
     wide: frozenset = frozenset()
     """Parameters whose checkpoints differ in dtype (:func:`~cpift_dist.io.checkpoint.widened`):
-    read widened to float32, fused and written in float32."""
+    read widened to float32, fused in float32 and written in float32 (or, with
+    ``fusion.widened_dtype: base``, in the base's dtype)."""
+
+    @property
+    def wide_out(self) -> frozenset:
+        """The parameters written in float32 (:func:`out_dtype` of the output)."""
+        return self.wide if self.cfg.widened_dtype == "float32" else frozenset()
 
 
 @dataclass(frozen=True)
@@ -342,8 +348,12 @@ class _ShardFuser:
                            self.device)
 
     def _dtype(self, name: str) -> torch.dtype:
-        """The values' dtype in the loops and the output (:func:`out_dtype`)."""
+        """The values' dtype in the loops (:func:`out_dtype`: float32 where widened)."""
         return out_dtype(self.base, name, self.ctx.wide)
+
+    def _out(self, name: str) -> torch.dtype:
+        """The dtype written (the loops' dtype, or the base's with ``widened_dtype: base``)."""
+        return out_dtype(self.base, name, self.ctx.wide_out)
 
     def submit(self) -> None:
         planned: list[Chunk] = []  # every float tensor's chunks in the order their tasks are
@@ -549,33 +559,33 @@ class _ShardFuser:
         """Fuses, writes and counts the chunk; releases its buffer. On CUDA the result comes
         back by one asynchronous copy into a page-locked buffer, on this thread's stream."""
         b, x, p, buf, pd = data
-        dtype = self._dtype(c.name)
+        dtype, written = self._dtype(c.name), self._out(c.name)
         out = None
-        nbytes = c.numel * dtype.itemsize
+        nbytes = c.numel * written.itemsize
         if self.backend == "numba":
             out = self._buffer(c.numel * (2 if dtype == torch.bfloat16 else 4))
             with self.shared.spent.timed("loops"):
                 res, union, multi = fused.apply_chunk(b, x, p, coef, self.tv,
-                                                      self.ctx.cfg.overlap, dtype, out)
+                                                      self.ctx.cfg.overlap, written, out)
         else:
             cf = torch.from_numpy(coef)
             with torch.cuda.stream(self._stream()) if self.cuda else nullcontext(), \
                     self.shared.spent.timed("loops"):
                 if self.kernels is not None:
                     res = self.kernels.apply(x, b, pd if pd is not None else torch.from_numpy(p),
-                                             cf, self.tv, self.ctx.cfg.overlap, dtype)
+                                             cf, self.tv, self.ctx.cfg.overlap, written)
                 else:
                     res = apply_torch(x, b, _unpack(p, c.numel).to(x.device), cf.to(x.device),
-                                      self.tv, self.ctx.cfg.overlap, dtype)
+                                      self.tv, self.ctx.cfg.overlap, written)
                 if self.cuda:
                     out = self._buffer(nbytes)
-                    host = out.view(dtype)
+                    host = out.view(written)
                     host.copy_(res, non_blocking=True)
                     self._stream().synchronize()
                     res = host
             union, multi = _core_counts(p)
         with self.shared.spent.timed("writes"):
-            self.writer.write(c.name, res, c.flat_start * dtype.itemsize)
+            self.writer.write(c.name, res, c.flat_start * written.itemsize)
         self._release(buf)
         if out is not None:
             self._release(out)
@@ -781,7 +791,7 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict
         with torch_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.threads))):
             fusers = []
             for shard in shards:
-                entries = {n: (out_dtype(base, n, ctx.wide), base.info(n).shape)
+                entries = {n: (out_dtype(base, n, ctx.wide_out), base.info(n).shape)
                            for n in shard.names}
                 writers.append(PositionalWriter(Path(ctx.out) / shard.file, entries,
                                                 {"format": "pt"}))
@@ -928,10 +938,11 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
         tuned_cks.append(Checkpoint(p))
         compare_checkpoints(base_ck, tuned_cks[-1])
         tuned_cks[-1].check_tied()
-    wide = widened(base_ck, tuned_cks)  # fused and written in float32
+    wide = widened(base_ck, tuned_cks)  # fused in float32
+    wide_out = wide if cfg.widened_dtype == "float32" else frozenset()  # written in float32
     t0 = time.perf_counter()
     mask_files = check_masks(base_ck, Path(masks_dir), list(tuned))
-    shards = plan_shards(base_ck, cfg.max_shard_bytes, wide)
+    shards = plan_shards(base_ck, cfg.max_shard_bytes, wide_out)
     device, backend = _device_and_backend(cfg)
     if device == "cuda" and not torch.cuda.is_available():
         raise CpiftError("fusion.device=cuda but no CUDA device is available")
@@ -949,7 +960,7 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
         ctx = FuseContext(str(base), {t: str(p) for t, p in tuned.items()}, mask_files,
                           str(tmp), cfg, threads, wide)
         if isinstance(executor, InProcessExecutor):  # the threads share every shard's work
-            total = sum(out_bytes(base_ck, n, wide)
+            total = sum(out_bytes(base_ck, n, wide_out)
                         for sh in shards for n in sh.names if n not in base_ck.tied)
             with tqdm(total=total, desc="fuse", unit="B", unit_scale=True,
                       disable=not progress, leave=False) as bar:
@@ -965,7 +976,7 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
         outputs = {r["file"]: r["digest"] for r in results}
         if len(shards) > 1:
             weight_map = {n: r["file"] for r in results for n in r["names"]}
-            total = sum(out_bytes(base_ck, n, wide) for n in base_ck.tensors)
+            total = sum(out_bytes(base_ck, n, wide_out) for n in base_ck.tensors)
             (tmp / INDEX_NAME).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                 indent=2) + "\n")
@@ -974,7 +985,7 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
             if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name not in (
                     INDEX_NAME, "manifest.json"):
                 shutil.copy(f, tmp / f.name)
-                if f.name == "config.json" and wide:
+                if f.name == "config.json" and wide_out:
                     _config_dtype(tmp / f.name, "float32")
                 outputs[f.name] = file_digest(tmp / f.name)
         counts = {n: c for r in results for n, c in r["counts"].items()}
@@ -988,6 +999,7 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
             "core_elements": sum(c["core"] for c in counts.values()),
             "overlap_elements": sum(c["overlap"] for c in counts.values()),
             "per_tensor": counts,
+            "widened": {"parameters": sorted(wide), "written_in": cfg.widened_dtype},
         })
         _log.debug("fuse: checks %.2f s, numba's loops %.2f s, shards %.2f s, the rest %.2f s",
                    t0 - t_check, t1 - t0, t2 - t1, time.perf_counter() - t2)
