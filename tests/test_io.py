@@ -420,9 +420,12 @@ def test_manifests_old_and_new_digests_and_cpift_verify(tmp_path, capsys):
     legacy["outputs"] = {f: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
                              "bytes": p.stat().st_size} for f, p in files.items()}
     (old / "manifest.json").write_text(json.dumps(legacy))
-    # the digest the code before BLAKE3 computed for this manifest, literally
-    assert checkpoint_digest(old) == sha256_json(
-        {f: o["sha256"] for f, o in legacy["outputs"].items()})
+    # the digest the code before BLAKE3 computed for this manifest, literally, both where a
+    # checkpoint is named and where the pipeline's ledger keys a stage's output
+    from cpift_dist.pipeline import output_digest
+
+    was = sha256_json({f: o["sha256"] for f, o in legacy["outputs"].items()})
+    assert checkpoint_digest(old) == was and output_digest(old) == was
     assert verify_outputs(old) == []
 
     for stage, algo in ((d, "blake3"), (old, "sha256")):

@@ -1,14 +1,15 @@
 """Stage manifests: what a stage read (digests), what it wrote (each file's digest and size)
 and whether it finished.
 
-Output files are hashed with BLAKE3 (``"blake3"`` in a manifest's ``outputs``); manifests
-written before it (cpift-dist 0.1.0) hold ``"sha256"`` there and are read as they are, so a finished run resumes
-after an upgrade without re-running anything. Why BLAKE3: the fuser hashes its output while it
+Output files are hashed with BLAKE3 (``"blake3"`` in a manifest's ``outputs``). Manifests
+written before the switch (December 2026) hold ``"sha256"`` there; they are read and verified
+as they are, and the digests built from them do not change, so a finished run resumes after
+an upgrade without re-running anything. Why BLAKE3: the fuser hashes its output while it
 writes it, and on this project's 2-core reference machine hashlib's sha256 (1.4-1.8 GB/s with
-SHA-NI) took a third of the fuse's CPU time, so that 2 threads ran only 1.15x faster than 1
-(1.75x with the hash stubbed out); BLAKE3 runs at 4.8 GB/s on one core there and releases the
-GIL. The small files that name a stage's inputs (data files, ``groups.json``) and the JSON
-digests keep sha256: their values are cache keys, unchanged across the upgrade.
+SHA-NI) took a third of the fuse's CPU time; BLAKE3 runs at 3.3-4.8 GB/s on one core there
+and releases the GIL. The small files that key a stage's inputs (data files, ``groups.json``,
+the SFT's mask files) and the JSON digests keep sha256: their values are cache keys,
+unchanged across the upgrade.
 """
 
 from __future__ import annotations
