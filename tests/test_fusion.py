@@ -355,8 +355,8 @@ def test_cuda_fusion_threads_cache_and_cpu_agree(three, tmp_path, space):
 
 def test_positional_writer_any_order_threads_and_refusals(tmp_path):
     """Pieces written out of order from several threads give the file safetensors reads, and
-    the digest the background hasher computed (BLAKE3) equals the file's; a double write and a missing
-    piece are refused by name."""
+    the digest the background hasher computed (BLAKE3) equals the file's; a double write and a
+    missing piece are refused by name."""
     from concurrent.futures import ThreadPoolExecutor
 
     from safetensors.torch import load_file

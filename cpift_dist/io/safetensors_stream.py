@@ -47,7 +47,8 @@ def build_header(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
 class PositionalWriter:
     """Writes one safetensors file whose header is known up front: tensors or row ranges in
     any order, from any thread, each ``pwrite`` at its precomputed offset; a background thread
-    hashes (:func:`~cpift_dist.io.manifest.file_hash`) the file's completed prefix as it grows, so hashing overlaps the work.
+    hashes (:func:`~cpift_dist.io.manifest.file_hash`) the file's completed prefix as it
+    grows, so hashing overlaps the work.
 
     Use :meth:`write` for the bytes of a tensor from a byte offset, :meth:`close` to finish
     (every byte written exactly once, else an error naming the first incomplete tensor) and get

@@ -48,7 +48,8 @@ class ShardWriter:
         self._pending, self._pending_bytes = {}, 0
 
     def close(self) -> dict[str, str]:
-        """Writes the last shard and the index; returns file name -> digest (as manifests record it)."""
+        """Writes the last shard and the index; returns file name -> digest (as manifests
+        record it)."""
         if self._pending or not self._shards:
             self._flush()
         n = len(self._shards)

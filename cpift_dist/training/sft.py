@@ -39,8 +39,8 @@ import numpy as np
 
 from cpift_dist.config import EPIConfig, RunConfig, TrainConfig
 from cpift_dist.errors import CpiftError
-from cpift_dist.io.manifest import (checkpoint_digest, file_digest, read_manifest, sha256_file,
-                                    sha256_json, write_manifest)
+from cpift_dist.io.manifest import (checkpoint_digest, file_digest, file_digests, read_manifest,
+                                    sha256_file, sha256_json, write_manifest)
 from cpift_dist.launchers import resolve_launcher
 from cpift_dist.ray_utils import resolve_use_gpu
 from cpift_dist.training.freeze import CoreUnion, freeze_problem
@@ -279,8 +279,8 @@ def finish_stage(cfg: RunConfig, stage: Stage, job: SFTJob) -> dict:
         extra.update(_epi_facts(stage, freeze))
     if not cfg.sft.keep_checkpoints:
         shutil.rmtree(stage.out / "checkpoints", ignore_errors=True)
-    outputs = {str(p.relative_to(stage.out)): file_digest(p)
-               for p in sorted(model.rglob("*")) if p.is_file()}
+    files = [p for p in sorted(model.rglob("*")) if p.is_file()]  # hashed one per core
+    outputs = {str(p.relative_to(stage.out)): d for p, d in zip(files, file_digests(files))}
     return write_manifest(stage.out, f"sft-{stage.method}", config, inputs, outputs, extra)
 
 
