@@ -18,9 +18,23 @@ from typing import Any, Callable, Iterator, Sequence
 from cpift_dist.errors import CpiftError
 
 FAULT_TASK_ENV = "CPIFT_FAULT_TASK"
-"""Fault injection for tests: ``<function name>:<directory>`` makes the first Ray task of that
-function SIGKILL its own worker process once its work is done, before the result is returned
-(the directory records that it happened, so the retry lives)."""
+"""Fault injection for tests: ``<name>:<directory>`` makes the process that first reaches the
+fault point ``name`` SIGKILL itself there (:func:`fault_point`): for the Ray tasks of a
+function, once its work is done, before the result is returned; ``fuse_journal``, the fuser's
+driver right after it recorded a finished shard. The directory records that it happened, so
+the retry (or the rerun) lives."""
+
+
+def fault_point(name: str) -> None:
+    """Kills this process here the first time, when :data:`FAULT_TASK_ENV` names ``name``."""
+    fn, _, where = os.environ.get(FAULT_TASK_ENV, "").partition(":")
+    if fn != name or not where:
+        return
+    try:
+        (Path(where) / f"{name}.killed").touch(exist_ok=False)
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _dies_once(fn: Callable) -> Callable:
@@ -31,11 +45,8 @@ def _dies_once(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapped(*args):
         result = fn(*args)
-        try:
-            (Path(where) / f"{name}.killed").touch(exist_ok=False)
-        except FileExistsError:
-            return result
-        os.kill(os.getpid(), signal.SIGKILL)
+        fault_point(name)
+        return result
 
     return wrapped
 

@@ -338,6 +338,33 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     assert (out / "old").read_text() == "old" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_a_resumable_atomic_dir_keeps_finished_work_only_when_asked(tmp_path):
+    """``keep``: a stable, locked partial directory, kept on failure when ``keep()`` says
+    so (with a note naming it; a full disk still one CpiftError), else removed; renamed into
+    place on success."""
+    import errno
+
+    from cpift_dist.io.atomic import partial_dir
+
+    out, part = tmp_path / "x", partial_dir(tmp_path / "x")
+    with pytest.raises(CpiftError, match=r"x: No space left on device while writing; "
+                                         r"earlier outputs are untouched") as e:
+        with atomic_dir(out, keep=lambda: True) as tmp:
+            assert tmp == part
+            (tmp / "done.bin").write_bytes(b"1")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.__notes__ == [f"the finished part is kept in {part}: the same command "
+                                 "resumes from it (remove it to start over)"]
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out, keep=lambda: False) as tmp:
+            assert (tmp / "done.bin").read_bytes() == b"1"  # as the failure left it
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(out, keep=lambda: True) as tmp:
+        (tmp / "a").write_text("a")
+    assert [p.name for p in tmp_path.iterdir()] == ["x"] and (out / "a").read_text() == "a"
+
+
 def test_unwritable_output_is_a_clear_error(tmp_path):
     # a regular file where a directory should be: fails even for root, unlike chmod
     blocker = tmp_path / "file"

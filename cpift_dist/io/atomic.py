@@ -1,14 +1,21 @@
-"""Outputs appear whole or not at all: write into a temporary sibling, then rename into place."""
+"""Outputs appear whole or not at all: write into a temporary sibling, then rename into place.
+
+A resumable output (the fuser's, whose shards can take an hour on a 70B model) writes into a
+sibling with a stable name instead, ``.<name>.partial``, locked against a second writer; on
+failure it is kept when it holds finished work, and the next call with the same output resumes
+from it (the caller decides what in it can be kept: :func:`atomic_dir`'s ``keep``).
+"""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from cpift_dist.errors import CpiftError
 
@@ -16,16 +23,43 @@ from cpift_dist.errors import CpiftError
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # the disk said no
 
 
+def partial_dir(final: str | Path) -> Path:
+    """Where a resumable output is written before it is renamed to ``final``."""
+    final = Path(final)
+    return final.parent / f".{final.name}.partial"
+
+
+def _lock(tmp: Path, final: Path) -> int:
+    """An exclusive ``flock`` on the directory ``tmp`` (released when the returned descriptor
+    closes, also when the process dies): two runs never write one partial output."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CpiftError(f"{final}: another process is writing this output (its partial "
+                         f"output {tmp} is locked); wait for it or stop it") from None
+    except OSError:  # a file system without flock (some NFS mounts): unlocked, as before
+        pass
+    return fd
+
+
 @contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(final: str | Path, overwrite: bool = False,
+               keep: Callable[[], bool] | None = None) -> Iterator[Path]:
     """Yields a fresh temporary directory beside ``final``; renames it to ``final`` on success.
 
     On any exception (including KeyboardInterrupt) the temporary directory is removed and
     ``final`` is left as it was. With ``overwrite`` an existing ``final`` is replaced only after
     the new one is complete.
 
+    With ``keep`` the output is resumable: the directory is :func:`partial_dir` (created, or
+    as an earlier call left it), locked while in use, and on an exception it is kept when
+    ``keep()`` is true; the exception then carries a note saying where.
+
     Raises:
-        CpiftError: ``final`` exists and ``overwrite`` is false, or its parent is not writable.
+        CpiftError: ``final`` exists and ``overwrite`` is false, its parent is not writable, or
+            another process holds the partial output.
     """
     final = Path(final)
     if final.exists() and not overwrite:
@@ -33,29 +67,44 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        if keep is None:
+            tmp = parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+        else:
+            tmp = partial_dir(final)
+            tmp.mkdir(exist_ok=True)
     except OSError as e:
         raise CpiftError(f"{parent}: cannot create output directory ({e.strerror})") from None
+    lock = _lock(tmp, final) if keep is not None else -1
     try:
-        yield tmp
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in _NO_SPACE:
-            raise CpiftError(f"{final}: {e.strerror} while writing; nothing was written and "
-                             "earlier outputs are untouched") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        if final.exists():
-            old = parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CpiftError(f"{final}: cannot move output into place ({e.strerror})") from None
+        try:
+            yield tmp
+        except BaseException as e:
+            kept = keep is not None and keep()
+            if kept:
+                e.add_note(f"the finished part is kept in {tmp}: the same command resumes "
+                           "from it (remove it to start over)")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in _NO_SPACE:
+                err = CpiftError(f"{final}: {e.strerror} while writing; " + (
+                    "earlier outputs are untouched" if kept else
+                    "nothing was written and earlier outputs are untouched"))
+                for n in getattr(e, "__notes__", []):
+                    err.add_note(n)
+                raise err from None
+            raise
+        try:
+            if final.exists():
+                old = parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CpiftError(f"{final}: cannot move output into place ({e.strerror})") from None
+    finally:
+        if lock >= 0:
+            os.close(lock)
