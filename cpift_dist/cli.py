@@ -209,7 +209,9 @@ def cmd_fuse(args) -> int:
     Console().print(
         f"fused {len(man['tasks'])} tasks ({man['backend']} on {man['device']}): "
         f"{man['core_elements']:,} core elements transplanted, {man['overlap_elements']:,} in "
-        f"several cores (resolved by {cfg.fusion.overlap}); wrote {args.out}")
+        f"several cores (resolved by {cfg.fusion.overlap}); wrote {args.out}" + (
+            f" ({man['resumed_shards']} of the shards kept from an interrupted run)"
+            if man["resumed_shards"] else ""))
     return 0
 
 
@@ -361,14 +363,24 @@ def main(argv: list[str] | None = None) -> int:
               "verify": cmd_verify, "data": cmd_data}[args.command](args)
     except CpiftError as e:
         print(f"cpift: error: {e}", file=sys.stderr)
+        _notes(e)
         rc = 2
-    except KeyboardInterrupt:
-        print("cpift: interrupted (no partial output was kept)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        kept = getattr(e, "__notes__", None)
+        print("cpift: interrupted" + ("" if kept else " (no partial output was kept)"),
+              file=sys.stderr)
+        _notes(e)
         rc = 130
     finally:
         if rc != 0 and local_ray_uses() > uses and (logs := keep_local_logs()) is not None:
             print(f"cpift: the local Ray's logs are kept in {logs}", file=sys.stderr)
     return rc
+
+
+def _notes(e: BaseException) -> None:
+    """What an error's notes add (a resumable output kept, and where)."""
+    for n in getattr(e, "__notes__", []):
+        print(f"cpift: {n}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -718,3 +721,137 @@ def test_an_empty_float_tensor_is_analysed_and_fused(three, tmp_path):
     assert got.pop("model.empty_scale").shape == (0,)
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# -- resuming an interrupted fuse ---------------------------------------------------------------
+def _fuse_args(three, out: Path, *extra: str) -> list[str]:
+    return ["fuse", "--no-ray", "--quiet", "--base", str(three["base"]), "--masks",
+            str(three["masks"]), "--out", str(out), "--device", "cpu", "--num-cpus", "1",
+            *[a for t, p in three["tuned"].items() for a in ("--tuned", f"{t}={p}")],
+            "fusion.max_shard_bytes=30000", "fusion.chunk_elements=1024", *extra]
+
+
+def _weights(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.glob("*.safetensors"))}
+
+
+def _interrupt_after_first_shard(monkeypatch):
+    """Ctrl-C on the fuse's working thread once the first output shard is journaled (one
+    thread: the first shard's tasks all run before the second's)."""
+    import importlib
+
+    fuse_mod = importlib.import_module("cpift_dist.fusion.fuse")
+
+    task, seen = fuse_mod._ShardFuser._task, []
+
+    def interrupted(self, fn, args):
+        seen.append(self.shard.file)
+        if self.shard.file != seen[0]:
+            journal = Path(self.ctx.out) / fuse_mod.RESUME_DIR / "shards.jsonl"
+            for _ in range(1000):
+                if journal.is_file() and journal.read_text().strip():
+                    break
+                time.sleep(0.01)
+            raise KeyboardInterrupt
+        return task(self, fn, args)
+
+    monkeypatch.setattr(fuse_mod._ShardFuser, "_task", interrupted)
+
+
+def test_an_interrupted_fuse_resumes_from_its_finished_shards(three, tmp_path, monkeypatch,
+                                                              capsys):
+    """Ctrl-C after the first shard: it is kept in the locked partial output and the same
+    command resumes from it without fusing it again; the output is byte for byte an
+    uninterrupted fuse's. A kept shard whose bytes changed, or a rerun with other settings,
+    fuses again from nothing."""
+    from cpift_dist.io.atomic import partial_dir
+
+    assert main(_fuse_args(three, tmp_path / "clean")) == 0
+    clean = _weights(tmp_path / "clean")
+    assert len(clean) > 2
+    out, part = tmp_path / "o", partial_dir(tmp_path / "o")
+    with monkeypatch.context() as m:
+        _interrupt_after_first_shard(m)
+        capsys.readouterr()
+        assert main(_fuse_args(three, out)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and f"kept in {part}" in err and "no partial" not in err, err
+    assert not out.exists()
+    first = min(clean)
+    assert sorted(p.name for p in part.glob("*.safetensors"))[0] == first
+    assert (part / first).read_bytes() == clean[first]
+    stamp = (part / first).stat().st_mtime_ns
+    assert main(_fuse_args(three, out)) == 0
+    assert "(1 of the shards kept from an interrupted run)" in " ".join(
+        capsys.readouterr().out.split())  # rich wraps the line
+    assert _weights(out) == clean and (out / first).stat().st_mtime_ns == stamp
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["resumed_shards"] == 1 and not part.exists()
+    assert man["outputs"] == json.loads((tmp_path / "clean" / "manifest.json").read_text()
+                                        )["outputs"]
+    assert not (out / ".resume").exists() and main(["verify", str(out)]) == 0
+    # a kept shard changed on disk: fused again
+    with monkeypatch.context() as m:
+        _interrupt_after_first_shard(m)
+        assert main(_fuse_args(three, tmp_path / "o2")) == 130
+    data = bytearray((partial_dir(tmp_path / "o2") / first).read_bytes())
+    data[-1] ^= 1
+    (partial_dir(tmp_path / "o2") / first).write_bytes(bytes(data))
+    assert main(_fuse_args(three, tmp_path / "o2")) == 0
+    assert json.loads((tmp_path / "o2" / "manifest.json").read_text())["resumed_shards"] == 0
+    assert _weights(tmp_path / "o2") == clean
+    # other settings (omega): the partial output is cleared, nothing is kept
+    with monkeypatch.context() as m:
+        _interrupt_after_first_shard(m)
+        assert main(_fuse_args(three, tmp_path / "o3")) == 130
+    assert main(_fuse_args(three, tmp_path / "o3", "fusion.omega=0.3")) == 0
+    assert main(_fuse_args(three, tmp_path / "c3", "fusion.omega=0.3")) == 0
+    assert json.loads((tmp_path / "o3" / "manifest.json").read_text())["resumed_shards"] == 0
+    assert _weights(tmp_path / "o3") == _weights(tmp_path / "c3") != clean
+
+
+def test_a_fuse_killed_after_a_shard_resumes_on_ray_and_in_a_new_process(three, tmp_path,
+                                                                        ray_local):
+    """SIGKILL of ``cpift fuse`` right after it journaled its first shard (a torn journal line
+    and half-written shards left behind as a crash leaves them): the next run, here with
+    Ray's executor, keeps that shard and gives an uninterrupted fuse's bytes."""
+    from cpift_dist.executor import FAULT_TASK_ENV
+    from cpift_dist.io.atomic import partial_dir
+
+    out, part = tmp_path / "o", partial_dir(tmp_path / "o")
+    cli = [sys.executable, "-m", "cpift_dist.cli"]
+    env = dict(os.environ, **{FAULT_TASK_ENV: f"fuse_journal:{tmp_path}"})
+    r = subprocess.run(cli + _fuse_args(three, out), env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == -signal.SIGKILL and (tmp_path / "fuse_journal.killed").exists(), \
+        r.stderr[-2000:]
+    assert not out.exists()
+    with open(part / ".resume" / "shards.jsonl", "a") as fh:
+        fh.write('{"file": "model-000')  # torn
+    assert len(list(part.glob("*.safetensors"))) >= 1
+    fuse(three["base"], three["tuned"], three["masks"], tmp_path / "clean",
+         FusionConfig(**FAST), InProcessExecutor(1), progress=False)
+    man = fuse(three["base"], three["tuned"], three["masks"], out, FusionConfig(**FAST),
+               RayExecutor(), progress=False)
+    assert man["resumed_shards"] == 1 and man["executor"] == "ray" and not part.exists()
+    assert _weights(out) == _weights(tmp_path / "clean")
+
+
+def test_a_partial_output_in_use_is_refused_and_left_alone(three, tmp_path):
+    import fcntl
+
+    from cpift_dist.errors import CpiftError
+    from cpift_dist.io.atomic import partial_dir
+
+    part = partial_dir(tmp_path / "o")
+    part.mkdir()
+    (part / "theirs").write_text("x")
+    fd = os.open(part, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(CpiftError, match="another process is writing"):
+            fuse(three["base"], three["tuned"], three["masks"], tmp_path / "o",
+                 FusionConfig(**FAST), progress=False)
+    finally:
+        os.close(fd)
+    assert (part / "theirs").read_text() == "x" and not (tmp_path / "o").exists()

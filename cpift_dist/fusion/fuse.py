@@ -4,7 +4,8 @@ Recipe: check inputs (base, tuned, masks) -> plan output shards -> per shard (a 
 thread), per tensor: Gram pass over its row chunks -> fold coefficients on the host -> apply
 pass writing the fused chunks straight into the shard file -> index, config and tokenizer from
 the base, manifest with overlap counts. Memory is bounded by the chunk size; output appears
-whole (atomic rename) or not at all.
+whole (atomic rename) or not at all, and an interrupted fuse keeps the shards it finished and
+resumes from them (:class:`_Journal`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import queue
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from cpift_dist.analysis.plan import Chunk, plan_units
 from cpift_dist.analysis.scan import PROBES, READ_AHEAD, kernel_view
 from cpift_dist.config import FusionConfig
 from cpift_dist.errors import CheckpointError, CpiftError, MaskError
-from cpift_dist.executor import InProcessExecutor, torch_threads
+from cpift_dist.executor import InProcessExecutor, fault_point, torch_threads
 from cpift_dist.fusion import fused
 from cpift_dist.fusion.slerp import (apply_torch, fold_coefficients, fold_weights, gram_torch,
                                      segments_of)
@@ -40,7 +41,7 @@ from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_ch
                            file_digest, widened, write_manifest)
 from cpift_dist.io.checkpoint import (INDEX_NAME, SINGLE_NAME, drop_mapped, read_chunk,
                                      row_spans)
-from cpift_dist.io.manifest import file_digests
+from cpift_dist.io.manifest import file_digests, file_stamp, sha256_json
 from cpift_dist.io.read_ahead import ReadAhead
 from cpift_dist.io.safetensors_stream import PositionalWriter
 from cpift_dist.timing import TimeSplit
@@ -144,6 +145,7 @@ class _Scheduler:
         self._lock = threading.Lock()
         self._pending = 0
         self._error: BaseException | None = None
+        self._workers: list[threading.Thread] = []
         self.busy = 0.0  # seconds the threads spent in tasks, summed over threads
 
     def submit(self, priority: int, fn, *args) -> None:
@@ -178,14 +180,23 @@ class _Scheduler:
         """Runs until every task (including those submitted on the way) is done."""
         if self._pending == 0:
             return
-        workers = [threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
-                   for i in range(self.threads)]
-        for w in workers:
+        self._workers = [threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
+                         for i in range(self.threads)]
+        for w in self._workers:
             w.start()
-        for w in workers:
+        for w in self._workers:
             w.join()
         if self._error is not None:
             raise self._error
+
+    def stop(self, error: BaseException) -> None:
+        """After ``run`` was interrupted in this thread (Ctrl-C): the threads drop the queued
+        tasks and end with their current one; waits for them (no task may write into a file
+        once it is closed)."""
+        with self._lock:
+            self._error = self._error or error
+        for w in self._workers:
+            w.join()
 
 
 _STOP, _APPLY, _GRAM = -1, 0, 1  # priorities: the workers' stop items (queued when no
@@ -332,6 +343,8 @@ class _ShardFuser:
         self.counts: dict[str, list[int]] = {}
         self.lock, self.local, self.pool = shared.lock, shared.local, shared.pool
         self.sched = shared.sched
+        self.left = 1  # the shard's tasks not yet done, plus one until submit() has queued all
+        self.done = None  # called with this fuser, on the thread that ends its last task
         self.cuda = self.device == "cuda"
         # the numba loops read the chunks into buffers in runs (read: pread; bf16 and fp32
         # inputs in the page cache) or straight from the files' maps; the torch and Triton
@@ -361,7 +374,7 @@ class _ShardFuser:
 
         def submit_run(run: list[tuple[Chunk, int]]) -> None:
             planned.extend(c for c, _ in run)
-            self.sched.submit(_GRAM, self._run, run)
+            self._submit(_GRAM, self._run, run)
 
         runs = _Runs(submit_run, self.chunk)
         for name in self.shard.names:
@@ -369,7 +382,7 @@ class _ShardFuser:
             if name in self.base.tied or info.numel == 0:
                 continue  # tied copies are byte copies, written last
             if not info.dtype.is_floating_point:  # buffers such as position ids: the base's
-                self.sched.submit(_GRAM, self._copy_base, name)
+                self._submit(_GRAM, self._copy_base, name)
                 continue
             self.counts[name] = [0, 0]
             chunks = plan_units([info], "global", self.chunk, 1 << 62)[0].chunks
@@ -380,7 +393,7 @@ class _ShardFuser:
                         runs.add(c, segments, self.writer.offsets[name], info.dtype)
                     else:
                         planned.append(c)
-                        self.sched.submit(_GRAM, self._whole, c, segments)
+                        self._submit(_GRAM, self._whole, c, segments)
                 continue
             nbytes = out_bytes(self.base, name, self.ctx.wide) * (len(self.tasks) + 1)
             # in runs, up to GROUP_CHUNKS chunks a task (one compiled call reads them one after
@@ -390,9 +403,27 @@ class _ShardFuser:
             st = _Tensor(name, chunks, segments, groups, len(groups), [None] * len(chunks), None)
             planned += chunks
             for i0, i1 in groups:
-                self.sched.submit(_GRAM, self._gram_part, st, i0, i1, nbytes)
+                self._submit(_GRAM, self._gram_part, st, i0, i1, nbytes)
         runs.flush()
         self._probe(planned)
+        self._ended()
+
+    def _submit(self, priority: int, fn, *args) -> None:
+        """Queues one of the shard's tasks (counted: the shard is done when none is left)."""
+        with self.lock:
+            self.left += 1
+        self.sched.submit(priority, self._task, fn, args)
+
+    def _task(self, fn, args) -> None:
+        fn(*args)  # it may queue more of the shard's tasks (counted before this one ends)
+        self._ended()
+
+    def _ended(self) -> None:
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last and self.done is not None:
+            self.done(self)
 
     def _probe(self, chunks: list[Chunk]) -> None:
         """Finds the input checkpoints whose pages are not in the page cache (a few of the
@@ -744,7 +775,7 @@ class _ShardFuser:
         if last:
             coef = fold_coefficients(functools.reduce(np.add, st.gram), self.t)
             for j0, j1 in st.groups:
-                self.sched.submit(_APPLY, self._apply_part, st, j0, j1, coef)
+                self._submit(_APPLY, self._apply_part, st, j0, j1, coef)
 
     def _apply_part(self, st: _Tensor, i0: int, i1: int, coef: np.ndarray) -> None:
         if self._in_runs(st.name):  # read and fused by one compiled call, written at once
@@ -778,25 +809,44 @@ def _tune_once(kernels, n_tasks: int, dtype: torch.dtype, tv: bool, overlap: str
             _TUNED.add(key)
 
 
-def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict]:
+def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None, finished=None) -> list[dict]:
     """Fuses the tensors of ``shards`` on ``ctx.threads`` threads shared by all of them, and
     writes each; returns per shard its digest and counts. The tasks run in shard order (the
-    scheduler's priorities), so memory is bounded as for one shard at a time."""
+    scheduler's priorities), so memory is bounded as for one shard at a time.
+
+    Each shard is closed (its tied copies written, the last of its bytes hashed) as soon as
+    its last task ends, on a thread of its own while the others go on, and then handed to
+    ``finished`` (the resumable fuse's journal)."""
     t_start = time.perf_counter()
     fused.load_registries()  # a Ray worker's first loop (the driver's warm() did it there)
     base = _checkpoint(ctx.base)
     shared = _Shared(ctx.threads, ctx.cfg.cache_bytes, bar)
     writers: list[PositionalWriter] = []
+    closer = ThreadPoolExecutor(1, thread_name_prefix="close shard")
+    closing: dict[str, Future] = {}
+
+    def close(fuser: _ShardFuser) -> dict:
+        counts = fuser.finish()
+        r = {"file": fuser.shard.file, "digest": fuser.writer.close(),
+             "names": list(fuser.shard.names), "counts": counts,
+             "device": fuser.device, "backend": fuser.backend}
+        if finished is not None:
+            finished(r)
+        return r
+
+    def done(fuser: _ShardFuser) -> None:
+        closing[fuser.shard.file] = closer.submit(close, fuser)
+
     try:
         with torch_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.threads))):
-            fusers = []
             for shard in shards:
                 entries = {n: (out_dtype(base, n, ctx.wide_out), base.info(n).shape)
                            for n in shard.names}
                 writers.append(PositionalWriter(Path(ctx.out) / shard.file, entries,
                                                 {"format": "pt"}))
-                fusers.append(_ShardFuser(ctx, shard, writers[-1], shared))
-                fusers[-1].submit()
+                fuser = _ShardFuser(ctx, shard, writers[-1], shared)
+                fuser.done = done
+                fuser.submit()
             t0 = time.perf_counter()
             try:
                 if shared.order:  # cold inputs: one thread asks for them ahead of all threads
@@ -804,16 +854,11 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict
                 with shared.ahead or nullcontext():
                     shared.sched.run()
             finally:
-                for close in shared.closers:
-                    close()
+                for close_files in shared.closers:
+                    close_files()
             t1 = time.perf_counter()
-            out = []
-            for shard, fuser, writer in zip(shards, fusers, writers):
-                counts = fuser.finish()
-                out.append({"file": shard.file, "digest": writer.close(),
-                            "names": list(shard.names), "counts": counts,
-                            "device": fuser.device, "backend": fuser.backend})
-            _log.debug("fuse %d shard(s): set-up %.2f s, work %.2f s, then hashes %.2f s",
+            out = [closing[shard.file].result() for shard in shards]
+            _log.debug("fuse %d shard(s): set-up %.2f s, work %.2f s, then closes %.2f s",
                        len(shards), t0 - t_start, t1 - t0, time.perf_counter() - t1)
             busy, spent = shared.sched.busy, shared.spent.snapshot()
             _log.debug("fuse tasks: %.2f s on %d thread(s) (%.0f%% of the work's time): "
@@ -823,10 +868,14 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None) -> list[dict
                        100 * busy / max(1e-9, (t1 - t0) * shared.sched.threads),
                        spent["loops"], spent["reads"], spent["writes"],
                        TimeSplit.rest(busy, spent))
-    except BaseException:
+    except BaseException as e:
+        shared.sched.stop(e)
+        closer.shutdown(wait=True, cancel_futures=True)  # no close runs beside the aborts
         for w in writers:
             w.abort()
         raise
+    finally:
+        closer.shutdown(wait=True)
     return out
 
 
@@ -908,6 +957,80 @@ def check_masks(base: Checkpoint, masks_dir: Path, tasks: list[str]) -> dict[str
     return out
 
 
+RESUME_DIR = ".resume"
+"""In a partial fusion output: ``key`` (what its bytes depend on) and ``shards.jsonl``."""
+
+
+class _Journal:
+    """The finished shards of a resumable fuse, in its partial output
+    (:func:`~cpift_dist.io.atomic.atomic_dir`): ``.resume/key`` holds the digest of everything
+    the output's bytes depend on, ``.resume/shards.jsonl`` one line per shard written whole
+    (its result, digest and size), appended as each shard closes. A partial output made from
+    other inputs or settings is cleared; one made from these keeps its journaled shards once
+    they are checked again (:meth:`keep`)."""
+
+    def __init__(self, tmp: Path, key: str):
+        self.tmp, self.dir = tmp, tmp / RESUME_DIR
+        self.entries: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        try:
+            same = (self.dir / "key").read_text() == key
+        except OSError:
+            same = False
+        if not same:
+            for p in tmp.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            self.dir.mkdir()
+            (self.dir / "key").write_text(key)
+        else:
+            for line in _lines(self.dir / "shards.jsonl"):
+                try:
+                    r = json.loads(line)
+                    self.entries[r["file"]] = r
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a crash
+        self.fh = open(self.dir / "shards.jsonl", "a")
+
+    def keep(self, shards: list[OutShard]) -> list[dict]:
+        """The results of the journaled shards whose files still hold what was journaled (the
+        size, then the digest re-hashed, a file per core); the others are fused again."""
+        planned = {s.file: list(s.names) for s in shards}
+        maybe = [r for f, r in self.entries.items() if planned.get(f) == r.get("names")
+                 and (self.tmp / f).is_file() and (self.tmp / f).stat().st_size == r.get("bytes")]
+        digests = file_digests([self.tmp / r["file"] for r in maybe])
+        self.entries = {r["file"]: r for r, d in zip(maybe, digests) if d == r["digest"]}
+        self.fh.close()
+        self.fh = open(self.dir / "shards.jsonl", "w")  # only what is kept
+        for r in self.entries.values():
+            self.fh.write(json.dumps(r) + "\n")
+        self.fh.flush()
+        return list(self.entries.values())
+
+    def add(self, result: dict) -> None:
+        """Records a shard written whole (on the thread that closed it)."""
+        result = dict(result, bytes=(self.tmp / result["file"]).stat().st_size)
+        with self.lock:
+            self.fh.write(json.dumps(result) + "\n")
+            self.fh.flush()
+            self.entries[result["file"]] = result
+        fault_point("fuse_journal")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def close(self, remove: bool = False) -> None:
+        self.fh.close()
+        if remove:
+            shutil.rmtree(self.dir)
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
+
+
 def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
          out: str | Path, cfg: FusionConfig | None = None, executor=None,
          overwrite: bool = False, progress: bool = True) -> dict:
@@ -952,24 +1075,43 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
                     for n in base_ck.names() if base_ck.info(n).dtype.is_floating_point})
         if wide:  # the compiled widening of bf16 chunks, loaded before the threads start
             kernel_view(np.zeros(2, np.uint8), torch.bfloat16, wide=True)
+    base_digest = checkpoint_digest(base)
+    tuned_digests = {t: checkpoint_digest(p) for t, p in tuned.items()}
+    key = sha256_json({  # everything the output's bytes depend on (threads and memory aside)
+        "config": cfg.model_dump(mode="json", exclude={"cache_bytes"}), "device": device,
+        "backend": backend, "tasks": list(tuned), "base": base_digest, "tuned": tuned_digests,
+        "masks": {t: file_stamp(p) for t, p in mask_files.items()},
+        "shards": [[sh.file, list(sh.names)] for sh in shards]})
     t1 = time.perf_counter()
-    with atomic_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as hasher:
+    journal: list[_Journal] = []
+    with atomic_dir(out, overwrite=overwrite, keep=lambda: bool(journal and len(journal[0]))
+                    ) as tmp, ThreadPoolExecutor(1) as hasher:
+        journal.append(_Journal(tmp, key))
+        kept = journal[0].keep(shards)
+        todo = [sh for sh in shards if sh.file not in {r["file"] for r in kept}]
+        if kept:
+            _log.info("fuse: %d of %d shards kept from an interrupted run into %s", len(kept),
+                      len(shards), out)
         # the masks' digests (inputs, read-only) while the shards fuse, not after them
         mask_digests = hasher.submit(file_digests, list(mask_files.values()))
         threads = getattr(executor, "threads", None) or max(1, int(executor.num_cpus))
         ctx = FuseContext(str(base), {t: str(p) for t, p in tuned.items()}, mask_files,
                           str(tmp), cfg, threads, wide)
-        if isinstance(executor, InProcessExecutor):  # the threads share every shard's work
-            total = sum(out_bytes(base_ck, n, wide_out)
-                        for sh in shards for n in sh.names if n not in base_ck.tied)
-            with tqdm(total=total, desc="fuse", unit="B", unit_scale=True,
-                      disable=not progress, leave=False) as bar:
-                results = fuse_shards(ctx, shards, bar)
+        results = list(kept)
+        if not todo:
+            pass
+        elif isinstance(executor, InProcessExecutor):  # the threads share every shard's work
+            sizes = [sum(out_bytes(base_ck, n, wide_out) for n in sh.names
+                         if n not in base_ck.tied) for sh in shards]
+            with tqdm(total=sum(sizes), desc="fuse", unit="B", unit_scale=True,
+                      disable=not progress, leave=False,
+                      initial=sum(z for sh, z in zip(shards, sizes) if sh not in todo)) as bar:
+                results += fuse_shards(ctx, todo, bar, journal[0].add)
         else:
-            results = []
-            for _, r in tqdm(executor.map(fuse_shard, ctx, [(s,) for s in shards]),
-                             total=len(shards), desc="fuse shards", unit="shard",
-                             disable=not progress, leave=False):
+            for _, r in tqdm(executor.map(fuse_shard, ctx, [(s,) for s in todo]),
+                             total=len(shards), initial=len(kept), desc="fuse shards",
+                             unit="shard", disable=not progress, leave=False):
+                journal[0].add(r)
                 results.append(r)
         t2 = time.perf_counter()
         results.sort(key=lambda r: r["file"])
@@ -989,8 +1131,8 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
                     _config_dtype(tmp / f.name, "float32")
                 outputs[f.name] = file_digest(tmp / f.name)
         counts = {n: c for r in results for n, c in r["counts"].items()}
-        digests = {"base": checkpoint_digest(base)}
-        digests.update({f"tuned/{t}": checkpoint_digest(p) for t, p in tuned.items()})
+        digests = {"base": base_digest}
+        digests.update({f"tuned/{t}": d for t, d in tuned_digests.items()})
         digests.update({f"masks/{t}": d for t, d in zip(mask_files, mask_digests.result())})
         man = write_manifest(tmp, "fuse", cfg.model_dump(mode="json"), digests, outputs, extra={
             "tasks": list(tuned),
@@ -1000,7 +1142,9 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
             "overlap_elements": sum(c["overlap"] for c in counts.values()),
             "per_tensor": counts,
             "widened": {"parameters": sorted(wide), "written_in": cfg.widened_dtype},
+            "resumed_shards": len(kept),
         })
+        journal[0].close(remove=True)
         _log.debug("fuse: checks %.2f s, numba's loops %.2f s, shards %.2f s, the rest %.2f s",
                    t0 - t_check, t1 - t0, t2 - t1, time.perf_counter() - t2)
     return man
