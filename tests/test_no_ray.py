@@ -184,10 +184,17 @@ def test_a_rank_s_traceback_lands_in_the_job_s_torchrun_logs(tmp_path, monkeypat
     from cpift_dist import launchers
     from cpift_dist.config import RunConfig
 
-    entry = tmp_path / "entry.py"  # the entry point, with its loop made to fail
-    entry.write_text("import sys\n"
+    entry = tmp_path / "entry.py"  # the entry point, with its loop made to fail: both ranks
+    # fail together (a rank still starting when the other failed was stopped by torchrun
+    # before its own failure, and wrote no log: seen once on a loaded 2-core machine)
+    entry.write_text("import os, pathlib, sys, time\n"
                      "import cpift_dist.training.run as R\n"
                      "def planted(job):\n"
+                     f"    ready = pathlib.Path({str(tmp_path / 'ready')!r})\n"
+                     "    ready.mkdir(exist_ok=True)\n"
+                     "    (ready / os.environ['RANK']).touch()\n"
+                     "    while len(list(ready.iterdir())) < 2:\n"
+                     "        time.sleep(0.05)\n"
                      "    raise RuntimeError(f'planted failure in the loop of {job.out.name}')\n"
                      "R.run = planted\n"
                      "sys.exit(R.main())\n")
