@@ -20,6 +20,9 @@ process reading from page cache, with peak RSS from the process's own high-water
             on the most threads with backend torch (the unfused reference ops) side by side;
             also printed without the fixed per-process start of numba's loops (timed apart);
             --rounds alternated rounds, the best and the median printed.
+  resume    the pair on the most threads, SIGKILLed right after its first shard was journaled
+            (CPIFT_FAULT_TASK=fuse_journal:DIR), then the same fuse again: it re-hashes and
+            keeps that shard and fuses the others (--rounds times, the median printed).
 --out-dir puts every output (and the raw writes) there, e.g. in tmpfs (/dev/shm) so that the
 disk's write-back does not time the fuser; it is removed at the end.
 On a CUDA machine it also times the Triton apply kernel against a device-to-device copy and
@@ -56,11 +59,13 @@ def m_cpift(base, tuned, masks, out, space, omega, threads=2, backend="auto", re
         from cpift_dist.fusion import fused
         fused.warm()  # both dtypes (a widened model fuses in float32)
     t1 = time.perf_counter()
-    fuse(base, {Path(t).name: t for t in tuned}, masks, out,
-         FusionConfig(space=space, omega=omega, max_shard_bytes=SHARD, backend=backend,
-                      read=read, chunk_elements=chunk),
-         InProcessExecutor(threads), overwrite=True, progress=False)
-    return {"seconds": time.perf_counter() - t0, "start": t1 - t0}
+    man = fuse(base, {Path(t).name: t for t in tuned}, masks, out,
+               FusionConfig(space=space, omega=omega, max_shard_bytes=SHARD, backend=backend,
+                            read=read, chunk_elements=chunk),
+               InProcessExecutor(threads), overwrite=True, progress=False)
+    return {"seconds": time.perf_counter() - t0, "start": t1 - t0,
+            "resumed": man["resumed_shards"], "shards": sum(
+                f.endswith(".safetensors") for f in man["outputs"])}
 
 
 def m_naive(a, b, out):
@@ -142,9 +147,11 @@ def m_gpu():
             "copy_GBs": 2 * 3 * n * 4 / ms_copy / 1e6, "eager_ms": ms_eager, "apply_ms": ms_apply}
 
 
-def child(kind: str, *args) -> dict:
+def child(kind: str, *args, env: dict | None = None) -> dict:
     r = subprocess.run([sys.executable, __file__, "--measure", kind, json.dumps(args)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
+    if env and r.returncode == -9:  # killed by the fault it was given
+        return {}
     if r.returncode:
         raise SystemExit(f"{kind} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -239,6 +246,29 @@ def main() -> None:
         sweep[n]["median"] = statistics.median(r["seconds"] for r, _ in runs)
         maps[n] = min((m for _, m in runs), key=lambda r: r["seconds"])
 
+    # killed (SIGKILL) right after its first shard was journaled, then resumed
+    from cpift_dist.executor import FAULT_TASK_ENV
+
+    n = max(threads)
+    resumes = []
+    for _ in range(a.rounds):
+        killed = o / "killed"
+        killed.mkdir(exist_ok=True)
+        shutil.rmtree(o / "out-resume", ignore_errors=True)
+        warm_read([paths["t1"], paths["t2"]])
+        child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
+              str(o / "out-resume"), "weights", 0.5, n,
+              env=dict(os.environ, **{FAULT_TASK_ENV: f"fuse_journal:{killed}"}))
+        if not (killed / "fuse_journal.killed").exists():
+            raise SystemExit("the fuse to resume was not killed")
+        shutil.rmtree(killed)
+        warm_read([paths["t1"], paths["t2"]])
+        resumes.append(child("cpift", paths["base"], list(pair.values()),
+                             str(d / "empty" / "masks"), str(o / "out-resume"), "weights", 0.5,
+                             n))
+    resumed = resumes[0]
+    resumed["median"] = statistics.median(r["seconds"] - r["start"] for r in resumes)
+
     warm_read([paths["t1"], paths["t2"]])
     unfused = child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
                     str(o / "out-pair-torch"), "weights", 0.5, max(threads), "torch")
@@ -271,6 +301,11 @@ def main() -> None:
         print(f"pair  cpift, {n:2d} thread(s), read: map, 4M chunks (the path before runs) "
               f"{r['seconds']:6.2f} s   the default {r['seconds'] / sweep[n]['seconds']:.2f}x "
               "faster")
+    full = sweep[n]["median"] - sweep[n]["start"]
+    print(f"pair  cpift, {n:2d} thread(s), resumed after a SIGKILL with {resumed['resumed']} of "
+          f"its {resumed['shards']} shards finished (re-hashed, kept): median "
+          f"{resumed['median']:.2f} s without numba's start, against {full:.2f} s uninterrupted "
+          f"(the sweep's median less its start): {resumed['median'] / full:.2f}x")
     print(f"pair  cpift, {max(threads):2d} thread(s), backend torch (unfused ops) "
           f"{unfused['seconds']:6.2f} s   numba {unfused['seconds'] / sweep[max(threads)]['seconds']:.2f}x faster")
     print(f"pair  cpift fuse            {ours['seconds']:6.2f} s  peak RSS "
