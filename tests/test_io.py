@@ -1,6 +1,10 @@
 """Checkpoint IO: lazy row-chunk reads, the shard writer, atomic outputs, shipped configs."""
 
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -363,6 +367,47 @@ def test_a_resumable_atomic_dir_keeps_finished_work_only_when_asked(tmp_path):
     with atomic_dir(out, keep=lambda: True) as tmp:
         (tmp / "a").write_text("a")
     assert [p.name for p in tmp_path.iterdir()] == ["x"] and (out / "a").read_text() == "a"
+
+
+def test_atomic_dir_removes_what_dead_processes_left_and_nothing_in_use(tmp_path):
+    """Temporary siblings of the output: a dead process's (unlocked, unchanged for a while)
+    is removed; one locked by a live writer, or just created, is not; nor are another
+    output's."""
+    import fcntl
+
+    def sibling(name: str, age: float) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "half.bin").write_bytes(b"123")
+        os.utime(d, (time.time() - age, time.time() - age))
+        return d
+
+    dead, live = sibling(".x.tmp-dead0001", 3600), sibling(".x.tmp-live0001", 3600)
+    fresh, other = sibling(".x.tmp-new00001", 0), sibling(".y.tmp-dead0001", 3600)
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with atomic_dir(tmp_path / "x") as tmp:
+            (tmp / "a").write_text("a")
+            old = time.time() - 3600
+            os.utime(tmp, (old, old))  # unchanged for an hour, but in use: locked
+            with atomic_dir(tmp_path / "x"):  # a second writer of x sweeps again
+                pass
+            assert tmp.is_dir()
+    finally:
+        os.close(fd)
+    assert not dead.exists()
+    assert live.is_dir() and fresh.is_dir() and other.is_dir()
+    assert (tmp_path / "x" / "a").read_text() == "a"
+    # a process killed while it wrote: its directory is left, and swept by the next output
+    code = ("import os, sys\nfrom cpift_dist.io import atomic_dir\n"
+            f"with atomic_dir({str(tmp_path / 'z')!r}) as tmp:\n"
+            "    (tmp / 'half.bin').write_bytes(b'1')\n    os._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    (left,) = tmp_path.glob(".z.tmp-*")
+    os.utime(left, (time.time() - 60, time.time() - 60))
+    with atomic_dir(tmp_path / "z"):
+        assert not left.exists()
 
 
 def test_unwritable_output_is_a_clear_error(tmp_path):

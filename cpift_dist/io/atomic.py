@@ -1,5 +1,10 @@
 """Outputs appear whole or not at all: write into a temporary sibling, then rename into place.
 
+A temporary sibling is locked (``flock``) while its process writes it. One that a dead process
+left (SIGKILL, the OOM killer, a preempted job's SIGTERM: no clean-up ran) is unlocked; the
+next output to the same place removes it, so killed runs do not pile up hidden copies of
+multi-GB outputs.
+
 A resumable output (the fuser's, whose shards can take an hour on a 70B model) writes into a
 sibling with a stable name instead, ``.<name>.partial``, locked against a second writer; on
 failure it is kept when it holds finished work, and the next call with the same output resumes
@@ -12,6 +17,7 @@ import errno
 import fcntl
 import os
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +33,31 @@ def partial_dir(final: str | Path) -> Path:
     """Where a resumable output is written before it is renamed to ``final``."""
     final = Path(final)
     return final.parent / f".{final.name}.partial"
+
+
+STALE_SECONDS = 10
+"""A temporary sibling unchanged this long and unlocked is a dead process's (a live one locks
+its directory right after creating it)."""
+
+
+def _sweep(final: Path) -> None:
+    """Removes the temporary siblings of ``final`` that dead processes left (unlocked and
+    unchanged for :data:`STALE_SECONDS`); those in use, or on a file system without
+    ``flock``, are left alone."""
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            if time.time() - tmp.stat().st_mtime < STALE_SECONDS:
+                continue
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # in use (BlockingIOError), or no flock here: not ours to remove
+            pass
+        finally:
+            os.close(fd)
 
 
 def _lock(tmp: Path, final: Path) -> int:
@@ -68,6 +99,7 @@ def atomic_dir(final: str | Path, overwrite: bool = False,
     try:
         parent.mkdir(parents=True, exist_ok=True)
         if keep is None:
+            _sweep(final)
             tmp = parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
         else:
@@ -75,7 +107,7 @@ def atomic_dir(final: str | Path, overwrite: bool = False,
             tmp.mkdir(exist_ok=True)
     except OSError as e:
         raise CpiftError(f"{parent}: cannot create output directory ({e.strerror})") from None
-    lock = _lock(tmp, final) if keep is not None else -1
+    lock = _lock(tmp, final)
     try:
         try:
             yield tmp
