@@ -194,6 +194,31 @@ def test_config_errors(tmp_path, capsys, models):
     assert "bad.yaml: field 'analysis.tau': unknown key" in capsys.readouterr().err
 
 
+def test_too_little_room_for_an_output_is_refused_before_the_work(models, tmp_path, capsys,
+                                                                   monkeypatch):
+    """Masks and a fused backbone that the output's file system has no room for: one line
+    naming the output, what it needs and what is free, exit 2, nothing left behind."""
+    import collections
+
+    tuned = {"a": models["a"], "b": models["b"]}
+    assert run(capsys, tmp_path, models["base"], tuned)[0] == 0
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 999, 999))
+    (tmp_path / "x").mkdir()
+    rc, err, leftovers = run(capsys, tmp_path / "x", models["base"], tuned)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and not leftovers, err
+    assert f"{tmp_path / 'x' / 'out'}: the core masks of 2 task(s) needs " in lines[0]
+    assert "its file system has 999B free" in lines[0]
+    argv = ["fuse", "--base", str(models["base"]), "--masks", str(tmp_path / "out" / "masks"),
+            "--out", str(tmp_path / "x" / "fused"), "--no-ray", "--quiet", "--tuned",
+            f"a={models['a']}", "--tuned", f"b={models['b']}"]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{tmp_path / 'x' / 'fused'}: the fused backbone needs " in lines[0]
+    assert list((tmp_path / "x").iterdir()) == []
+
+
 def test_a_full_disk_is_a_clear_error_and_touches_nothing_earlier(models, tmp_path):
     """The output's file system refuses writes past 40 kB (RLIMIT_FSIZE: EFBIG, as a full disk
     gives ENOSPC) halfway through a fusion: one line naming the output, exit 2, no partial

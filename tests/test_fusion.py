@@ -810,6 +810,39 @@ def test_an_interrupted_fuse_resumes_from_its_finished_shards(three, tmp_path, m
     assert _weights(tmp_path / "o3") == _weights(tmp_path / "c3") != clean
 
 
+def test_a_resumed_fuse_needs_room_for_the_shards_it_has_left(three, tmp_path, monkeypatch,
+                                                               capsys):
+    """The room check counts only the shards still to write: with exactly their bytes free, a
+    resume goes ahead where a fresh fuse is refused (and the kept shards stay kept)."""
+    import collections
+
+    from cpift_dist.io.atomic import partial_dir
+
+    assert main(_fuse_args(three, tmp_path / "clean")) == 0
+    data = {f: len(b) - 8 - int.from_bytes(b[:8], "little")  # the tensors' bytes
+            for f, b in _weights(tmp_path / "clean").items()}
+    rest = sum(data.values()) - data[min(data)]
+    with monkeypatch.context() as m:
+        _interrupt_after_first_shard(m)
+        assert main(_fuse_args(three, tmp_path / "o")) == 130
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - rest, rest))
+    capsys.readouterr()
+    assert main(_fuse_args(three, tmp_path / "fresh")) == 2
+    assert "the fused backbone needs" in capsys.readouterr().err
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: usage(10**9, 10**9 - rest + 1, rest - 1))
+    assert main(_fuse_args(three, tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert (f"the fused backbone ({len(data) - 1} of its {len(data)} shards still to write) "
+            "needs") in err, err
+    assert f"kept in {partial_dir(tmp_path / 'o')}" in err
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - rest, rest))
+    assert main(_fuse_args(three, tmp_path / "o")) == 0
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["resumed_shards"] == 1
+    assert _weights(tmp_path / "o") == _weights(tmp_path / "clean")
+
+
 def test_a_fuse_killed_after_a_shard_resumes_on_ray_and_in_a_new_process(three, tmp_path,
                                                                         ray_local):
     """SIGKILL of ``cpift fuse`` right after it journaled its first shard (a torn journal line

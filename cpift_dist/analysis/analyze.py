@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from cpift_dist.analysis import fused
 from cpift_dist.analysis import scan as scan_module
-from cpift_dist.analysis.masks import MaskWriter
+from cpift_dist.analysis.masks import MaskWriter, packed_len
 from cpift_dist.analysis.overlap import mask_counts
 from cpift_dist.analysis.plan import Unit, plan_units
 from cpift_dist.analysis.radix_select import (HIGH_BINS, LOW_BINS, Selection, add_sparse,
@@ -41,8 +41,8 @@ from cpift_dist.analysis.stats import task_stats
 from cpift_dist.config import TASK_NAME, AnalysisConfig
 from cpift_dist.errors import CpiftError
 from cpift_dist.executor import InProcessExecutor
-from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
-                           widened, write_manifest)
+from cpift_dist.io import (Checkpoint, atomic_dir, check_room, checkpoint_digest,
+                           compare_checkpoints, widened, write_manifest)
 from cpift_dist.io.manifest import file_digests
 from cpift_dist.timing import TimeSplit
 
@@ -112,6 +112,8 @@ def analyze(base: str | Path, tuned: dict[str, str | Path], out: str | Path,
     spent0 = scan_module.SPENT.snapshot()
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        check_room(tmp, len(tuned) * sum(packed_len(p.numel) for p in params), out,
+                   f"the core masks of {len(tuned)} task(s)")
         (tmp / "masks").mkdir()
         shapes = {p.name: p.shape for p in params}
         writers = {t: MaskWriter(tmp / "masks" / f"{t}.safetensors", shapes) for t in tuned}

@@ -37,8 +37,8 @@ from cpift_dist.executor import InProcessExecutor, fault_point, torch_threads
 from cpift_dist.fusion import fused
 from cpift_dist.fusion.slerp import (apply_torch, fold_coefficients, fold_weights, gram_torch,
                                      segments_of)
-from cpift_dist.io import (Checkpoint, atomic_dir, checkpoint_digest, compare_checkpoints,
-                           file_digest, widened, write_manifest)
+from cpift_dist.io import (Checkpoint, atomic_dir, check_room, checkpoint_digest,
+                           compare_checkpoints, file_digest, widened, write_manifest)
 from cpift_dist.io.checkpoint import (INDEX_NAME, SINGLE_NAME, drop_mapped, read_chunk,
                                      row_spans)
 from cpift_dist.io.manifest import file_digests, file_stamp, sha256_json
@@ -999,6 +999,8 @@ class _Journal:
                  and (self.tmp / f).is_file() and (self.tmp / f).stat().st_size == r.get("bytes")]
         digests = file_digests([self.tmp / r["file"] for r in maybe])
         self.entries = {r["file"]: r for r, d in zip(maybe, digests) if d == r["digest"]}
+        for f in planned.keys() - self.entries.keys():  # rewritten: their room counts as free
+            (self.tmp / f).unlink(missing_ok=True)
         self.fh.close()
         self.fh = open(self.dir / "shards.jsonl", "w")  # only what is kept
         for r in self.entries.values():
@@ -1089,6 +1091,9 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
         journal.append(_Journal(tmp, key))
         kept = journal[0].keep(shards)
         todo = [sh for sh in shards if sh.file not in {r["file"] for r in kept}]
+        check_room(tmp, sum(out_bytes(base_ck, n, wide_out) for sh in todo for n in sh.names),
+                   Path(out), "the fused backbone" + (f" ({len(todo)} of its {len(shards)} "
+                                                      "shards still to write)" if kept else ""))
         if kept:
             _log.info("fuse: %d of %d shards kept from an interrupted run into %s", len(kept),
                       len(shards), out)
