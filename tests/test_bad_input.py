@@ -211,8 +211,8 @@ def test_too_little_room_for_an_output_is_refused_before_the_work(models, tmp_pa
     assert f"{tmp_path / 'x' / 'out'}: the core masks of 2 task(s) needs " in lines[0]
     assert "its file system has 999B free" in lines[0]
     argv = ["fuse", "--base", str(models["base"]), "--masks", str(tmp_path / "out" / "masks"),
-            "--out", str(tmp_path / "x" / "fused"), "--no-ray", "--quiet", "--tuned",
-            f"a={models['a']}", "--tuned", f"b={models['b']}"]
+            "--out", str(tmp_path / "x" / "fused"), "--no-ray", "--quiet", "--device", "cpu",
+            "--tuned", f"a={models['a']}", "--tuned", f"b={models['b']}"]
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"{tmp_path / 'x' / 'fused'}: the fused backbone needs " in lines[0]
