@@ -853,6 +853,9 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None, finished=Non
                     shared.ahead = ReadAhead(_asks(shared.order), READ_AHEAD * shared.sched.threads)
                 with shared.ahead or nullcontext():
                     shared.sched.run()
+            except BaseException as e:
+                shared.sched.stop(e)  # (Ctrl-C) before the threads' files close under them
+                raise
             finally:
                 for close_files in shared.closers:
                     close_files()
@@ -1103,16 +1106,14 @@ def fuse(base: str | Path, tuned: dict[str, str | Path], masks_dir: str | Path,
         ctx = FuseContext(str(base), {t: str(p) for t, p in tuned.items()}, mask_files,
                           str(tmp), cfg, threads, wide)
         results = list(kept)
-        if not todo:
-            pass
-        elif isinstance(executor, InProcessExecutor):  # the threads share every shard's work
+        if todo and isinstance(executor, InProcessExecutor):  # the threads share all the work
             sizes = [sum(out_bytes(base_ck, n, wide_out) for n in sh.names
                          if n not in base_ck.tied) for sh in shards]
             with tqdm(total=sum(sizes), desc="fuse", unit="B", unit_scale=True,
                       disable=not progress, leave=False,
                       initial=sum(z for sh, z in zip(shards, sizes) if sh not in todo)) as bar:
                 results += fuse_shards(ctx, todo, bar, journal[0].add)
-        else:
+        elif todo:
             for _, r in tqdm(executor.map(fuse_shard, ctx, [(s,) for s in todo]),
                              total=len(shards), initial=len(kept), desc="fuse shards",
                              unit="shard", disable=not progress, leave=False):
