@@ -23,8 +23,8 @@ from typing import Callable
 
 from cpift_dist.config import RunConfig, TaskConfig
 from cpift_dist.errors import CpiftError
-from cpift_dist.io.manifest import (checkpoint_digest, outputs_digest, read_manifest,
-                                    sha256_file, sha256_json)
+from cpift_dist.io.manifest import (MANIFEST_NAME, checkpoint_digest, outputs_digest,
+                                    outputs_intact, read_manifest, sha256_file, sha256_json)
 from cpift_dist.ray_utils import resolve_use_gpu
 
 STAGES = ("finetune", "analyze", "group", "fuse", "sft", "baselines", "eval", "report")
@@ -36,6 +36,15 @@ def output_digest(path: Path) -> str:
     if man and man.get("outputs"):
         return outputs_digest(man)
     return checkpoint_digest(path)
+
+
+def _intact(path: Path) -> bool:
+    """Every manifest at or below ``path`` (hidden directories aside: partial outputs) lists
+    only files that are there with the sizes it recorded; for a file, its directory's."""
+    if path.is_file():
+        return outputs_intact(path.parent)
+    return all(outputs_intact(m.parent) for m in path.rglob(MANIFEST_NAME)
+               if not any(part.startswith(".") for part in m.relative_to(path).parts))
 
 
 class Pipeline:
@@ -79,7 +88,7 @@ class Pipeline:
                       for t in self.cfg.tasks if t.tuned is None]
         else:
             wanted = self.outputs(stage)
-        return entry.get("key") == key and all(p.exists() for p in wanted)
+        return entry.get("key") == key and all(p.exists() and _intact(p) for p in wanted)
 
     def _record(self, stage: str, key: str, seconds: float) -> None:
         self.ledger.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,8 @@ def test_frozen_elements_hold_across_the_stages(tiny_run):
 def test_reruns_redo_what_changed_then_evolving_isolation_in_cpi_and_as_a_baseline(
         tiny_run, tmp_path):
     """On a copy of the finished run (one test: each SFT re-run costs a minute here), a rerun
-    skips every stage and re-runs exactly what changed: a deleted eval; then `sft.epi` alone
+    skips every stage and re-runs exactly what changed: a fused shard cut short (the fuse
+    alone); a deleted eval; then `sft.epi` alone
     (evolving masks inside CPI-FT's stages) with the epi method as a baseline: the SFT, the
     baselines' new method (multitask is kept), the eval and the report re-run, the fuse does
     not; then a new fusion omega: the fuse, the SFT, the eval and the report, the baselines
@@ -116,6 +117,13 @@ def test_reruns_redo_what_changed_then_evolving_isolation_in_cpi_and_as_a_baseli
 
     run, _, ran, _ = rerun()
     assert not any(ran[s] for s in STAGES[:-1]), ran  # everything complete: only the report
+    # a fused shard cut short (its manifest records another size): the fuse re-runs, writes
+    # the same bytes, so nothing after it does
+    shard = sorted((run / "fusion" / "backbone").glob("*.safetensors"))[0]
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-8])
+    assert rerun()[3] == ["fuse", "report"]
+    assert shard.read_bytes() == whole
     groups, stage1 = run / "groups.json", run / "sft" / "stage-1" / "manifest.json"
     backbone = run / "fusion" / "backbone" / "manifest.json"
     multitask = run / "baselines" / "multitask" / "stage-1" / "manifest.json"

@@ -136,13 +136,29 @@ def checkpoint_digest(path: str | Path) -> str:
     """
     path = Path(path)
     man = read_manifest(path)
-    if man and man.get("status") == "complete" and man.get("outputs"):
-        outs = man["outputs"]
-        if all((path / f).is_file() and (path / f).stat().st_size == o["bytes"]
-               for f, o in outs.items()):
-            return outputs_digest(man)
+    if man and man.get("status") == "complete" and man.get("outputs") and outputs_intact(
+            path, man):
+        return outputs_digest(man)
     return sha256_json([file_stamp(f) for f in sorted(path.glob("*.safetensors")) +
                         sorted(path.glob("*.json")) if f.name != MANIFEST_NAME])
+
+
+def outputs_intact(directory: str | Path, man: dict | None = None) -> bool:
+    """False when ``directory``'s manifest (or ``man``) lists an output file that is missing or
+    has another size than it recorded (a stat per file; nothing is read). True without a
+    manifest."""
+    directory = Path(directory)
+    man = man if man is not None else read_manifest(directory)
+    outs = man.get("outputs") if isinstance(man, dict) else None
+    if not isinstance(outs, dict):
+        return True
+    for f, o in outs.items():
+        try:
+            if (directory / f).stat().st_size != o.get("bytes"):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def file_stamp(path: str | Path) -> list:

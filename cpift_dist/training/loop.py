@@ -272,7 +272,7 @@ class SFTLoop:
             for f in Path(self.job.model).iterdir():
                 if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                     shutil.copy(f, tmp / f.name)
-            # each file's sha256, hashed once here: later stages' keys then name this model by
+            # each file's digest, hashed once here: later stages' keys then name this model by
             # its content, so a retrained, bit-identical model re-runs nothing downstream
             write_manifest(tmp, "train", self.cfg.model_dump(mode="json", exclude={"progress"}),
                            {"init": checkpoint_digest(self.job.model),
