@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, ValidationError,
+                      field_validator)
 
 from cpift_dist.errors import ConfigError
 
@@ -80,8 +81,9 @@ class FusionConfig(_Model):
     backend: Literal["auto", "numba", "torch", "triton"] = "auto"
     """Kernels: auto = Triton on CUDA, numba's fused loops on CPU; torch = the unfused
     reference ops (slow; a cross-check); triton on CPU needs TRITON_INTERPRET=1."""
-    max_shard_bytes: int = Field(2 << 30, ge=1024)
-    """Largest output safetensors shard (bytes)."""
+    max_shard_bytes: Annotated[ByteSize, Field(ge=1024)] = 2 << 30
+    """Largest output safetensors shard: bytes, or a size (``5GB`` = 5e9, ``2GiB`` = 2^30, as
+    pydantic's ``ByteSize`` reads them; stored as bytes, so either spelling is one config)."""
     chunk_elements: int | None = Field(None, ge=1024)
     """Largest row chunk of a tensor processed at once; bounds memory (per thread: the chunk
     of every input and the output; on the numba loops the output of up to
@@ -101,11 +103,12 @@ class FusionConfig(_Model):
     fused in float32, is written: ``float32`` keeps the transplanted core values of an fp32
     fine-tune bit for bit (and the config says float32); ``base`` rounds the fused float32
     values to the base's dtype (round to nearest even), half the bytes for a bf16 base."""
-    cache_bytes: int = Field(2 << 30, ge=0)
-    """Inputs of multi-chunk tensors kept in memory (or on the device) between the Gram and
-    apply passes by the torch and Triton backends (per output shard being fused: all its
-    tensors in flight together); a tensor beyond what is left is read twice. The numba loops
-    read each chunk again instead (from the page cache)."""
+    cache_bytes: Annotated[ByteSize, Field(ge=0)] = 2 << 30
+    """Bytes (or a size, as ``max_shard_bytes``) of inputs of multi-chunk tensors kept in
+    memory (or on the device) between the Gram and apply passes by the torch and Triton
+    backends (per output shard being fused: all its tensors in flight together); a tensor
+    beyond what is left is read twice. The numba loops read each chunk again instead (from
+    the page cache)."""
 
     def chunk_for(self, backend: str) -> int:
         """The chunk size on ``backend`` (``numba``, ``torch`` or ``triton``)."""

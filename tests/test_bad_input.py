@@ -192,6 +192,11 @@ def test_config_errors(tmp_path, capsys, models):
                    f"analysis:\n  p: 0.01\n  tau: 3\n")
     assert main(["analyze", "--config", str(bad), "--no-ray"]) == 2
     assert "bad.yaml: field 'analysis.tau': unknown key" in capsys.readouterr().err
+    assert main(["fuse", "--base", str(models["base"]), "--tuned", f"a={models['a']}",
+                 "--masks", str(tmp_path), "--out", str(tmp_path / "o"), "--no-ray",
+                 "--max-shard-size", "5XB"]) == 2
+    assert ("command line: field 'fusion.max_shard_bytes': could not interpret byte unit: XB"
+            in capsys.readouterr().err)
 
 
 def test_too_little_room_for_an_output_is_refused_before_the_work(models, tmp_path, capsys,

@@ -781,7 +781,8 @@ def test_an_interrupted_fuse_resumes_from_its_finished_shards(three, tmp_path, m
     assert sorted(p.name for p in part.glob("*.safetensors"))[0] == first
     assert (part / first).read_bytes() == clean[first]
     stamp = (part / first).stat().st_mtime_ns
-    assert main(_fuse_args(three, out)) == 0
+    # resumed with the shard size spelt as a size: the same config (ByteSize stores bytes)
+    assert main(_fuse_args(three, out, "fusion.max_shard_bytes=30kB")) == 0
     assert "(1 of the shards kept from an interrupted run)" in " ".join(
         capsys.readouterr().out.split())  # rich wraps the line
     assert _weights(out) == clean and (out / first).stat().st_mtime_ns == stamp
