@@ -25,11 +25,14 @@ driver right after it recorded a finished shard. The directory records that it h
 the retry (or the rerun) lives."""
 
 
-def fault_point(name: str) -> None:
-    """Kills this process here the first time, when :data:`FAULT_TASK_ENV` names ``name``."""
-    fn, _, where = os.environ.get(FAULT_TASK_ENV, "").partition(":")
-    if fn != name or not where:
-        return
+def fault_point(name: str, where: str | None = None) -> None:
+    """Kills this process here the first time, when :data:`FAULT_TASK_ENV` names ``name``
+    (or with ``where``, its directory as read where the process's work was set up: a Ray
+    task's driver, whose environment the workers started earlier do not share)."""
+    if where is None:
+        fn, _, where = os.environ.get(FAULT_TASK_ENV, "").partition(":")
+        if fn != name or not where:
+            return
     try:
         (Path(where) / f"{name}.killed").touch(exist_ok=False)
     except FileExistsError:
@@ -45,7 +48,7 @@ def _dies_once(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapped(*args):
         result = fn(*args)
-        fault_point(name)
+        fault_point(name, where)
         return result
 
     return wrapped
