@@ -13,6 +13,7 @@ from it (the caller decides what in it can be kept: :func:`atomic_dir`'s ``keep`
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -52,10 +53,9 @@ def _sweep(final: Path) -> None:
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:  # in use (BlockingIOError), or no flock here: not ours to remove
-            pass
+            with contextlib.suppress(OSError):  # in use (BlockingIOError), or no flock here:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not ours to remove
+                shutil.rmtree(tmp, ignore_errors=True)
         finally:
             os.close(fd)
 
