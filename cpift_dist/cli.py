@@ -15,16 +15,20 @@
     cpift data make-suite --out DIR [--seed S] [--n-train N] [--n-eval N]
 
 Every error on bad input is one line naming the culprit; the exit status is 2 and no partial
-output is left behind.
+output is left behind. Ctrl-C exits 130, SIGTERM 143 (:func:`sigterm_stops`), after the same
+clean-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from cpift_dist.errors import CpiftError
+from cpift_dist.errors import CpiftError, Terminated
 from cpift_dist.ray_utils import keep_local_logs, local_ray_uses
 
 
@@ -358,23 +362,49 @@ def main(argv: list[str] | None = None) -> int:
     rc = 1  # an exception other than those below propagates
     uses = local_ray_uses()
     try:
-        rc = {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
-              "finetune": cmd_finetune, "sft": cmd_sft, "run": cmd_run,
-              "verify": cmd_verify, "data": cmd_data}[args.command](args)
+        with sigterm_stops():
+            rc = {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
+                  "finetune": cmd_finetune, "sft": cmd_sft, "run": cmd_run,
+                  "verify": cmd_verify, "data": cmd_data}[args.command](args)
     except CpiftError as e:
         print(f"cpift: error: {e}", file=sys.stderr)
         _notes(e)
         rc = 2
     except KeyboardInterrupt as e:
         kept = getattr(e, "__notes__", None)
-        print("cpift: interrupted" + ("" if kept else " (no partial output was kept)"),
-              file=sys.stderr)
+        term = isinstance(e, Terminated)
+        print(("cpift: stopped by SIGTERM" if term else "cpift: interrupted") +
+              ("" if kept else " (no partial output was kept)"), file=sys.stderr)
         _notes(e)
-        rc = 130
+        rc = 128 + signal.SIGTERM if term else 130
     finally:
         if rc != 0 and local_ray_uses() > uses and (logs := keep_local_logs()) is not None:
             print(f"cpift: the local Ray's logs are kept in {logs}", file=sys.stderr)
     return rc
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+    """Within it, SIGTERM raises :class:`~cpift_dist.errors.Terminated` (a KeyboardInterrupt)
+    in the main thread, so that it stops ``cpift`` as Ctrl-C does: temporary outputs removed, a
+    fuse's finished shards kept for the same command to resume, the launcher's jobs stopped.
+    Python's default would end the process at once, with none of that. A second SIGTERM ends
+    it at once. Nothing changes where SIGTERM already has a handler (an embedding program's)
+    or outside the main thread."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _notes(e: BaseException) -> None:

@@ -17,3 +17,10 @@ class CheckpointError(CpiftError):
 
 class MaskError(CpiftError):
     """A core-mask file is malformed or was made for another model."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached ``cpift`` (a SLURM job preempted, cancelled or at its time limit,
+    ``ray job stop``, ``kill``): raised in the main thread by the CLI's handler, so that the
+    clean-up of a Ctrl-C runs (temporary outputs removed, a fuse's finished shards kept, the
+    launcher's jobs stopped) and the exit status is 143."""

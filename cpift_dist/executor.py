@@ -24,11 +24,16 @@ function, once its work is done, before the result is returned; ``fuse_journal``
 driver right after it recorded a finished shard. The directory records that it happened, so
 the retry (or the rerun) lives."""
 
+FAULT_SIGNAL_ENV = "CPIFT_FAULT_SIGNAL"
+"""The signal a fault point sends its process, by name (``SIGTERM``: a preemption, which the
+CLI turns into a clean stop); SIGKILL where unset."""
+
 
 def fault_point(name: str, where: str | None = None) -> None:
     """Kills this process here the first time, when :data:`FAULT_TASK_ENV` names ``name``
     (or with ``where``, its directory as read where the process's work was set up: a Ray
-    task's driver, whose environment the workers started earlier do not share)."""
+    task's driver, whose environment the workers started earlier do not share); with
+    :data:`FAULT_SIGNAL_ENV`, sends it that signal instead."""
     if where is None:
         fn, _, where = os.environ.get(FAULT_TASK_ENV, "").partition(":")
         if fn != name or not where:
@@ -37,7 +42,7 @@ def fault_point(name: str, where: str | None = None) -> None:
         (Path(where) / f"{name}.killed").touch(exist_ok=False)
     except FileExistsError:
         return
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), getattr(signal, os.environ.get(FAULT_SIGNAL_ENV, "SIGKILL")))
 
 
 def _dies_once(fn: Callable) -> Callable:

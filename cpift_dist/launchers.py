@@ -16,17 +16,26 @@ Each job leaves ``launch.json`` in its output directory (command, slot, start, e
 status), and torchrun's log directory there (``torchrun/``: per attempt, the ``error.json``
 with the traceback of a rank that failed, which torchrun's failure summary prints), instead of
 a fresh ``/tmp/torchelastic_*`` on every node at every launch. Nothing here imports Ray.
+
+Each job runs in a session of its own, and an exception in the caller (Ctrl-C, or SIGTERM
+under ``cpift``: a preempted or cancelled SLURM job, ``kill``) stops them all: no queued job
+starts, each running job's process group (torchrun or srun, and the ranks under it) gets
+SIGTERM, and after :data:`STOP_WAIT` seconds SIGKILL, before the exception goes on. The
+DeepSpeed checkpoints they saved are where the same command resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +44,10 @@ from pathlib import Path
 from cpift_dist.errors import CpiftError
 
 ENTRY = ("-m", "cpift_dist.training.run")
+
+STOP_WAIT = 30.0
+"""Seconds the running jobs get to end after SIGTERM when the launcher is stopped, before
+SIGKILL (SLURM's default ``KillWait``; torchrun gives its ranks as long)."""
 
 
 @dataclass
@@ -200,10 +213,13 @@ def run_jobs(cfg, jobs: list[Job], ranks: int, use_gpu: bool, whole_allocation: 
     free: queue.Queue = queue.Queue()
     for i in range(len(slots)):
         free.put(i)
+    running = _Running()
 
     def one(job: Job) -> str | None:
         i = free.get()
         try:
+            if running.stopped:
+                return "not started: the launcher was stopped"
             cmd = _command(launcher, slots[i], ranks, job.args,
                            f"{os.environ.get('SLURM_JOB_ID', 'local')}-{job.out.name}-{time.time_ns()}",
                            job.out / LOG_DIR)
@@ -216,15 +232,69 @@ def run_jobs(cfg, jobs: list[Job], ranks: int, use_gpu: bool, whole_allocation: 
                          f"slot {i}" + (f" (GPUs {envs[i]['CUDA_VISIBLE_DEVICES']})"
                                         if "CUDA_VISIBLE_DEVICES" in envs[i] else ""))
                 log(f"  {job.label}: {launcher}, {where}")
-            r = subprocess.run(cmd, env=env)
-            record.update(end=time.time(), returncode=r.returncode)
+            rc = running.run(cmd, env)
+            if rc is None:
+                return "not started: the launcher was stopped"
+            record.update(end=time.time(), returncode=rc)
             (job.out / "launch.json").write_text(json.dumps(record, indent=2) + "\n")
-            if r.returncode:
-                return f"{launcher} exit {r.returncode}; rerun to resume from its last checkpoint"
+            if rc:
+                return f"{launcher} exit {rc}; rerun to resume from its last checkpoint"
             return None
         finally:
             free.put(i)
 
-    with ThreadPoolExecutor(max(1, min(len(slots), len(jobs)))) as pool:
+    pool = ThreadPoolExecutor(max(1, min(len(slots), len(jobs))))
+    try:
         results = dict(zip([j.label for j in jobs], pool.map(one, jobs)))
+    except BaseException:
+        running.stop()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return {label: why for label, why in results.items() if why}
+
+
+class _Running:
+    """The launcher's running jobs, each a process group of its own (torchrun or srun and
+    what they start), to be stopped together."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen] = set()
+        self.stopped = False
+
+    def run(self, cmd: list[str], env: dict[str, str]) -> int | None:
+        """Runs ``cmd`` to its end: its exit status, or None where :meth:`stop` came first."""
+        with self.lock:
+            if self.stopped:
+                return None
+            p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+            self.procs.add(p)
+        try:
+            return p.wait()
+        finally:
+            with self.lock:
+                self.procs.discard(p)
+
+    def stop(self, wait: float | None = None) -> None:
+        """No job starts after this; every running one gets SIGTERM, and SIGKILL where it has
+        not ended ``wait`` seconds later (:data:`STOP_WAIT`)."""
+        with self.lock:
+            self.stopped = True
+            procs = list(self.procs)
+        for p in procs:
+            _signal_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + (STOP_WAIT if wait is None else wait)
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(p, signal.SIGKILL)
+                p.wait()
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the process group that ``p`` leads (where it still exists)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, sig)

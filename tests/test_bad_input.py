@@ -1,6 +1,7 @@
 """Every bad input: a one-line error naming the culprit, exit status 2, no partial output."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -177,6 +178,29 @@ def test_failure_mid_run_leaves_nothing(models, tmp_path, capsys):
         return torch.full_like(t, float("nan")) if n == "model.norm.weight" else t
     d = variant(models, tmp_path, "t", edit=poison)
     expect(capsys, tmp_path, models, {"ok": models["a"], "t": d}, "model.norm.weight")
+
+
+def test_sigterm_stops_an_analysis_cleanly(models, tmp_path, capsys, monkeypatch):
+    """SIGTERM in the middle of ``cpift analyze`` (its masks written, being counted): one line,
+    exit 143, no output and no temporary directory left; SIGTERM's default is back after."""
+    import importlib
+    import signal
+
+    A = importlib.import_module("cpift_dist.analysis.analyze")
+    counts = A.mask_counts
+
+    def terminated(*args, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return counts(*args, **kw)
+
+    monkeypatch.setattr(A, "mask_counts", terminated)
+    out = tmp_path / "out"
+    rc = main(["analyze", "--base", str(models["base"]), "--tuned", f"a={models['a']}",
+               "--out", str(out), "--no-ray", "--quiet"])
+    assert rc == 143
+    assert capsys.readouterr().err == "cpift: stopped by SIGTERM (no partial output was kept)\n"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_config_errors(tmp_path, capsys, models):

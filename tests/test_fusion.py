@@ -871,6 +871,35 @@ def test_a_fuse_killed_after_a_shard_resumes_on_ray_and_in_a_new_process(three, 
     assert _weights(out) == _weights(tmp_path / "clean")
 
 
+def test_a_fuse_stopped_by_sigterm_keeps_its_finished_shards_and_exits_143(three, tmp_path):
+    """SIGTERM (a preempted SLURM job, ``ray job stop``) right after the first shard was
+    journaled: ``cpift fuse`` stops as it would on Ctrl-C, says so, exits 143 and keeps the
+    finished shard, from which the same command resumes to an uninterrupted fuse's bytes."""
+    from cpift_dist.executor import FAULT_SIGNAL_ENV, FAULT_TASK_ENV
+    from cpift_dist.io.atomic import partial_dir
+
+    out, part = tmp_path / "o", partial_dir(tmp_path / "o")
+    cli = [sys.executable, "-m", "cpift_dist.cli"]
+    env = dict(os.environ, **{FAULT_TASK_ENV: f"fuse_journal:{tmp_path}",
+                              FAULT_SIGNAL_ENV: "SIGTERM"})
+    r = subprocess.run(cli + _fuse_args(three, out), env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert (tmp_path / "fuse_journal.killed").exists(), r.stderr[-2000:]
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert "cpift: stopped by SIGTERM\n" in r.stderr, r.stderr[-2000:]
+    assert f"the finished part is kept in {part}" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+    kept = (part / ".resume" / "shards.jsonl").read_text().splitlines()
+    assert len(kept) >= 1
+    fuse(three["base"], three["tuned"], three["masks"], tmp_path / "clean",
+         FusionConfig(**FAST), InProcessExecutor(1), progress=False)
+    r = subprocess.run(cli + _fuse_args(three, out), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = " ".join(r.stdout.split())  # (rich wraps the line to the terminal)
+    assert f"({len(kept)} of the shards kept from an interrupted run)" in said, said
+    assert _weights(out) == _weights(tmp_path / "clean") and not part.exists()
+
+
 def test_a_partial_output_in_use_is_refused_and_left_alone(three, tmp_path):
     import fcntl
 

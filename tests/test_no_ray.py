@@ -8,6 +8,7 @@ records any import of it: the Ray-free paths must never import Ray.
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,113 @@ def test_a_rank_s_traceback_lands_in_the_job_s_torchrun_logs(tmp_path, monkeypat
         stack = err["extraInfo"]["py_callstack"]  # the rank's traceback, down to the failure
         assert "cpift_dist/training/run.py" in stack and ", in planted" in stack, stack
     assert left_in_tmp(tmp_path / "tmp") == []
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (gone, or a zombie no one reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _stop_when(marks: Path, n: int):
+    """A thread that sends this process SIGTERM once ``n`` files are in ``marks`` (and never
+    otherwise: the test's timeout reports it)."""
+    import signal
+    import threading
+    import time
+
+    def wait_then_stop():
+        for _ in range(2400):
+            if marks.is_dir() and len(list(marks.iterdir())) >= n:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=wait_then_stop, daemon=True)
+    t.start()
+    return t
+
+
+def _two_jobs(tmp_path, monkeypatch):
+    from cpift_dist import launchers
+    from cpift_dist.config import RunConfig
+
+    for k, v in own_tmp(tmp_path / "tmp").items():
+        monkeypatch.setenv(k, v)
+    cfg = RunConfig.model_validate({"base": "b", "tasks": [{"name": "a"}],
+                                    "finetune": {"local_jobs": 1}})
+    cfg.ray.enabled = False
+    return cfg, [launchers.Job(f"job {n}", [], tmp_path / n) for n in ("a", "b")]
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_stops_the_launcher_s_jobs_and_starts_no_more(tmp_path, monkeypatch):
+    """SIGTERM to the process that runs the jobs alone (``kill``, ``ray job stop``; its jobs
+    run in sessions of their own): the running torchrun and both of its ranks end on the
+    SIGTERM it forwards, with no rank left behind and no need of SIGKILL, the queued job never
+    starts, and :class:`Terminated` goes on to the caller."""
+    import signal
+
+    from cpift_dist import launchers
+    from cpift_dist.cli import sigterm_stops
+    from cpift_dist.errors import Terminated
+
+    ready = tmp_path / "ready"
+    entry = tmp_path / "entry.py"  # a rank that says it runs, then works until stopped
+    entry.write_text("import os, pathlib, time\n"
+                     f"ready = pathlib.Path({str(ready)!r})\n"
+                     "ready.mkdir(exist_ok=True)\n"
+                     "(ready / str(os.getpid())).touch()\n"
+                     "time.sleep(600)\n")
+    monkeypatch.setattr(launchers, "ENTRY", (str(entry),))
+    cfg, jobs = _two_jobs(tmp_path, monkeypatch)
+    _stop_when(ready, 2)
+    with pytest.raises(Terminated), sigterm_stops():
+        launchers.run_jobs(cfg, jobs, ranks=2, use_gpu=False)
+    ranks = [int(p.name) for p in ready.iterdir()]
+    assert len(ranks) == 2 and all(_ended(pid) for pid in ranks)
+    rc = json.loads((tmp_path / "a" / "launch.json").read_text())["returncode"]
+    assert rc not in (0, -signal.SIGKILL), rc  # torchrun ended on the SIGTERM, not killed
+    assert not (tmp_path / "b").exists()  # never started
+    assert left_in_tmp(tmp_path / "tmp") == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.timeout(60)
+def test_a_job_that_ignores_sigterm_is_killed_with_what_it_started(tmp_path, monkeypatch):
+    """A job whose processes ignore SIGTERM: after ``STOP_WAIT`` its whole process group (the
+    job and what it started) gets SIGKILL, so that nothing outlives the launcher."""
+    import signal
+
+    from cpift_dist import launchers
+    from cpift_dist.cli import sigterm_stops
+    from cpift_dist.errors import Terminated
+
+    pids = tmp_path / "pids"
+    stubborn = ("import os, pathlib, signal, sys, time\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "if len(sys.argv) == 1:\n"
+                "    import subprocess\n"
+                "    subprocess.Popen([sys.executable, __file__, 'child'])\n"
+                f"pathlib.Path({str(pids)!r}).mkdir(exist_ok=True)\n"
+                f"(pathlib.Path({str(pids)!r}) / str(os.getpid())).touch()\n"
+                "time.sleep(600)\n")
+    script = tmp_path / "stubborn.py"
+    script.write_text(stubborn)
+    monkeypatch.setattr(launchers, "_command", lambda *a: [sys.executable, str(script)])
+    monkeypatch.setattr(launchers, "STOP_WAIT", 1.0)
+    cfg, jobs = _two_jobs(tmp_path, monkeypatch)
+    _stop_when(pids, 2)
+    with pytest.raises(Terminated), sigterm_stops():
+        launchers.run_jobs(cfg, jobs, ranks=1, use_gpu=False)
+    started = [int(p.name) for p in pids.iterdir()]
+    assert len(started) == 2
+    for _ in range(100):  # the child, no longer ours, is reaped by whoever adopted it
+        if all(_ended(pid) for pid in started):
+            break
+        time.sleep(0.05)
+    assert all(_ended(pid) for pid in started)
+    rc = json.loads((tmp_path / "a" / "launch.json").read_text())["returncode"]
+    assert rc == -signal.SIGKILL and not (tmp_path / "b").exists()
