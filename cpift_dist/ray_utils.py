@@ -46,7 +46,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
             kwargs["_node_ip_address"] = "127.0.0.1"
             loopback = True
     try:
-        with _loopback_node(ray) if loopback else contextlib.nullcontext():
+        with _loopback_node(ray) if loopback else contextlib.nullcontext(), _own_sigterm():
             ray.init(address=address, runtime_env=env, log_to_driver=False, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise CpiftError(f"--address {address}: no Ray cluster answers ({e})") from None
@@ -108,7 +108,7 @@ def _start_local(ray, num_cpus: int | None, env: dict | None,
     for attempt in range(1, attempts + 1):
         tmp = tempfile.mkdtemp(prefix="cpift-ray-", dir=root)
         try:
-            with _loopback_node(ray):
+            with _loopback_node(ray), _own_sigterm():
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                          _temp_dir=tmp, runtime_env=env, log_to_driver=False,
                          configure_logging=False)
@@ -129,6 +129,25 @@ def _start_local(ray, num_cpus: int | None, env: dict | None,
                 time.sleep(pause * attempt)
     raise CpiftError(f"the local Ray did not start in {attempts} attempts (busy machine? "
                      f"`--no-ray` runs without it); last cause: {causes[-1]}")
+
+
+@contextlib.contextmanager
+def _own_sigterm():
+    """Keeps a SIGTERM handler set before ``ray.init`` (the CLI's, which stops ``cpift`` as
+    Ctrl-C does: :func:`cpift_dist.cli.sigterm_stops`): ``ray.init`` replaces it with its own
+    (``sys.exit``, and for a local Ray a kill of its processes first), which would skip the
+    CLI's message and exit status. The local Ray is still stopped, at exit
+    (:func:`_end_local`). Where none was set, Ray's stays."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and before not in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, before)
 
 
 @contextlib.contextmanager

@@ -871,19 +871,24 @@ def test_a_fuse_killed_after_a_shard_resumes_on_ray_and_in_a_new_process(three, 
     assert _weights(out) == _weights(tmp_path / "clean")
 
 
-def test_a_fuse_stopped_by_sigterm_keeps_its_finished_shards_and_exits_143(three, tmp_path):
+@pytest.mark.parametrize("executor", ["threads", "local Ray"])
+def test_a_fuse_stopped_by_sigterm_keeps_its_finished_shards_and_exits_143(three, tmp_path,
+                                                                          executor):
     """SIGTERM (a preempted SLURM job, ``ray job stop``) right after the first shard was
     journaled: ``cpift fuse`` stops as it would on Ctrl-C, says so, exits 143 and keeps the
-    finished shard, from which the same command resumes to an uninterrupted fuse's bytes."""
+    finished shard, from which the same command resumes to an uninterrupted fuse's bytes. On
+    a local Ray it started too (whose ``ray.init`` sets a SIGTERM handler of its own)."""
     from cpift_dist.executor import FAULT_SIGNAL_ENV, FAULT_TASK_ENV
     from cpift_dist.io.atomic import partial_dir
 
     out, part = tmp_path / "o", partial_dir(tmp_path / "o")
     cli = [sys.executable, "-m", "cpift_dist.cli"]
+    args = _fuse_args(three, out)
+    if executor == "local Ray":
+        args = [a for a in args if a != "--no-ray"]
     env = dict(os.environ, **{FAULT_TASK_ENV: f"fuse_journal:{tmp_path}",
                               FAULT_SIGNAL_ENV: "SIGTERM"})
-    r = subprocess.run(cli + _fuse_args(three, out), env=env, capture_output=True, text=True,
-                       timeout=240)
+    r = subprocess.run(cli + args, env=env, capture_output=True, text=True, timeout=240)
     assert (tmp_path / "fuse_journal.killed").exists(), r.stderr[-2000:]
     assert r.returncode == 143, r.stderr[-2000:]
     assert "cpift: stopped by SIGTERM\n" in r.stderr, r.stderr[-2000:]
