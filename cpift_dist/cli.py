@@ -389,8 +389,10 @@ def sigterm_stops():
     in the main thread, so that it stops ``cpift`` as Ctrl-C does: temporary outputs removed, a
     fuse's finished shards kept for the same command to resume, the launcher's jobs stopped.
     Python's default would end the process at once, with none of that. A second SIGTERM ends
-    it at once. Nothing changes where SIGTERM already has a handler (an embedding program's)
-    or outside the main thread."""
+    it at once. SIGUSR1, which ends a Python process by default, does nothing to ``cpift``
+    (the training ranks it starts save a checkpoint and stop on it:
+    :data:`cpift_dist.training.loop.STOP_SIGNALS`). Nothing changes where SIGTERM already has
+    a handler (an embedding program's) or outside the main thread."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         yield
@@ -400,11 +402,15 @@ def sigterm_stops():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Terminated()
 
+    usr1 = signal.getsignal(signal.SIGUSR1)
     signal.signal(signal.SIGTERM, stop)
+    if usr1 is signal.SIG_DFL:  # SLURM's --signal=USR1@T is for the training ranks (a
+        signal.signal(signal.SIGUSR1, lambda *_: None)  # checkpoint, then stop), not a kill
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, usr1)
 
 
 def _notes(e: BaseException) -> None:

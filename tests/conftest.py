@@ -89,6 +89,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def default_sigterm():
+    """SIGTERM at its default within the test, as in a fresh ``cpift`` process (where the CLI
+    installs its own handler): the session's Ray, once started in this process, leaves its
+    handler (stop the local Ray, ``sys.exit``); it is back after the test."""
+    import signal
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
 @pytest.fixture(scope="session")
 def train_setup(tmp_path_factory) -> Path:
     """A tiny Llama with a chat tokenizer (``model/``) and the generated suite (``suite/``)."""

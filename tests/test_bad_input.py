@@ -180,7 +180,8 @@ def test_failure_mid_run_leaves_nothing(models, tmp_path, capsys):
     expect(capsys, tmp_path, models, {"ok": models["a"], "t": d}, "model.norm.weight")
 
 
-def test_sigterm_stops_an_analysis_cleanly(models, tmp_path, capsys, monkeypatch):
+def test_sigterm_stops_an_analysis_cleanly(models, tmp_path, capsys, monkeypatch,
+                                            default_sigterm):
     """SIGTERM in the middle of ``cpift analyze`` (its masks written, being counted): one line,
     exit 143, no output and no temporary directory left; SIGTERM's default is back after."""
     import importlib

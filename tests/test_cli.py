@@ -131,3 +131,20 @@ def test_the_checkouts_kernels_directory_does_not_shadow_the_pypi_package():
             60, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == [str(ROOT / "kernels" / "__init__.py"), "None", "0"]
+
+
+@pytest.mark.timeout(60)
+def test_sigusr1_is_for_the_ranks_and_does_not_end_cpift():
+    """SLURM's ``--signal=USR1@T`` reaches every process of the job, ``cpift`` too: within
+    the CLI it is a no-op (Python's default would end the process), and the signals are as
+    they were after it."""
+    code = ("import os, signal\n"
+            "from cpift_dist.cli import sigterm_stops\n"
+            "with sigterm_stops():\n"
+            "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "    print('alive', flush=True)\n"
+            "assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL\n"
+            "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+            "print('restored')\n")
+    r = _run([sys.executable, "-c", code], timeout=50)
+    assert r.returncode == 0 and r.stdout.split() == ["alive", "restored"], r.stderr[-2000:]

@@ -260,7 +260,8 @@ def _two_jobs(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(180)
-def test_sigterm_stops_the_launcher_s_jobs_and_starts_no_more(tmp_path, monkeypatch):
+def test_sigterm_stops_the_launcher_s_jobs_and_starts_no_more(tmp_path, monkeypatch,
+                                                              default_sigterm):
     """SIGTERM to the process that runs the jobs alone (``kill``, ``ray job stop``; its jobs
     run in sessions of their own): the running torchrun and both of its ranks end on the
     SIGTERM it forwards, with no rank left behind and no need of SIGKILL, the queued job never
@@ -293,7 +294,8 @@ def test_sigterm_stops_the_launcher_s_jobs_and_starts_no_more(tmp_path, monkeypa
 
 
 @pytest.mark.timeout(60)
-def test_a_job_that_ignores_sigterm_is_killed_with_what_it_started(tmp_path, monkeypatch):
+def test_a_job_that_ignores_sigterm_is_killed_with_what_it_started(tmp_path, monkeypatch,
+                                                                   default_sigterm):
     """A job whose processes ignore SIGTERM: after ``STOP_WAIT`` its whole process group (the
     job and what it started) gets SIGKILL, so that nothing outlives the launcher."""
     import signal

@@ -87,3 +87,21 @@ def test_crash_after_checkpoint_then_resume_equals_uninterrupted(setup, tmp_path
     a, b = Checkpoint(tmp_path / "full" / "model"), Checkpoint(tmp_path / "crash" / "model")
     for n in a.names():
         assert torch.equal(a.read(n), b.read(n)), n
+    # SIGTERM to rank 0 alone during step 4 (a preemption; between the checkpoints of steps 3
+    # and 6): both ranks agree on it, save step 4's checkpoint and stop; the same command
+    # resumes from step 4 to the uninterrupted run's losses and weights
+    from cpift_dist.training.loop import SIGNAL_ENV
+
+    term = tmp_path / "term"
+    r = train(setup, term, *args, env={SIGNAL_ENV: "4"})
+    assert r.returncode != 0 and "exitcode  : 143" in r.stderr, r.stderr[-4000:]
+    assert (f"cpift-train: stopped by SIGTERM after step 4: its checkpoint is in "
+            f"{term / 'checkpoints' / 'step-4'}") in r.stderr, r.stderr[-4000:]
+    assert (term / "checkpoints" / "latest").read_text().strip() == "step-4"
+    assert len(losses(term)) == 4 and not (term / "model").exists()
+    r = train(setup, term, *args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert losses(term) == losses(tmp_path / "full")
+    b = Checkpoint(term / "model")
+    for n in a.names():
+        assert torch.equal(a.read(n), b.read(n)), n

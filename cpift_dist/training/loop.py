@@ -8,6 +8,11 @@ from a seeded :class:`~cpift_dist.data.TaskMixture` identical on every rank; its
 step, the optimizer and the LR schedule are saved in DeepSpeed checkpoints every
 ``save_every`` steps, so a killed run resumes where its last checkpoint left it and ends with
 the weights of an uninterrupted run. The result is exported as HF sharded safetensors.
+
+SIGTERM or SIGUSR1 to a rank (a SLURM time limit, preemption or ``--signal=USR1@SECONDS``;
+torchrun and the launcher forward theirs) saves a checkpoint at the end of the current step
+and stops the run there (:class:`Stopped`): the ranks agree on the step with one all-reduce of
+a flag per step, so all of them save the same one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import math
 import os
 import pickle
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +38,42 @@ from cpift_dist.training.freeze import (CoreUnion, ElementFreezer, check_frozen,
                                         freeze_problem)
 
 FAULT_ENV = "CPIFT_FAULT_AFTER_STEP"  # tests: die right after this step's checkpoint
+SIGNAL_ENV = "CPIFT_FAULT_SIGTERM_AT_STEP"  # tests: rank 0 gets SIGTERM during this step
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Signals that stop a run after a checkpoint of the step under way."""
+
+
+class Stopped(Exception):
+    """A run stopped by a signal after it saved a checkpoint; the same command resumes."""
+
+    def __init__(self, signum: int, step: int, where: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: its "
+                         f"checkpoint is in {where}; the same command resumes from it")
+        self.signum = signum
+
+
+class _StopAsked:
+    """Within it, :data:`STOP_SIGNALS` only record that they came (the main thread alone can
+    take signals; elsewhere, as in a Ray Train worker's thread, nothing changes)."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.signum = 0
+        self.active = wanted and threading.current_thread() is threading.main_thread()
+        self.before: dict = {}
+
+    def __enter__(self) -> "_StopAsked":
+        if self.active:
+            for sig in STOP_SIGNALS:
+                self.before[sig] = signal.signal(sig, self._asked)
+        return self
+
+    def _asked(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, h in self.before.items():
+            signal.signal(sig, h)
 
 
 @dataclass
@@ -205,7 +248,14 @@ class SFTLoop:
         dev = self.engine.device
         return {"input_ids": ids.to(dev), "labels": labels.to(dev), "attention_mask": mask.to(dev)}
 
-    def train(self) -> None:
+    def train(self, stop_on_signals: bool = False) -> None:
+        """Trains to ``max_steps``, saving checkpoints every ``save_every`` steps. With
+        ``stop_on_signals`` (the launchers' entry point; not Ray Train's workers, whose
+        SIGTERM is Ray's), a stop signal ends it early: see :data:`STOP_SIGNALS`.
+
+        Raises:
+            Stopped: a stop signal came; the checkpoint of the step it came in was saved.
+        """
         from tqdm.auto import tqdm
 
         self.engine.train()
@@ -216,7 +266,19 @@ class SFTLoop:
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
             tb = SummaryWriter(str(self.job.out / "tensorboard"))
+        with _StopAsked(stop_on_signals) as asked:
+            self._steps(bar, metrics, tb, asked)
+        bar.close()
+        if tb is not None:
+            tb.close()
+        if self.stopped:
+            raise Stopped(self.stopped, self.step, self.ckpt_dir / f"step-{self.step}")
+
+    def _steps(self, bar, metrics: Path, tb, asked: _StopAsked) -> None:
+        self.stopped = 0
         while self.step < self.cfg.max_steps:
+            if asked.active and self.rank == 0 and os.environ.get(SIGNAL_ENV) == str(self.step + 1):
+                os.kill(os.getpid(), signal.SIGTERM)
             total, tokens = 0.0, 0
             for _ in range(self.cfg.grad_accum):
                 batch = self._batch()
@@ -240,7 +302,9 @@ class SFTLoop:
                                         "tokens": tokens, "time": time.time()}) + "\n")
                 tb.add_scalar("train/loss", total, self.step)
                 tb.add_scalar("train/lr", lr, self.step)
-            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
+            self.stopped = self._agreed(asked.signum) if asked.active else 0
+            if (self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps
+                    or self.stopped):
                 if self.epi is not None:  # before DeepSpeed's: its ``latest`` marks a whole one
                     self.epi.save(self.ckpt_dir / f"step-{self.step}")
                 self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step-{self.step}",
@@ -250,9 +314,19 @@ class SFTLoop:
                     tb.flush()
                 if os.environ.get(FAULT_ENV) == str(self.step):
                     os._exit(17)  # a crash right after a checkpoint (fault-injection tests)
-        bar.close()
-        if tb is not None:
-            tb.close()
+            if self.stopped:
+                return
+
+    def _agreed(self, signum: int) -> int:
+        """The stop signal any rank got by now (0: none), the same on every rank: one
+        all-reduce (max) of a flag, on the engine's device."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return signum
+        flag = torch.tensor([signum], dtype=torch.int32, device=self.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
     # ---- save -------------------------------------------------------------------------------
     def save(self) -> None:
@@ -336,6 +410,6 @@ def run(job: SFTJob) -> SFTLoop:
         raise CpiftError("no training data given")
     s = SFTLoop(job)
     s.setup()
-    s.train()
+    s.train(stop_on_signals=True)
     s.save()
     return s

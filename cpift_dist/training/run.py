@@ -29,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from cpift_dist.config import EPIConfig, TrainConfig, apply_overrides, load_config, validate
 from cpift_dist.errors import CpiftError
-from cpift_dist.training.loop import SFTJob, run
+from cpift_dist.training.loop import SFTJob, Stopped, run
 
 
 @record  # under torchrun: a rank's uncaught exception goes to its error file, and torchrun's
@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except CpiftError as e:
         print(f"cpift-train: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"cpift-train: {e}", file=sys.stderr)
+        return 128 + e.signum
     finally:
         _leave_process_group()
 
