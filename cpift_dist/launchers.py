@@ -279,19 +279,25 @@ class _Running:
 
     def stop(self, wait: float | None = None) -> None:
         """No job starts after this; every running one gets SIGTERM, and SIGKILL where it has
-        not ended ``wait`` seconds later (:data:`STOP_WAIT`)."""
+        not ended ``wait`` seconds later (:data:`STOP_WAIT`), or at once on an exception (a
+        second Ctrl-C) while they end."""
         with self.lock:
             self.stopped = True
             procs = list(self.procs)
         for p in procs:
             _signal_group(p, signal.SIGTERM)
         deadline = time.monotonic() + (STOP_WAIT if wait is None else wait)
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        try:
+            for p in procs:
+                try:
+                    p.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _signal_group(p, signal.SIGKILL)
+                    p.wait()
+        except BaseException:  # a second Ctrl-C while they stop: now
+            for p in procs:
                 _signal_group(p, signal.SIGKILL)
-                p.wait()
+            raise
 
 
 def _signal_group(p: subprocess.Popen, sig: int) -> None:
