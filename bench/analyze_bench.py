@@ -38,6 +38,8 @@ from pathlib import Path
 SIZES = {  # name -> (hidden, layers, intermediate, vocab)
     "348m": (1024, 22, 2816, 32000),
     "90m": (512, 16, 1408, 32000),
+    # the Llama shape of issue #12's H100 figures (1.1B; base + 3 tuned in bf16: 8.8 GB)
+    "1.1b": (2048, 22, 5632, 32000),
     # 3.96B: base + 3 tuned in bf16 are 31.7 GB, more than this VM's 23 GiB of memory, so
     # their pages cannot all stay in the page cache (bench/cold_bench.py --size 3b)
     "3b": (3072, 28, 8192, 128256),

@@ -8,8 +8,8 @@ ledger entry ``.pipeline/<stage>.json`` holding the digest of its configuration 
 rerun skips a stage whose ledger key matches and whose outputs are still there; a changed
 config field or input re-runs that stage, and the stages after it re-run when its output
 changed (their inputs are digests of it). ``--from STAGE`` deletes that stage's outputs and
-everything after it first. Ctrl-C leaves at worst a stage that re-runs (or resumes from its
-DeepSpeed checkpoints), never one that looks complete.
+everything after it first. Ctrl-C or SIGTERM leaves at worst a stage that re-runs (or resumes
+from its DeepSpeed checkpoints), never one that looks complete.
 """
 
 from __future__ import annotations
