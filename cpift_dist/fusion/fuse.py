@@ -11,11 +11,11 @@ resumes from them (:class:`_Journal`).
 from __future__ import annotations
 
 import functools
+import heapq
 import itertools
 import json
 import logging
 import os
-import queue
 import shutil
 import threading
 import time
@@ -133,6 +133,13 @@ class _Scheduler:
     """A pool of threads running tasks by priority (lower first, then submission order); tasks
     may submit tasks. The first error stops the pool and is re-raised by :meth:`run`.
 
+    Each task belongs to a *lane* (an output shard's index), and thread ``k`` takes the tasks
+    of lane ``k`` modulo the threads first, the best task of any other lane only where its
+    own has none: so that threads write into different files. Linux serialises writes into
+    one file (its inode lock): measured on 2 cores, 2.2 GB written in 8 MB ``pwrite``s into
+    one tmpfs file took 0.87-1.00 s on 1 thread and 0.89-1.02 s on 2, into two files (one per
+    thread) 0.49-0.51 s.
+
     Hand-written because ``concurrent.futures`` has no priorities: the apply pass of a tensor
     must overtake the Gram passes of later tensors, or every tensor's chunks would be held in
     memory until all Gram passes are done.
@@ -140,48 +147,58 @@ class _Scheduler:
 
     def __init__(self, threads: int):
         self.threads = max(1, threads)
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._lanes: list[list] = [[] for _ in range(self.threads)]  # heaps
         self._seq = itertools.count()
-        self._lock = threading.Lock()
+        self._cv = threading.Condition()
         self._pending = 0
         self._error: BaseException | None = None
         self._workers: list[threading.Thread] = []
         self.busy = 0.0  # seconds the threads spent in tasks, summed over threads
 
-    def submit(self, priority: int, fn, *args) -> None:
-        with self._lock:
+    def submit(self, priority: int, fn, *args, lane: int = 0) -> None:
+        with self._cv:
             self._pending += 1
-        self._queue.put((priority, next(self._seq), fn, args))
+            heapq.heappush(self._lanes[lane % self.threads],
+                           (priority, next(self._seq), fn, args))
+            self._cv.notify_all()
 
-    def _worker(self) -> None:
-        """Runs tasks until a stop item arrives: one per thread, queued as the last task ends
-        (threads that polled for it with a timeout instead ended up to the timeout later:
-        0.1 s at the end of every fusion). After an error the queued tasks are dropped."""
-        while True:
-            _, _, fn, args = self._queue.get()
-            if fn is None:
-                return
+    def _take(self, k: int):
+        """The next task for thread ``k`` (its lane's first, else the best of another lane),
+        waiting for one; None once every task is done."""
+        with self._cv:
+            while True:
+                if self._pending == 0:
+                    return None
+                own = self._lanes[k]
+                if not own:
+                    own = min((h for h in self._lanes if h), key=lambda h: h[0], default=None)
+                if own:
+                    return heapq.heappop(own)
+                self._cv.wait()
+
+    def _worker(self, k: int) -> None:
+        """Runs tasks until none is left. After an error the queued tasks are dropped."""
+        while (item := self._take(k)) is not None:
+            _, _, fn, args = item
             t0 = time.perf_counter()
             try:
                 if self._error is None:
                     fn(*args)
             except BaseException as e:
-                with self._lock:
+                with self._cv:
                     self._error = self._error or e
-            with self._lock:
+            with self._cv:
                 self.busy += time.perf_counter() - t0
                 self._pending -= 1
-                last = self._pending == 0
-            if last:
-                for _ in range(self.threads):
-                    self._queue.put((_STOP, next(self._seq), None, ()))
+                if self._pending == 0:
+                    self._cv.notify_all()
 
     def run(self) -> None:
         """Runs until every task (including those submitted on the way) is done."""
         if self._pending == 0:
             return
-        self._workers = [threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
-                         for i in range(self.threads)]
+        self._workers = [threading.Thread(target=self._worker, args=(i,), name=f"fuse-{i}",
+                                          daemon=True) for i in range(self.threads)]
         for w in self._workers:
             w.start()
         for w in self._workers:
@@ -193,14 +210,13 @@ class _Scheduler:
         """After ``run`` was interrupted in this thread (Ctrl-C): the threads drop the queued
         tasks and end with their current one; waits for them (no task may write into a file
         once it is closed)."""
-        with self._lock:
+        with self._cv:
             self._error = self._error or error
         for w in self._workers:
             w.join()
 
 
-_STOP, _APPLY, _GRAM = -1, 0, 1  # priorities: the workers' stop items (queued when no
-# task is left), then finish started tensors first
+_APPLY, _GRAM = 0, 1  # priorities: finish started tensors first
 _RUN_DTYPES = (torch.bfloat16, torch.float32)  # what the compiled runs read as is
 GROUP_CHUNKS = 8
 """Chunks of a multi-chunk tensor per task of each pass in runs (``read: pread``): read one
@@ -345,6 +361,7 @@ class _ShardFuser:
         self.sched = shared.sched
         self.left = 1  # the shard's tasks not yet done, plus one until submit() has queued all
         self.done = None  # called with this fuser, on the thread that ends its last task
+        self.lane = 0  # the scheduler's lane of its tasks (its index among the shards)
         self.cuda = self.device == "cuda"
         # the numba loops read the chunks into buffers in runs (read: pread; bf16 and fp32
         # inputs in the page cache) or straight from the files' maps; the torch and Triton
@@ -412,7 +429,7 @@ class _ShardFuser:
         """Queues one of the shard's tasks (counted: the shard is done when none is left)."""
         with self.lock:
             self.left += 1
-        self.sched.submit(priority, self._task, fn, args)
+        self.sched.submit(priority, self._task, fn, args, lane=self.lane)
 
     def _task(self, fn, args) -> None:
         fn(*args)  # it may queue more of the shard's tasks (counted before this one ends)
@@ -839,18 +856,20 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None, finished=Non
 
     try:
         with torch_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.threads))):
-            for shard in shards:
+            for i, shard in enumerate(shards):
                 entries = {n: (out_dtype(base, n, ctx.wide_out), base.info(n).shape)
                            for n in shard.names}
                 writers.append(PositionalWriter(Path(ctx.out) / shard.file, entries,
                                                 {"format": "pt"}))
                 fuser = _ShardFuser(ctx, shard, writers[-1], shared)
                 fuser.done = done
+                fuser.lane = i
                 fuser.submit()
             t0 = time.perf_counter()
             try:
                 if shared.order:  # cold inputs: one thread asks for them ahead of all threads
-                    shared.ahead = ReadAhead(_asks(shared.order), READ_AHEAD * shared.sched.threads)
+                    shared.ahead = ReadAhead(_asks(_by_lanes(shared.order, shared.sched.threads)),
+                                             READ_AHEAD * shared.sched.threads)
                 with shared.ahead or nullcontext():
                     shared.sched.run()
             except BaseException as e:
@@ -880,6 +899,26 @@ def fuse_shards(ctx: FuseContext, shards: list[OutShard], bar=None, finished=Non
     finally:
         closer.shutdown(wait=True)
     return out
+
+
+def _by_lanes(order: list, threads: int) -> list:
+    """The cold chunks (fuser, chunk) in the order the threads begin them: each thread its
+    lane's shards in order (:class:`_Scheduler`), the lanes' sequences merged so that each
+    has begun as many elements as the others."""
+    lanes: dict[int, list] = {}
+    for fuser, c in order:
+        lanes.setdefault(fuser.lane % threads, []).append((fuser, c))
+    if len(lanes) < 2:
+        return order
+    heads = [(0, lane, 0) for lane in sorted(lanes)]  # (elements begun, lane, next index)
+    merged = []
+    while heads:
+        done, lane, i = heapq.heappop(heads)
+        fuser, c = lanes[lane][i]
+        merged.append((fuser, c))
+        if i + 1 < len(lanes[lane]):
+            heapq.heappush(heads, (done + c.numel, lane, i + 1))
+    return merged
 
 
 def _asks(order: list):
