@@ -923,3 +923,43 @@ def test_a_partial_output_in_use_is_refused_and_left_alone(three, tmp_path):
     finally:
         os.close(fd)
     assert (part / "theirs").read_text() == "x" and not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(60)
+def test_the_fuse_threads_take_their_own_shards_first_and_help_where_one_has_none():
+    """The fuser's scheduler: with a lane (an output shard) per thread, each thread runs its
+    own lane's tasks (so that two threads never write into one file: Linux serialises that);
+    with one lane, both threads take its tasks; the priorities hold within a lane."""
+    import importlib
+    import threading
+
+    fuse_mod = importlib.import_module("cpift_dist.fusion.fuse")
+    ran = []
+
+    def task(lane, i, together):
+        together.wait()  # both threads are in a task at once, step by step
+        ran.append((lane, i, threading.current_thread().name))
+
+    sched, both = fuse_mod._Scheduler(2), threading.Barrier(2, timeout=10)
+    for lane in (0, 1):  # lane 0's tasks first: a single queue would give them both threads
+        for i in range(5):
+            sched.submit(fuse_mod._GRAM, task, lane, i, both, lane=lane)
+    sched.run()
+    by_lane = {lane: {t for ln, _, t in ran if ln == lane} for lane in (0, 1)}
+    assert by_lane == {0: {"fuse-0"}, 1: {"fuse-1"}}, ran
+    assert [i for ln, i, _ in ran if ln == 0] == list(range(5))
+
+    ran.clear()  # one lane: the other thread helps (else the barrier would time out)
+    sched, both = fuse_mod._Scheduler(2), threading.Barrier(2, timeout=10)
+    for i in range(4):
+        sched.submit(fuse_mod._GRAM, task, 0, i, both, lane=0)
+    sched.run()
+    assert {t for _, _, t in ran} == {"fuse-0", "fuse-1"} and len(ran) == 4
+
+    ran.clear()  # an apply task submitted later overtakes the lane's queued Gram tasks
+    sched, alone = fuse_mod._Scheduler(1), threading.Barrier(1)
+    for i in range(3):
+        sched.submit(fuse_mod._GRAM, task, 0, i, alone)
+    sched.submit(fuse_mod._APPLY, task, 0, 9, alone)
+    sched.run()
+    assert [i for _, i, _ in ran] == [9, 0, 1, 2]
