@@ -212,17 +212,26 @@ def main() -> None:
     analyze(paths["base"], tuned3, d / "masks3", AnalysisConfig(p=0.01), overwrite=True,
             progress=False)
     gib = 1 << 30
+
+    def drop(name: str) -> None:  # with --out-dir (memory), each output goes once measured:
+        if a.out_dir:  # the 1.1B model's would not fit beside its inputs in 23 GiB
+            shutil.rmtree(o / name, ignore_errors=True)
+
     warm_read([paths["base"], *tuned3.values()])
     ours = child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
                  str(o / "out-pair"), "weights", 0.5)
     warm_read([paths["t1"], paths["t2"]])
+    drop("out-pair")
     naive = child("naive", paths["t1"], paths["t2"], str(o / "out-naive"))
+    drop("out-naive")
     mk_default = mk_200 = None
     if not a.no_mergekit:
         warm_read([paths["t1"], paths["t2"]])
         mk_default = mergekit(paths["t1"], paths["t2"], str(o / "out-mk"), None)
+        drop("out-mk")
         warm_read([paths["t1"], paths["t2"]])
         mk_200 = mergekit(paths["t1"], paths["t2"], str(o / "out-mk200"), "50M")
+        drop("out-mk200")
     from analyze_bench import child as raw_child
 
     threads = [int(x) for x in a.threads.split(",")]
@@ -245,6 +254,7 @@ def main() -> None:
         sweep[n] = min((r for r, _ in runs), key=lambda r: r["seconds"])
         sweep[n]["median"] = statistics.median(r["seconds"] for r, _ in runs)
         maps[n] = min((m for _, m in runs), key=lambda r: r["seconds"])
+        drop(f"out-pair-{n}")
 
     # killed (SIGKILL) right after its first shard was journaled, then resumed
     from cpift_dist.executor import FAULT_TASK_ENV
@@ -266,12 +276,14 @@ def main() -> None:
         resumes.append(child("cpift", paths["base"], list(pair.values()),
                              str(d / "empty" / "masks"), str(o / "out-resume"), "weights", 0.5,
                              n))
+        drop("out-resume")
     resumed = resumes[0]
     resumed["median"] = statistics.median(r["seconds"] - r["start"] for r in resumes)
 
     warm_read([paths["t1"], paths["t2"]])
     unfused = child("cpift", paths["base"], list(pair.values()), str(d / "empty" / "masks"),
                     str(o / "out-pair-torch"), "weights", 0.5, max(threads), "torch")
+    drop("out-pair-torch")
     warm_read([paths["base"], *tuned3.values()])
     three = child("cpift", paths["base"], list(tuned3.values()), str(d / "masks3" / "masks"),
                   str(o / "out-3"), "task-vectors", "uniform")
