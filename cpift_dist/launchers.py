@@ -45,6 +45,13 @@ from cpift_dist.errors import CpiftError
 
 ENTRY = ("-m", "cpift_dist.training.run")
 
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""What torchrun passes on to its ranks (``--signals-to-handle``, set through its environment
+variable ``PET_SIGNALS_TO_HANDLE`` where the caller has not): its default and SIGUSR1, which
+SLURM's ``--signal=USR1@T`` sends and which would end torchrun itself by default; the ranks
+save a checkpoint and stop on it (:data:`cpift_dist.training.loop.STOP_SIGNALS`). torchrun
+versions without the option ignore the variable."""
+
 STOP_WAIT = 30.0
 """Seconds the running jobs get to end after SIGTERM when the launcher is stopped, before
 SIGKILL (SLURM's default ``KillWait``; torchrun gives its ranks as long)."""
@@ -223,7 +230,8 @@ def run_jobs(cfg, jobs: list[Job], ranks: int, use_gpu: bool, whole_allocation: 
             cmd = _command(launcher, slots[i], ranks, job.args,
                            f"{os.environ.get('SLURM_JOB_ID', 'local')}-{job.out.name}-{time.time_ns()}",
                            job.out / LOG_DIR)
-            env = {**os.environ, **envs[i], **job.env}
+            env = {**os.environ, "PET_SIGNALS_TO_HANDLE": os.environ.get(
+                "PET_SIGNALS_TO_HANDLE", TORCHRUN_SIGNALS), **envs[i], **job.env}
             job.out.mkdir(parents=True, exist_ok=True)
             record = {"label": job.label, "launcher": launcher, "slot": slots[i], "cmd": cmd,
                       "env": {**envs[i], **job.env}, "start": time.time()}

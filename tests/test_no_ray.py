@@ -330,3 +330,41 @@ def test_a_job_that_ignores_sigterm_is_killed_with_what_it_started(tmp_path, mon
     assert all(_ended(pid) for pid in started)
     rc = json.loads((tmp_path / "a" / "launch.json").read_text())["returncode"]
     assert rc == -signal.SIGKILL and not (tmp_path / "b").exists()
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_passes_sigusr1_on_to_the_ranks(tmp_path, monkeypatch):
+    """SLURM's ``--signal=USR1@T`` reaches torchrun too: the launcher has it pass SIGUSR1 on
+    to the ranks (where they save a checkpoint and stop) instead of dying of it."""
+    import signal
+    import threading
+
+    from cpift_dist import launchers
+
+    ready, got = tmp_path / "ready", tmp_path / "got"
+    entry = tmp_path / "entry.py"  # a rank that says it runs (and its torchrun), then waits
+    entry.write_text("import os, pathlib, signal, sys, time\n"
+                     f"ready, got = pathlib.Path({str(ready)!r}), pathlib.Path({str(got)!r})\n"
+                     "def usr1(*_):\n"
+                     "    got.mkdir(exist_ok=True)\n"
+                     "    (got / os.environ['RANK']).touch()\n"
+                     "    sys.exit(138)\n"
+                     "signal.signal(signal.SIGUSR1, usr1)\n"
+                     "ready.mkdir(exist_ok=True)\n"
+                     "(ready / f\"{os.environ['RANK']}-{os.getppid()}\").touch()\n"
+                     "time.sleep(600)\n")
+    monkeypatch.setattr(launchers, "ENTRY", (str(entry),))
+    monkeypatch.delenv("PET_SIGNALS_TO_HANDLE", raising=False)
+    cfg, jobs = _two_jobs(tmp_path, monkeypatch)
+
+    def usr1_to_torchrun():
+        for _ in range(2400):
+            if ready.is_dir() and len(list(ready.iterdir())) == 2:  # both ranks run
+                break
+            time.sleep(0.05)
+        os.kill(int(next(ready.iterdir()).name.split("-")[1]), signal.SIGUSR1)
+
+    threading.Thread(target=usr1_to_torchrun, daemon=True).start()
+    failed = launchers.run_jobs(cfg, jobs[:1], ranks=2, use_gpu=False)
+    assert sorted(p.name for p in got.iterdir()) == ["0", "1"]  # both ranks had it
+    assert failed == {"job a": "torchrun exit 1; rerun to resume from its last checkpoint"}
