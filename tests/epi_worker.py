@@ -25,7 +25,7 @@ R = importlib.import_module("cpift_dist.training.run")
 MODE = os.environ.get("EPI_WORKER_MODE", "trace")
 
 
-def _plant_and_refresh(self) -> None:
+def _plant_and_refresh(self, stop_on_signals: bool = False) -> None:
     epi = self.epi
     for part in epi.parts:
         for s in part.segs:
