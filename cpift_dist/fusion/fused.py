@@ -36,13 +36,12 @@ import numba
 import numpy as np
 import torch
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from cpift_dist.analysis.fused import _widen  # the same bf16/float32 widening
 from cpift_dist.analysis.fused import gc_paused, load_registries
 from cpift_dist.io import gather
 
-BLOCK = 2048  # elements per block: N + 1 widened float32 rows stay in L1/L2
+BLOCK = 2048  # elements per block: the Gram pass's N float64 rows stay in L1/L2
 RUN_LIKE = {torch.bfloat16: np.empty(0, np.uint16), torch.float32: np.empty(0, np.float32)}
 """The run loops' ``like`` argument per input dtype: bf16 as its bits, float32 as is."""
 
@@ -161,6 +160,26 @@ def _union(packed, b0, nb, union):
     return anyset != 0
 
 
+def _f32(x):
+    """The float32 value of one element of a chunk: bf16 bits (``uint16``) widened by a 16-bit
+    shift, or a float32 as is (compiled per type by the overload below)."""
+
+
+@overload(_f32, inline="always")
+def _f32_typed(x):
+    if isinstance(x, types.Integer):
+        return lambda x: np.uint32(np.uint32(x) << np.uint32(16)).view(np.float32)
+    return lambda x: np.float32(x)
+
+
+# The passes widen each element where they use it (:func:`_f32`) instead of widening a block
+# of every task into float32 scratch rows first: one pass over each task's block fewer, and
+# apply touches no task row at all outside its arithmetic. Measured in cache, 256K-element
+# chunks, 2-core VM (bf16, 2 tasks, weight space / task vectors): gram 0.51 -> 0.41 /
+# 0.69 -> 0.60 ns per element, apply 0.31 -> 0.21 / 0.46 -> 0.31; with 1% core masks apply
+# 1.00 -> 0.64. The arithmetic and its order are unchanged: outputs bit for bit the same.
+
+
 @njit(nogil=True, cache=True)
 def gram(base, tuned, bf16, packed, task_vectors, seg_len, out):
     """Adds the Gram matrices of the chunk's non-core elements into ``out[s]``
@@ -168,10 +187,7 @@ def gram(base, tuned, bf16, packed, task_vectors, seg_len, out):
     ``tuned``: the tasks' array addresses (see the module's docstring)."""
     n = base.size
     N = tuned.size
-    bu = np.empty(BLOCK, np.uint32)
-    bf = bu.view(np.float32)
-    xu = np.empty(BLOCK, np.uint32)
-    xf = xu.view(np.float32)
+    bf = np.zeros(BLOCK, np.float32)  # the base's block, widened once for every task
     v = np.zeros((N, BLOCK))
     union = np.empty(BLOCK // 8, np.uint8)
     core = np.zeros(BLOCK // 8, np.uint64)  # per element: 1 in a core (8 bytes per mask byte)
@@ -184,19 +200,26 @@ def gram(base, tuned, bf16, packed, task_vectors, seg_len, out):
             for j in range(nb):
                 core[j] = _BITS[union[j]]
         if task_vectors:
-            _widen(base, start, m, bf16, bu, bf)
+            bs = base[start:start + m]
+            for i in range(m):
+                bf[i] = _f32(bs[i])
         for k in range(N):
-            _widen(_task(base, tuned, k), start, m, bf16, xu, xf)
+            x = _task(base, tuned, k)[start:start + m]
             vk = v[k]
             if task_vectors:
+                if masked:
+                    for i in range(m):
+                        vk[i] = 0.0 if core8[i] else (np.float64(_f32(x[i]))
+                                                      - np.float64(bf[i]))
+                else:
+                    for i in range(m):
+                        vk[i] = np.float64(_f32(x[i])) - np.float64(bf[i])
+            elif masked:
                 for i in range(m):
-                    vk[i] = np.float64(xf[i]) - np.float64(bf[i])
+                    vk[i] = 0.0 if core8[i] else np.float64(_f32(x[i]))
             else:
                 for i in range(m):
-                    vk[i] = np.float64(xf[i])
-            if masked:
-                for i in range(m):
-                    vk[i] = 0.0 if core8[i] else vk[i]
+                    vk[i] = np.float64(_f32(x[i]))
         lo = 0
         while lo < m:  # the block's pieces that lie in one segment
             s = (start + lo) // seg_len
@@ -221,29 +244,20 @@ def apply(base, tuned, bf16, packed, task_vectors, coef, seg_len, max_magnitude,
     ``tuned``: the tasks' array addresses (see the module's docstring).
     """
     n = base.size
-    N = tuned.size
-    bu = np.empty(BLOCK, np.uint32)
-    bf = bu.view(np.float32)
-    xu = np.empty((N, BLOCK), np.uint32)
-    xf = xu.view(np.float32)
     acc = np.empty(BLOCK, np.float32)
     au = acc.view(np.uint32)
     union = np.empty(BLOCK // 8, np.uint8)
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
         masked = _union(packed, start >> 3, (m + 7) >> 3, union)
-        if task_vectors or masked:
-            _widen(base, start, m, bf16, bu, bf)
-        for k in range(N):
-            _widen(_task(base, tuned, k), start, m, bf16, xu[k], xf[k])
         lo = 0
         while lo < m:
             s = (start + lo) // seg_len
             hi = min(m, (s + 1) * seg_len - start)
-            _combine(xf, lo, hi, bf[lo:hi], coef[s], task_vectors, acc[lo:hi])
+            _combine(base, tuned, start + lo, start + hi, coef[s], task_vectors, acc[lo:hi])
             lo = hi
         if masked:
-            _transplant(packed, start, m, union, xf, bf, max_magnitude, acc, counts)
+            _transplant(packed, start, m, union, base, tuned, max_magnitude, acc, counts)
         o = out[start:start + m]
         if bf16:
             for i in range(m):
@@ -254,35 +268,37 @@ def apply(base, tuned, bf16, packed, task_vectors, coef, seg_len, max_magnitude,
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _combine(x, lo, hi, b, c, task_vectors, acc):
-    """``acc = sum_k c[k] * v_k`` over elements ``lo:hi`` of the rows of ``x``, in task order
-    (float32, no FMA), ``+ b`` for task vectors (``b`` and ``acc`` are already that range)."""
+def _combine(base, tuned, a0, a1, c, task_vectors, acc):
+    """``acc = sum_k c[k] * v_k`` over elements ``a0:a1`` of the chunk, in task order (float32,
+    no FMA), ``+ base`` for task vectors (``acc`` is already that range)."""
     m = acc.size
-    x0 = x[0][lo:hi]  # a row, then a range of it: contiguous, so the loops vectorise
+    b = base[a0:a1]  # ranges of the arrays: contiguous, indexed by i only, so loops vectorise
+    x0 = _task(base, tuned, 0)[a0:a1]
     c0 = c[0]
     if task_vectors:
         for i in range(m):
-            acc[i] = c0 * (x0[i] - b[i])
+            acc[i] = c0 * (_f32(x0[i]) - _f32(b[i]))
     else:
         for i in range(m):
-            acc[i] = c0 * x0[i]
-    for k in range(1, x.shape[0]):
-        xk = x[k][lo:hi]
+            acc[i] = c0 * _f32(x0[i])
+    for k in range(1, tuned.size):
+        xk = _task(base, tuned, k)[a0:a1]
         ck = c[k]
         if task_vectors:
             for i in range(m):
-                acc[i] = acc[i] + ck * (xk[i] - b[i])
+                acc[i] = acc[i] + ck * (_f32(xk[i]) - _f32(b[i]))
         else:
             for i in range(m):
-                acc[i] = acc[i] + ck * xk[i]
+                acc[i] = acc[i] + ck * _f32(xk[i])
     if task_vectors:
         for i in range(m):
-            acc[i] = acc[i] + b[i]
+            acc[i] = acc[i] + _f32(b[i])
 
 
 @njit(nogil=True, cache=True)
-def _transplant(packed, start, m, union, xf, bf, max_magnitude, acc, counts):
-    """Core elements of the block: the winning task's value into ``acc``; counts them."""
+def _transplant(packed, start, m, union, base, tuned, max_magnitude, acc, counts):
+    """Core elements of the block at ``start``: the winning task's value into ``acc``; counts
+    them."""
     b0 = start >> 3
     N = packed.shape[0]
     for j in range((m + 7) >> 3):
@@ -300,16 +316,18 @@ def _transplant(packed, start, m, union, xf, bf, max_magnitude, acc, counts):
         for q in range(min(8, m - 8 * j)):
             if (u >> q) & 1 == 0:
                 continue
-            i = 8 * j + q
+            i = start + 8 * j + q
+            bi = _f32(base[i])
             best = np.float32(-1.0)
             picked = np.float32(0.0)
             for k in range(N):
                 if (packed[k, b0 + j] >> q) & 1:
-                    score = abs(xf[k, i] - bf[i]) if max_magnitude else np.float32(0.0)
+                    xi = _f32(_task(base, tuned, k)[i])
+                    score = abs(xi - bi) if max_magnitude else np.float32(0.0)
                     if score > best:  # strict: the first task keeps a tie
                         best = score
-                        picked = xf[k, i]
-            acc[i] = picked
+                        picked = xi
+            acc[i - start] = picked
 
 
 @njit(nogil=True, cache=True)
