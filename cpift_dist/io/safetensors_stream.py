@@ -46,9 +46,14 @@ def build_header(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
 
 class PositionalWriter:
     """Writes one safetensors file whose header is known up front: tensors or row ranges in
-    any order, from any thread, each ``pwrite`` at its precomputed offset; a background thread
-    hashes (:func:`~cpift_dist.io.manifest.file_hash`) the file's completed prefix as it
-    grows, so hashing overlaps the work.
+    any order, from any thread, each ``pwrite`` at its precomputed offset, and hashed
+    (:func:`~cpift_dist.io.manifest.file_hash`) in file order as the written prefix grows.
+    A write that extends the hashed prefix is hashed from the caller's buffer by the writing
+    thread, while the bytes are in its caches; what was written ahead of the prefix is hashed
+    later by a background thread, read back from the file. Measured on the 2-core VM: BLAKE3
+    over a 1-4 MiB buffer in cache at 6.3 GB/s, against 3.0-3.2 GB/s read back through maps
+    of a tmpfs file (or ``pread``), so the fuser, which writes each shard's runs mostly in
+    order, spends about half the CPU time on hashing it did.
 
     Use :meth:`write` for the bytes of a tensor from a byte offset, :meth:`close` to finish
     (every byte written exactly once, else an error naming the first incomplete tensor) and get
@@ -80,6 +85,9 @@ class PositionalWriter:
         self._closing = False
         self._error: BaseException | None = None
         self._hash_of = file_hash()
+        self._hash_of.update(header)
+        self._hashed = len(header)  # bytes [0, hashed) are in the hash
+        self._hashing = False  # a thread is adding bytes to the hash
         self._hasher = threading.Thread(target=self._hash, name=f"hash {self.path.name}",
                                         daemon=True)
         self._hasher.start()
@@ -111,7 +119,8 @@ class PositionalWriter:
             self._record(mv, start, f"bytes from offset {start}")
 
     def _record(self, mv: memoryview, start: int, what: str) -> None:
-        """Writes ``mv`` at ``start`` and moves the hashed frontier past it when it can."""
+        """Writes ``mv`` at ``start``, moves the written prefix past it when it can, and hashes
+        it from ``mv`` where it is the next range to hash and no thread hashes now."""
         self._pwrite(mv, start)
         with self._cv:
             if start < self._frontier or start in self._ranges:
@@ -121,8 +130,22 @@ class PositionalWriter:
             while self._frontier in self._ranges:
                 self._frontier = self._ranges.pop(self._frontier)
                 advanced = True
-            if advanced:
-                self._cv.notify()
+            mine = not self._hashing and self._hashed == start  # then start was the frontier
+            self._hashing |= mine
+            if advanced and not mine:
+                self._cv.notify_all()
+        if not mine:
+            return
+        try:
+            self._hash_of.update(mv)
+        except BaseException as e:
+            self._error = e  # the digest is wrong: close() reports it
+            raise
+        finally:
+            with self._cv:
+                self._hashed = start + len(mv)
+                self._hashing = False
+                self._cv.notify_all()  # the background hasher: written ranges past this one
 
     def copy(self, source: str, name: str) -> None:
         """Writes tensor ``name`` as a byte copy of the complete tensor ``source`` (a stored
@@ -141,17 +164,24 @@ class PositionalWriter:
             done += os.pwrite(self._fd, mv[done:], pos + done)
 
     def _hash(self) -> None:
-        hashed = 0
+        """Hashes, read back from the file, the written bytes no writing thread hashed."""
         try:
             while True:
                 with self._cv:
-                    while self._frontier == hashed and not self._closing:
+                    while self._hashing or (self._frontier == self._hashed
+                                            and not self._closing):
                         self._cv.wait()
-                    target = self._frontier
-                    if target == hashed:
-                        return
-                hash_update(self._hash_of, self._fd, hashed, target)
-                hashed = target
+                    start, target = self._hashed, self._frontier
+                    if target == start:
+                        return  # closing, and every written byte is hashed
+                    self._hashing = True
+                try:
+                    hash_update(self._hash_of, self._fd, start, target)
+                finally:
+                    with self._cv:
+                        self._hashed = target
+                        self._hashing = False
+                        self._cv.notify_all()
         except BaseException as e:  # reported by close()
             self._error = e
 
@@ -159,7 +189,7 @@ class PositionalWriter:
         """Checks every byte was written; returns the file's digest (as manifests record it)."""
         with self._cv:
             self._closing = True
-            self._cv.notify()
+            self._cv.notify_all()
         self._hasher.join()
         os.close(self._fd)
         self._fd = -1
@@ -178,7 +208,7 @@ class PositionalWriter:
             return
         with self._cv:
             self._closing = True
-            self._cv.notify()
+            self._cv.notify_all()
         self._hasher.join()
         os.close(self._fd)
         self._fd = -1
