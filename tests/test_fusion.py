@@ -356,9 +356,62 @@ def test_cuda_fusion_threads_cache_and_cpu_agree(three, tmp_path, space):
     assert differ <= 1e-3 * total, (differ, total)
 
 
+def test_the_writer_hashes_in_order_writes_from_memory_and_the_rest_from_the_file(
+        tmp_path, monkeypatch):
+    """Writes that extend the hashed prefix are hashed from the caller's buffer (nothing read
+    back); writes ahead of it are read back by the background hasher; any mix of the two, from
+    several threads, gives the file's BLAKE3; a failed in-memory update fails close()."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cpift_dist.io import safetensors_stream
+
+    read_back = []
+    real = safetensors_stream.hash_update
+    monkeypatch.setattr(safetensors_stream, "hash_update",
+                        lambda h, fd, a, b: (read_back.append(b - a), real(h, fd, a, b)))
+    entries = {"x": (torch.float32, (300, 64))}
+    x = torch.randn(300, 64)
+    rows = [(r, r + 10) for r in range(0, 300, 10)]
+
+    def write_all(name, order, threads=1):
+        read_back.clear()
+        w = PositionalWriter(tmp_path / name, entries, hash_block=1000)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda ab: w.write("x", x[ab[0]:ab[1]], ab[0] * 64 * 4), order))
+        digest = w.close()
+        assert digest == blake3((tmp_path / name).read_bytes()).hexdigest(), name
+        return sum(read_back)
+
+    assert write_all("in-order.safetensors", rows) == 0
+    assert write_all("reversed.safetensors", rows[::-1]) == 300 * 64 * 4 - 10 * 64 * 4
+    for seed in range(5):
+        order = rows[:]
+        random.Random(seed).shuffle(order)
+        write_all(f"mixed{seed}.safetensors", order, threads=4)
+
+    class Failing:
+        def __init__(self):
+            self.h, self.n = blake3(), 0
+
+        def update(self, data):
+            self.n += 1
+            if self.n == 3:
+                raise MemoryError("hash broke")
+            self.h.update(data)
+
+    monkeypatch.setattr(safetensors_stream, "file_hash", Failing)
+    w = PositionalWriter(tmp_path / "failing.safetensors", entries)
+    w.write("x", x[:10], 0)
+    with pytest.raises(MemoryError):
+        w.write("x", x[10:], 10 * 64 * 4)
+    with pytest.raises(Exception, match="hashing failed .hash broke"):
+        w.close()
+
+
 def test_positional_writer_any_order_threads_and_refusals(tmp_path):
     """Pieces written out of order from several threads give the file safetensors reads, and
-    the digest the background hasher computed (BLAKE3) equals the file's; a double write and a
+    the digest computed as they were written (BLAKE3) equals the file's; a double write and a
     missing piece are refused by name."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -558,6 +611,31 @@ def test_runs_read_into_buffers_fuse_the_bytes_of_the_maps(three, bf16_models, t
         else:  # every chunk is whole: one angle per row
             assert kinds == {"gram", "apply"}
         runs.clear()
+
+
+def test_one_fuse_thread_writes_in_file_order_so_nothing_is_read_back_to_hash(
+        three, tmp_path, monkeypatch):
+    """The shard's tasks are queued in file order (a run of small tensors is queued before the
+    multi-chunk tensor after it, not after its Gram pass): on one thread every write extends
+    the hashed prefix and is hashed from memory, nothing read back from the file. The digests
+    are the files' BLAKE3 either way."""
+    from cpift_dist.io import safetensors_stream
+
+    read_back = []
+    real = safetensors_stream.hash_update
+    monkeypatch.setattr(safetensors_stream, "hash_update",
+                        lambda h, fd, a, b: (read_back.append(b - a), real(h, fd, a, b)))
+    for space in ("task-vectors", "weights"):
+        cfg = FusionConfig(**dict(FAST, space=space, max_shard_bytes=1 << 30))
+        out = tmp_path / space
+        man = fuse(three["base"], three["tuned"], three["masks"], out, cfg,
+                   InProcessExecutor(1), progress=False)
+        assert read_back == [], space
+        names = Checkpoint(three["base"]).names()
+        assert any(Checkpoint(three["base"]).info(n).numel > 1024 for n in names)  # multi-chunk
+        for f, digest in man["outputs"].items():
+            if f.endswith(".safetensors"):
+                assert digest["blake3"] == blake3((out / f).read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -399,6 +399,7 @@ class _ShardFuser:
             if name in self.base.tied or info.numel == 0:
                 continue  # tied copies are byte copies, written last
             if not info.dtype.is_floating_point:  # buffers such as position ids: the base's
+                runs.flush()  # tasks queued in file order: writes extend the hashed prefix
                 self._submit(_GRAM, self._copy_base, name)
                 continue
             self.counts[name] = [0, 0]
@@ -409,9 +410,11 @@ class _ShardFuser:
                     if self._in_runs(name):
                         runs.add(c, segments, self.writer.offsets[name], info.dtype)
                     else:
+                        runs.flush()
                         planned.append(c)
                         self._submit(_GRAM, self._whole, c, segments)
                 continue
+            runs.flush()
             nbytes = out_bytes(self.base, name, self.ctx.wide) * (len(self.tasks) + 1)
             # in runs, up to GROUP_CHUNKS chunks a task (one compiled call reads them one after
             # the other into the same buffer); else a chunk a task
