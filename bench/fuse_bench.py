@@ -24,7 +24,7 @@ process reading from page cache, with peak RSS from the process's own high-water
             (CPIFT_FAULT_TASK=fuse_journal:DIR), then the same fuse again: it re-hashes and
             keeps that shard and fuses the others (--rounds times, the median printed).
 --out-dir puts every output (and the raw writes) there, e.g. in tmpfs (/dev/shm) so that the
-disk's write-back does not time the fuser; it is removed at the end.
+disk's write-back does not time the fuser; emptied at the end (and removed if the bench made it).
 On a CUDA machine it also times the Triton apply kernel against a device-to-device copy and
 against torch eager SLERP of the same tensors.
 """
@@ -201,6 +201,7 @@ def main() -> None:
     d = a.data / f"fuse-{a.size}-{a.dtype}"
     d.mkdir(exist_ok=True)
     o = a.out_dir or d  # the outputs
+    made = not o.exists()
     o.mkdir(parents=True, exist_ok=True)
     from cpift_dist.analysis import analyze
     from cpift_dist.config import AnalysisConfig
@@ -290,6 +291,8 @@ def main() -> None:
     if a.out_dir:
         for f in o.iterdir():
             shutil.rmtree(f) if f.is_dir() else f.unlink()
+        if made:
+            o.rmdir()
     print(f"\n== fuse, {a.size} {a.dtype} ({os.cpu_count()} cores), output shards 200 MB, "
           f"outputs in {o}, sweep: best of {a.rounds} ==")
     print(f"pair  raw read of its inputs {raw['seconds']:6.2f} s")
