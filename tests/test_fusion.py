@@ -362,6 +362,7 @@ def test_the_writer_hashes_in_order_writes_from_memory_and_the_rest_from_the_fil
     back); writes ahead of it are read back by the background hasher; any mix of the two, from
     several threads, gives the file's BLAKE3; a failed in-memory update fails close()."""
     import random
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from cpift_dist.io import safetensors_stream
@@ -407,6 +408,17 @@ def test_the_writer_hashes_in_order_writes_from_memory_and_the_rest_from_the_fil
         w.write("x", x[10:], 10 * 64 * 4)
     with pytest.raises(Exception, match="hashing failed .hash broke"):
         w.close()
+
+    # abort() after a writer died mid-hash (its turn never given back, as an asynchronous
+    # KeyboardInterrupt could leave it) stops the hasher at once instead of waiting for it
+    monkeypatch.setattr(safetensors_stream, "file_hash", blake3)
+    w = PositionalWriter(tmp_path / "aborted.safetensors", entries)
+    w.write("x", x[10:20], 10 * 64 * 4)  # ahead of the prefix: left to the hasher
+    with w._cv:
+        w._hashing = True
+    done = threading.Event()
+    threading.Thread(target=lambda: (w.abort(), done.set()), daemon=True).start()
+    assert done.wait(10), "abort() waited for a hash turn that never ends"
 
 
 def test_positional_writer_any_order_threads_and_refusals(tmp_path):

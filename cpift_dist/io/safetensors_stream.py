@@ -88,6 +88,7 @@ class PositionalWriter:
         self._hash_of.update(header)
         self._hashed = len(header)  # bytes [0, hashed) are in the hash
         self._hashing = False  # a thread is adding bytes to the hash
+        self._aborted = False  # the digest no longer matters: the hasher stops at once
         self._hasher = threading.Thread(target=self._hash, name=f"hash {self.path.name}",
                                         daemon=True)
         self._hasher.start()
@@ -168,12 +169,12 @@ class PositionalWriter:
         try:
             while True:
                 with self._cv:
-                    while self._hashing or (self._frontier == self._hashed
-                                            and not self._closing):
+                    while not self._aborted and (self._hashing or (
+                            self._frontier == self._hashed and not self._closing)):
                         self._cv.wait()
                     start, target = self._hashed, self._frontier
-                    if target == start:
-                        return  # closing, and every written byte is hashed
+                    if self._aborted or target == start:
+                        return  # aborted; or closing, and every written byte is hashed
                     self._hashing = True
                 try:
                     hash_update(self._hash_of, self._fd, start, target)
@@ -206,8 +207,8 @@ class PositionalWriter:
         nothing after :meth:`close`."""
         if self._fd < 0:
             return
-        with self._cv:
-            self._closing = True
+        with self._cv:  # not waiting for a writer that may still hash (or died hashing)
+            self._closing = self._aborted = True
             self._cv.notify_all()
         self._hasher.join()
         os.close(self._fd)
