@@ -38,7 +38,7 @@ import torch
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from cpift_dist.analysis.fused import gc_paused, load_registries
+from cpift_dist.analysis.fused import _from_bf16, gc_paused, load_registries
 from cpift_dist.io import gather
 
 BLOCK = 2048  # elements per block: the Gram pass's N float64 rows stay in L1/L2
@@ -168,7 +168,7 @@ def _f32(x):
 @overload(_f32, inline="always")
 def _f32_typed(x):
     if isinstance(x, types.Integer):
-        return lambda x: np.uint32(np.uint32(x) << np.uint32(16)).view(np.float32)
+        return lambda x: _from_bf16(x)  # the analysis's widening, shared
     return lambda x: np.float32(x)
 
 
