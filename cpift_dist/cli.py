@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import signal
 import sys
 import threading
@@ -361,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     rc = 1  # an exception other than those below propagates
     uses = local_ray_uses()
+    _trace_crashes()
     try:
         with sigterm_stops():
             rc = {"analyze": cmd_analyze, "group": cmd_group, "fuse": cmd_fuse,
@@ -381,6 +383,16 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0 and local_ray_uses() > uses and (logs := keep_local_logs()) is not None:
             print(f"cpift: the local Ray's logs are kept in {logs}", file=sys.stderr)
     return rc
+
+
+def _trace_crashes() -> None:
+    """On a fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) print every thread's
+    Python stack to stderr before the process dies as it would have (the handler chains to the
+    default one, so the exit status is still -11 and the like). A crash in native code (torch,
+    numba, a BLAS) otherwise leaves no clue of where it happened."""
+    if not faulthandler.is_enabled():
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # no real stderr
+            faulthandler.enable(file=sys.stderr, all_threads=True)
 
 
 @contextlib.contextmanager

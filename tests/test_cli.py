@@ -148,3 +148,19 @@ def test_sigusr1_is_for_the_ranks_and_does_not_end_cpift():
             "print('restored')\n")
     r = _run([sys.executable, "-c", code], timeout=50)
     assert r.returncode == 0 and r.stdout.split() == ["alive", "restored"], r.stderr[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_in_native_code_prints_where_every_thread_was():
+    """A command that dies of a fatal signal (a SIGSEGV in torch, numba or a BLAS) prints
+    each thread's Python stack before dying, and still dies of the signal (exit -11)."""
+    code = ("import ctypes, sys\n"
+            "from cpift_dist import cli\n"
+            "def crash_here(args):\n"
+            "    return ctypes.string_at(0)\n"
+            "cli.cmd_verify = crash_here\n"
+            "sys.exit(cli.main(['verify', '.']))\n")
+    r = _run([sys.executable, "-c", code], timeout=50)
+    assert r.returncode == -11, (r.returncode, r.stderr[-2000:])
+    assert "Fatal Python error: Segmentation fault" in r.stderr, r.stderr[-2000:]
+    assert "crash_here" in r.stderr and "in main" in r.stderr, r.stderr[-2000:]
