@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, ValidationError,
-                      field_validator)
+                      ValidationInfo, field_validator)
 
 from cpift_dist.errors import ConfigError
 
@@ -150,6 +150,65 @@ class TrainConfig(_Model):
     """Largest safetensors shard of the exported model."""
     progress: bool = True
     """Progress bar on rank 0."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (transformers' gradient checkpointing, non-reentrant): activation memory falls from all
+    layers' to about one layer's, for one more forward pass per step. For long sequences and
+    large models."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """ZeRO-Offload: the fp32 master weights and AdamW's moments in host memory (12 of the 16
+    bytes per parameter leave the GPUs), the gradients copied there, and the optimizer step
+    (torch's AdamW, the frozen elements restored after it) on the CPU: what a 70B full
+    fine-tune on one node of 8x80 GB needs (docs/training.md)."""
+    offload_params: Literal["none", "cpu"] = "none"
+    """ZeRO-3 only: the 16-bit parameters in host memory between their uses (ZeRO-Infinity's
+    parameter offload to the CPU)."""
+    deepspeed: dict[str, Any] = {}
+    """More DeepSpeed config, merged into the one generated from the fields above, e.g.
+    ``{zero_optimization: {overlap_comm: true, stage3_prefetch_bucket_size: 5e8}}``. The keys
+    those fields set (batch sizes, clipping, precision, the ZeRO stage, offload) and
+    ``optimizer`` / ``scheduler`` (this project builds AdamW and its schedule) are refused
+    here: set the fields instead."""
+
+    def key(self) -> dict:
+        """What of these settings a finished stage's identity holds (its digest decides whether
+        a rerun skips it): all but ``progress``, and the memory options only where set, so
+        that stages finished before they existed still count as done."""
+        memory = {"gradient_checkpointing", "offload_optimizer", "offload_params", "deepspeed"}
+        return self.model_dump(mode="json", exclude={"progress"} | {
+            f for f in memory if getattr(self, f) == type(self).model_fields[f].default})
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _own_keys(cls, v: dict) -> dict:
+        for key in _leaf_keys(v):
+            if any(key == k or key.startswith(k + ".") for k in DS_OWNED):
+                raise ValueError(f"deepspeed.{key} is set by this project (its train.* fields "
+                                 "or its own AdamW); set the train field instead")
+        return v
+
+    @field_validator("offload_params")
+    @classmethod
+    def _offload_params_needs_zero3(cls, v: str, info: ValidationInfo) -> str:
+        if v != "none" and info.data.get("zero_stage") != 3:
+            raise ValueError("needs zero_stage 3 (ZeRO-2 does not partition the parameters)")
+        return v
+
+
+DS_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+            "gradient_clipping", "bf16", "fp16", "amp", "optimizer", "scheduler",
+            "zero_optimization.stage", "zero_optimization.offload_optimizer",
+            "zero_optimization.offload_param", "zero_optimization.cpu_offload",
+            "zero_optimization.cpu_offload_params")
+"""DeepSpeed config keys that :class:`TrainConfig`'s fields set (``train.deepspeed`` may not)."""
+
+
+def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out += _leaf_keys(v, key + ".") if isinstance(v, dict) and v else [key]
+    return out
 
 
 class EPIConfig(_Model):

@@ -189,7 +189,7 @@ class Pipeline:
                              "train_data to fine-tune on")
         keys = {t.name: {"base": checkpoint_digest(self.base), "data": sha256_file(t.train_data),
                          "shape": [t.data_shape, t.columns],
-                         "train": cfg.train.model_dump(mode="json", exclude={"progress"}),
+                         "train": cfg.train.key(),
                          "workers": cfg.finetune.workers_per_task} for t in todo}
 
         def run() -> str:
@@ -333,7 +333,7 @@ class Pipeline:
         # the SFT keeps its own per-stage manifests (inputs, masks, data): the ledger key is
         # their upstream inputs, and a stage is re-run by run_sft itself when they changed
         key = {"sft": self.cfg.sft.model_dump(mode="json"), "methods": methods,
-               "train": self.cfg.train.model_dump(mode="json", exclude={"progress"}),
+               "train": self.cfg.train.key(),
                "base": checkpoint_digest(self.base),
                "data": {t.name: sha256_file(t.train_data) for t in self.cfg.tasks
                         if t.train_data is not None}}

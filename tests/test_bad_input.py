@@ -284,3 +284,36 @@ def test_a_full_disk_is_a_clear_error_and_touches_nothing_earlier(models, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis", "backbone"]
     assert [p.name for p in out.iterdir()] == ["earlier.txt"]
     assert (out / "earlier.txt").read_text() == "an earlier output"
+
+
+def test_deepspeed_settings_the_train_fields_own_are_refused(tmp_path, capsys, models):
+    """``train.deepspeed`` adds to the generated DeepSpeed config; what a train field sets
+    (precision, batch sizes, ZeRO stage, offload, the optimizer) is refused, naming the key."""
+    from cpift_dist.config import TrainConfig
+    from cpift_dist.training.loop import _ds_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base: {models['base']}\ntasks:\n  - name: a\n    tuned: {models['a']}\n")
+    for override, key in [("train.deepspeed.bf16.enabled=true", "bf16.enabled"),
+                          ("train.deepspeed.zero_optimization.stage=2", "zero_optimization.stage"),
+                          ("train.deepspeed.zero_optimization.offload_param.device=nvme",
+                           "zero_optimization.offload_param.device"),
+                          ("train.deepspeed.optimizer={type: Adam}", "optimizer.type")]:
+        assert main(["analyze", "--config", str(cfg), "--no-ray", override]) == 2
+        assert (f"field 'train.deepspeed': Value error, deepspeed.{key} is set by this project"
+                in capsys.readouterr().err), override
+    assert main(["analyze", "--config", str(cfg), "--no-ray", "train.zero_stage=2",
+                 "train.offload_params=cpu"]) == 2
+    assert "field 'train.offload_params': Value error, needs zero_stage 3" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    # what is allowed merges section by section into the generated config
+    ds = _ds_config(TrainConfig(offload_optimizer="cpu", deepspeed={
+        "zero_optimization": {"overlap_comm": False}, "comms_logger": {"enabled": True}}), 2)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {
+        "device": "cpu", "pin_memory": True}, "overlap_comm": False}
+    assert ds["comms_logger"] == {"enabled": True} and ds["train_batch_size"] == 8
+    # a finished stage's identity holds the memory settings only where set
+    assert not {"gradient_checkpointing", "offload_optimizer", "offload_params",
+                "deepspeed"} & set(TrainConfig().key())
+    assert TrainConfig(offload_optimizer="cpu").key()["offload_optimizer"] == "cpu"

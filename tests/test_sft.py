@@ -91,6 +91,54 @@ def test_frozen_elements_bit_identical(train_setup, masks, masked_run, stage, dt
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_activation_checkpointing_and_zero_offload_keep_the_freeze(train_setup, masks,
+                                                                   masked_run, tmp_path):
+    """The memory options of 7B-70B runs. Activation checkpointing and ZeRO-3's parameter
+    offload change no bit of the result (fp32 on CPU); the optimizer's offload (fp32 master and
+    AdamW on the host) moves unfrozen elements by rounding only, and keeps every frozen element
+    bit-identical, in ZeRO-3 (bf16) and ZeRO-2. What each engine ran with is read back from it
+    (``deepspeed.json``), not from the config that asked."""
+    paths, union = masks
+    base = Checkpoint(train_setup / "model")
+    runs = {  # name: (overrides, the run without the options, dtype, (rtol, atol) against it)
+        "same": (("zero_stage=3", "dtype=fp32", "gradient_checkpointing=true",
+                  "offload_params=cpu", "deepspeed={zero_optimization: {overlap_comm: false}}"),
+                 (3, "fp32"), torch.float32, (0, 0)),
+        "zero3": (("zero_stage=3", "dtype=bf16", "gradient_checkpointing=true",
+                   "offload_optimizer=cpu", "offload_params=cpu"),
+                  (3, "bf16"), torch.bfloat16, (2 ** -7, 1e-6)),
+        "zero2": (("zero_stage=2", "dtype=fp32", "gradient_checkpointing=true",
+                   "offload_optimizer=cpu"), (2, "fp32"), torch.float32, (1e-5, 1e-7)),
+    }
+    for name, (overrides, plain, want, (rtol, atol)) in runs.items():
+        out = tmp_path / name
+        r = train(train_setup, out, *overrides, freeze=paths)
+        assert r.returncode == 0, (name, r.stderr[-4000:])
+        ran = json.loads((out / "deepspeed.json").read_text())
+        asked = dict(o.split("=", 1) for o in overrides)
+        assert ran["zero_stage"] == int(asked["zero_stage"]) and ran["world"] == 2
+        assert ran["activation_checkpointing"] is True, name
+        assert ran["offload_optimizer"] is ("offload_optimizer" in asked), name
+        assert ran["offload_param"] is ("offload_params" in asked), name
+        if name == "same":
+            assert ran["config"]["zero_optimization"]["overlap_comm"] is False
+        facts = json.loads((out / "freeze.json").read_text())
+        assert facts["frozen"] == facts["checked"] == sum(int(m.sum()) for m in union.values())
+        assert facts["partition_mismatches"] == 0 and facts["mismatched_tensors"] == []
+        got, ref = Checkpoint(out / "model"), Checkpoint(masked_run(*plain) / "model")
+        for n in base.names():
+            b, t, m = _flat(base, n, want), _flat(got, n, want), union[n]
+            assert torch.equal(b[m], t[m]), (name, n)  # frozen: bit for bit
+            x = _flat(ref, n, want)
+            if rtol == 0:
+                assert torch.equal(t, x), (name, n)
+            else:
+                assert torch.allclose(t.float(), x.float(), rtol=rtol, atol=atol), (name, n)
+        assert not torch.equal(_flat(base, NONE, want), _flat(got, NONE, want))
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_without_the_freezer_masked_elements_drift(train_setup, masks, tmp_path):
     _, union = masks

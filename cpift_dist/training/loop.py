@@ -111,7 +111,55 @@ def _ds_config(cfg: TrainConfig, world: int) -> dict:
     }
     if cfg.dtype == "bf16":
         ds["bf16"] = {"enabled": True}
-    return ds
+    zero = ds["zero_optimization"]
+    if cfg.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": cfg.offload_optimizer, "pin_memory": True}
+    if cfg.offload_params != "none":
+        zero["offload_param"] = {"device": cfg.offload_params, "pin_memory": True}
+    return _merged(ds, cfg.deepspeed)
+
+
+def _merged(ds: dict, more: dict) -> dict:
+    """``ds`` with ``more`` merged in, section by section (``train.deepspeed``; the validator
+    already refused the keys the train fields own)."""
+    out = dict(ds)
+    for k, v in more.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _checkpoint_activations(model, where) -> None:
+    """Activation (gradient) checkpointing of every decoder layer, non-reentrant (the variant
+    that works under ZeRO-3's parameter hooks). transformers 5 names it
+    ``activation_checkpointing_enable``; 4.x ``gradient_checkpointing_enable``."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    try:
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    except ValueError as e:  # "... does not support activation checkpointing"
+        raise CpiftError(f"{where}: train.gradient_checkpointing: {e}") from None
+
+
+def _write_engine_facts(path: Path, engine, ds_config: dict) -> None:
+    """``deepspeed.json`` of a run's output: the DeepSpeed config it passed, and what the engine
+    made of it (read back from the engine and its ZeRO optimizer, not from the config)."""
+    opt, module = engine.optimizer, engine.module
+    checkpointing = getattr(module, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(module, "is_gradient_checkpointing", False)
+    facts = {
+        "zero_stage": engine.zero_optimization_stage(),
+        "world": engine.dp_world_size,
+        "offload_optimizer": bool(getattr(opt, "offload_optimizer",
+                                          getattr(opt, "cpu_offload", False))),
+        "offload_param": bool(getattr(opt, "offload_param", False)),
+        "activation_checkpointing": bool(checkpointing),
+        "config": ds_config,
+    }
+    path.write_text(json.dumps(facts, indent=2) + "\n")
 
 
 def _skip_shm_comm_op() -> None:
@@ -192,6 +240,8 @@ class SFTLoop:
         self._hf_ds = HfDeepSpeedConfig(ds_config) if self.cfg.zero_stage == 3 else None
         dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(self.job.model, dtype=dtype)
+        if self.cfg.gradient_checkpointing:
+            _checkpoint_activations(model, self.job.model)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
@@ -199,6 +249,8 @@ class SFTLoop:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, config=ds_config,  # scheduler on ZeRO's wrapped optimizer
             lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, self._lr_factor))
+        if self.rank == 0:
+            _write_engine_facts(self.job.out / "deepspeed.json", self.engine, ds_config)
         self.ckpt_dir = self.job.out / "checkpoints"
         resumed = (self.ckpt_dir / "latest").is_file()
         if resumed:
@@ -283,7 +335,7 @@ class SFTLoop:
             for _ in range(self.cfg.grad_accum):
                 batch = self._batch()
                 tokens += int(batch["attention_mask"].sum())
-                loss = self.engine(**batch).loss
+                loss = self.engine(**batch, use_cache=False).loss  # no KV cache to train
                 self.engine.backward(loss)
                 self.engine.step()
                 total += float(loss.detach()) / self.cfg.grad_accum

@@ -211,7 +211,7 @@ def _spec(cfg: RunConfig, stage: Stage, job: SFTJob) -> tuple[dict, dict]:
                          f"({stage.method}) is missing")
     config = {"method": stage.method, "stage": stage.index, "tasks": stage.tasks,
               "frozen_tasks": stage.frozen_tasks, "samples": job.samples,
-              "train": job.cfg.model_dump(mode="json", exclude={"progress"}),
+              "train": job.cfg.key(),
               "formats": {t: list(v) for t, v in job.formats.items()},
               "workers": cfg.sft.workers or cfg.finetune.workers_per_task}
     if job.epi is not None:  # only then: the digests of stages without it stay as they were
