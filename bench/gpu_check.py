@@ -19,10 +19,13 @@ Sections, in order (``--only`` picks some; each runs even if an earlier one fail
              every core into one file (as the fuser's threads write one shard), into one
              file each, and into a shared map of one file
   zero3      a masked SFT stage, DeepSpeed ZeRO-3 bf16 on NCCL (one rank per GPU), then an
-             independent check with safetensors and numpy: every frozen element bit-identical
+             independent check with safetensors and numpy: every frozen element bit-identical;
+             again with activation checkpointing and ZeRO-Offload (optimizer and parameters)
   tests      the test files that touch the GPU path, on this machine (Triton CPU-reference tests
              run under the interpreter in a subprocess, CUDA tests on the device)
   masked     bench/masked_step_bench.py: the freezer's step overhead on NCCL
+  memory     the 1.1B base (build) trained 4 steps, ZeRO-3 bf16: plain, with activation
+             checkpointing, and with ZeRO-Offload too: rank 0's peak GPU memory, s/step
   profile    py-spy profiles (when py-spy is installed) of the analysis and of fusion on every
              core, into --out; fusion with 256 MB output shards
 
@@ -50,7 +53,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
 SECTIONS = ["bandwidth", "build", "analyze", "fuse", "writes", "zero3", "tests", "masked",
-            "profile"]
+            "memory", "profile"]
 OUT: Path | None = None
 SHAPE = dict(hidden=2048, layers=22, inter=5632, vocab=32000, heads=32, kv=4)
 # --dry: a small model and "cuda" replaced by the CPU, to check this script where no GPU is
@@ -422,13 +425,44 @@ def s_profile(work: Path) -> None:
             f"{r['seconds']:.2f} s")
 
 
+MEMORY_OPTIONS = ("gradient_checkpointing=true", "offload_optimizer=cpu", "offload_params=cpu")
+
+
+def _train(model: Path, data: Path, out: Path, *overrides: str, freeze: Path | None = None,
+           timeout: float = 300) -> float:
+    """One training run under torchrun (one rank per GPU; gloo on the CPU in dry mode); its
+    wall time."""
+    import torch
+
+    from helpers import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+           str(max(1, torch.cuda.device_count())), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "--log-dir", str(out.parent / f"{out.name}-logs"),
+           "-m", "cpift_dist.training.run", "--model", str(model), "--out", str(out),
+           "--data", f"arithmetic={data}", *overrides, "progress=false"]
+    if freeze is not None:
+        cmd += ["--freeze", str(freeze)]
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    if DRY:
+        env["DS_ACCELERATOR"] = "cpu"
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if r.returncode:
+        raise RuntimeError(f"training failed ({' '.join(overrides)}):\n{r.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
 def s_zero3(work: Path) -> None:
+    """A masked stage, then an independent check; again with activation checkpointing and
+    ZeRO-Offload of the optimizer and the parameters (the freezer's hook then runs on the
+    host's fp32 partitions)."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
 
     from cpift_dist.data import make_suite
-    from helpers import free_port, make_chat_tokenizer, make_llama, write_mask
+    from helpers import make_chat_tokenizer, make_llama, write_mask
 
     d = work / "zero3"
     shutil.rmtree(d, ignore_errors=True)
@@ -439,21 +473,6 @@ def s_zero3(work: Path) -> None:
     write_mask(d / "m.safetensors", d / "model", lambda n, k: torch.rand(k, generator=g) < 0.2,
                "arithmetic")
     ngpu = max(1, torch.cuda.device_count())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ngpu),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "--log-dir", str(d / "torchrun"), "-m", "cpift_dist.training.run",
-           "--model", str(d / "model"), "--out", str(d / "o"),
-           "--data", f"arithmetic={d / 'suite' / 'arithmetic' / 'train.jsonl'}",
-           "--freeze", str(d / "m.safetensors"), "zero_stage=3", "dtype=bf16", "max_steps=8",
-           "max_length=320", "micro_batch=4", "lr=3e-3", "weight_decay=0.05", "progress=false"]
-    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    if DRY:
-        env["DS_ACCELERATOR"] = "cpu"
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    if r.returncode:
-        raise RuntimeError(f"training failed:\n{r.stderr[-3000:]}")
-    # independent of the freezer's own check: safetensors, numpy, the mask bits by hand
     masks = load_file(str(d / "m.safetensors"))
 
     def tensors(p):
@@ -461,24 +480,71 @@ def s_zero3(work: Path) -> None:
         for f in sorted(p.glob("*.safetensors")):
             out.update(load_file(str(f)))
         return out
-    base, got = tensors(d / "model"), tensors(d / "o" / "model")
-    frozen = same = moved = free = 0
-    for name, b in base.items():
-        bits = torch.from_numpy(np.unpackbits(masks[name].numpy(), bitorder="little")[
-            :b.numel()].astype(bool))
-        if got[name].dtype != b.dtype:
-            raise RuntimeError(f"{name}: saved as {got[name].dtype}, trained from {b.dtype}")
-        bb, tt = b.reshape(-1).view(torch.int16), got[name].reshape(-1).view(torch.int16)
-        frozen += int(bits.sum())
-        same += int((bb[bits] == tt[bits]).sum())
-        free += int((~bits).sum())
-        moved += int((bb[~bits] != tt[~bits]).sum())
-    facts = json.loads((d / "o" / "freeze.json").read_text())
-    row("zero3", f"ZeRO-3 bf16 on NCCL, {ngpu} rank(s), 8 steps",
-        f"{same:,} of {frozen:,} frozen elements bit-identical; {moved / free:.0%} of the rest "
-        f"moved; freezer's own check {facts.get('checked')} ({time.perf_counter() - t0:.0f} s)")
-    if same != frozen or moved < 0.5 * free:
-        raise RuntimeError("frozen elements moved, or the rest did not train")
+    base = tensors(d / "model")
+    failed = []
+    for label, extra in (("", ()), (", checkpointing + offload", MEMORY_OPTIONS)):
+        out = d / ("o" if not extra else "o-offload")
+        seconds = _train(d / "model", d / "suite" / "arithmetic" / "train.jsonl", out,
+                         "zero_stage=3", "dtype=bf16", "max_steps=8", "max_length=320",
+                         "micro_batch=4", "lr=3e-3", "weight_decay=0.05", *extra,
+                         freeze=d / "m.safetensors")
+        # independent of the freezer's own check: safetensors, numpy, the mask bits by hand
+        got = tensors(out / "model")
+        frozen = same = moved = free = 0
+        for name, b in base.items():
+            bits = torch.from_numpy(np.unpackbits(masks[name].numpy(), bitorder="little")[
+                :b.numel()].astype(bool))
+            if got[name].dtype != b.dtype:
+                raise RuntimeError(f"{name}: saved as {got[name].dtype}, trained from {b.dtype}")
+            bb, tt = b.reshape(-1).view(torch.int16), got[name].reshape(-1).view(torch.int16)
+            frozen += int(bits.sum())
+            same += int((bb[bits] == tt[bits]).sum())
+            free += int((~bits).sum())
+            moved += int((bb[~bits] != tt[~bits]).sum())
+        facts = json.loads((out / "freeze.json").read_text())
+        ran = json.loads((out / "deepspeed.json").read_text())
+        row("zero3", f"ZeRO-3 bf16 on NCCL, {ngpu} rank(s), 8 steps{label}",
+            f"{same:,} of {frozen:,} frozen elements bit-identical; {moved / free:.0%} of the "
+            f"rest moved; freezer's own check {facts.get('checked')}; the engine: offload "
+            f"optimizer {ran['offload_optimizer']}, parameters {ran['offload_param']}, "
+            f"checkpointing {ran['activation_checkpointing']} ({seconds:.0f} s)")
+        if same != frozen or moved < 0.5 * free:
+            failed.append(label or "plain")
+    if failed:
+        raise RuntimeError(f"frozen elements moved, or the rest did not train: {failed}")
+
+
+def s_memory(work: Path) -> None:
+    """The memory options on the 1.1B bf16 base (build): a few ZeRO-3 bf16 steps without and
+    with activation checkpointing and ZeRO-Offload, rank 0's peak GPU memory and time per
+    step (the steps after the first)."""
+    from cpift_dist.data import make_suite
+    from helpers import make_chat_tokenizer
+
+    base = build(work / "1b")["base"]
+    d = work / "memory"
+    shutil.rmtree(d, ignore_errors=True)
+    model = d / "model"
+    model.mkdir(parents=True)
+    for f in base.iterdir():  # the weights linked, a chat tokenizer beside them
+        (model / f.name).symlink_to(f.resolve())
+    make_chat_tokenizer(model)
+    make_suite(d / "suite", n_train=64, n_eval=8)
+    steps = 4
+    for label, extra in (("plain", ()), ("checkpointing", MEMORY_OPTIONS[:1]),
+                         ("checkpointing + offload", MEMORY_OPTIONS)):
+        out = d / label.replace(" + ", "-")
+        seconds = _train(model, d / "suite" / "arithmetic" / "train.jsonl", out,
+                         "zero_stage=3", "dtype=bf16", f"max_steps={steps}",
+                         f"save_every={steps}", "max_length=512", "micro_batch=8", "lr=1e-5",
+                         *extra, timeout=420)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        per = (rows[-1]["time"] - rows[0]["time"]) / max(1, len(rows) - 1)
+        peak = rows[-1].get("gpu_peak_gib")
+        row("memory", f"1.1B bf16, ZeRO-3, {label}",
+            (f"peak {peak:.1f} GiB on rank 0" if peak is not None else "no GPU") +
+            f", {per:.2f} s/step after the first ({seconds:.0f} s in all)")
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
 def s_masked(work: Path) -> None:

@@ -349,9 +349,12 @@ class SFTLoop:
             bar.set_postfix(loss=f"{total:.4f}")
             if tb is not None:
                 lr = self.scheduler.get_last_lr()[0]
+                row = {"step": self.step, "loss": total, "lr": lr, "tokens": tokens,
+                       "time": time.time()}
+                if getattr(self.engine.device, "type", None) == "cuda":  # rank 0's peak so far
+                    row["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 with open(metrics, "a") as f:  # tokens: this rank's (ranks see equal shares)
-                    f.write(json.dumps({"step": self.step, "loss": total, "lr": lr,
-                                        "tokens": tokens, "time": time.time()}) + "\n")
+                    f.write(json.dumps(row) + "\n")
                 tb.add_scalar("train/loss", total, self.step)
                 tb.add_scalar("train/lr", lr, self.step)
             self.stopped = self._agreed(asked.signum) if asked.active else 0
