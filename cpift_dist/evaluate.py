@@ -65,8 +65,15 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int,
 
 
 def evaluate_model(model_dir: str | Path, tasks: dict[str, EvalTask], cfg: EvalConfig,
-                   threads: int | None = None) -> dict[str, dict]:
-    """Scores one model on every task; returns task -> {score, n, examples (first 3)}."""
+                   threads: int | None = None, device: str | None = None) -> dict[str, dict]:
+    """Scores one model on every task; returns task -> {score, n, examples (first 3)}.
+
+    Args:
+        threads: torch's intra-op threads, set for the whole process (a Ray task's worker);
+            leave it unset where other threads of the process run torch too.
+        device: where the model runs (``cuda:1``, ``cpu``); default the first GPU this process
+            sees, else the CPU. bf16 on a GPU, float32 on the CPU.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads:
@@ -77,9 +84,9 @@ def evaluate_model(model_dir: str | Path, tasks: dict[str, EvalTask], cfg: EvalC
     tok = AutoTokenizer.from_pretrained(model_dir)
     if not tok.chat_template:
         raise CpiftError(f"{model_dir}: the tokenizer has no chat template")
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU the task was given
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # a GPU it was given
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval().to(device)
+        model_dir, dtype=eval_dtype(device)).eval().to(device)
     results = {}
     for name, t in tasks.items():
         rows: list[dict] = []
@@ -94,6 +101,11 @@ def evaluate_model(model_dir: str | Path, tasks: dict[str, EvalTask], cfg: EvalC
                          "examples": [{"prompt": c[-2]["content"], "reference": c[-1]["content"],
                                        "response": r} for c, r in zip(convs[:3], responses)]}
     return results
+
+
+def eval_dtype(device: str) -> torch.dtype:
+    """What a model is evaluated in: bf16 on a GPU, float32 on the CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def seesaw_table(scores: dict[str, dict[str, float]], single: dict[str, float],

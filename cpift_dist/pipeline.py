@@ -14,6 +14,7 @@ from its DeepSpeed checkpoints), never one that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -418,22 +419,76 @@ class Pipeline:
 
 
 def _eval_one(shared, label: str, path: str) -> tuple[str, dict]:
+    """One model's scores, as a Ray task (its own process, one CPU or GPU)."""
     from cpift_dist.evaluate import evaluate_model
 
     tasks, cfg = shared
     return label, evaluate_model(path, tasks, cfg, threads=1)
 
 
+def _eval_in_process(shared, label: str, path: str) -> tuple[str, dict]:
+    """One model's scores on a thread of this process, on a device taken from the pool (one
+    model per GPU at a time; the CPU's slots as memory allows: :func:`eval_slots`)."""
+    from cpift_dist.evaluate import evaluate_model
+
+    tasks, cfg, devices = shared
+    device = devices.get()
+    try:  # torch's threads: the executor's share per thread, not set from here (process-wide)
+        return label, evaluate_model(path, tasks, cfg, device=device)
+    finally:
+        devices.put(device)
+
+
+def eval_slots(models: dict[str, Path], threads: int, gpus: int | None = None,
+               memory: int | None = None) -> list[str]:
+    """The devices that evaluate models at once in this process, one model each: every GPU
+    this process sees (a model on each), else the CPU as many times as the largest model
+    fits in 80% of the available memory (:func:`~cpift_dist.analysis.analyze.available_memory`;
+    float32, plus a quarter for generation), at most ``threads`` and one per model.
+
+    Without the bound every thread loaded its model at once: a 7B model is 28 GB in float32,
+    so 16 threads of a SLURM node asked for 450 GB; on a GPU all of them went to the first."""
+    import torch
+
+    from cpift_dist.analysis.analyze import available_memory
+    from cpift_dist.io import Checkpoint
+
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if gpus:
+        return [f"cuda:{i}" for i in range(min(gpus, len(models)))]
+    sizes = [0]
+    for p in models.values():
+        with contextlib.suppress(CpiftError):  # evaluate_model names what is wrong with it
+            sizes.append(sum(t.numel for t in Checkpoint(p).tensors.values()))
+    need = 5 * max(sizes)  # 4 bytes per parameter, and a quarter more
+    memory = available_memory() if memory is None else memory
+    return ["cpu"] * max(1, min(threads, len(models), int(0.8 * memory) // max(1, need)))
+
+
 def evaluate_all(models: dict[str, Path], tasks: dict, cfg: RunConfig, executor) -> dict:
-    """Scores every model on every task (one unit of work per model, on the executor)."""
+    """Scores every model on every task (one unit of work per model): as Ray tasks (one CPU or
+    GPU each), or on threads of this process, as many at once as :func:`eval_slots` has
+    devices."""
+    from cpift_dist.executor import InProcessExecutor
+
     items = [(label, str(p)) for label, p in models.items()]
+    fn, shared = _eval_one, (tasks, cfg.eval)
+    if isinstance(executor, InProcessExecutor):
+        import queue
+
+        slots = eval_slots(models, executor.threads)
+        devices: queue.Queue = queue.Queue()
+        for d in slots:
+            devices.put(d)
+        fn, shared = _eval_in_process, (tasks, cfg.eval, devices)
+        executor = InProcessExecutor(len(slots))
     if getattr(executor, "threads", 1) > 1:
         # transformers 5's lazy module is not thread-safe on first access: two threads
         # importing from it at once can fail with "cannot import name" (seen here, and as
         # vllm-project/vllm#40442); resolve the names in this thread before the threads run
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     out = {}
-    for _, (label, res) in executor.map(_eval_one, (tasks, cfg.eval), items):
+    for _, (label, res) in executor.map(fn, shared, items):
         out[label] = {t: r["score"] for t, r in res.items()}
         out[label]["_examples"] = {t: r["examples"] for t, r in res.items()}
         out[label]["_n"] = {t: r["n"] for t, r in res.items()}  # held-out examples scored

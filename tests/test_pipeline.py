@@ -326,3 +326,60 @@ def test_the_heatmap_scale_spans_the_off_diagonal_overlaps(tmp_path):
     assert offdiagonal_range([[1]]) == (0.0, 1.0)
     lo, hi = offdiagonal_range([[1, .05], [.05, 1]])  # all equal: still a non-empty range
     assert lo < .05 < hi
+
+
+@pytest.mark.timeout(120)
+def test_in_process_eval_holds_as_many_models_at_once_as_memory_or_gpus_allow(tmp_path,
+                                                                            monkeypatch):
+    """Without Ray (``--no-ray``, the SLURM script) the eval threads each load a model: at
+    most as many at once as fit in memory (float32 and a quarter more), or one per GPU, each
+    thread on its own GPU; torch's thread count is as it was after."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import importlib
+
+    from cpift_dist import evaluate
+    from cpift_dist.executor import InProcessExecutor
+    from cpift_dist.io import Checkpoint
+    from cpift_dist.pipeline import eval_slots, evaluate_all
+    from helpers import make_llama
+
+    models = {f"m{i}": tmp_path / f"m{i}" for i in range(4)}
+    for p in models.values():
+        make_llama(p)
+    numel = sum(t.numel for t in Checkpoint(models["m0"]).tensors.values())
+    seen, lock = {"now": 0, "peak": 0, "on": set(), "clash": 0, "devices": []}, threading.Lock()
+
+    def fake(path, tasks, cfg, threads=None, device=None):
+        assert threads is None  # process-wide: never set from an eval thread
+        with lock:
+            seen["now"] += 1
+            seen["peak"] = max(seen["peak"], seen["now"])
+            seen["clash"] += device in seen["on"]
+            seen["on"].add(device)
+            seen["devices"].append(device)
+        time.sleep(0.3)
+        with lock:
+            seen["now"] -= 1
+            seen["on"].discard(device)
+        return {"t": {"score": 0.5, "n": 1, "examples": []}}
+
+    monkeypatch.setattr(evaluate, "evaluate_model", fake)
+    analyze_module = importlib.import_module("cpift_dist.analysis.analyze")  # not the function
+    before = torch.get_num_threads()
+    for gpus, memory, peak, devices in [(0, int(2.5 * 5 * numel / 0.8), 2, {"cpu"}),
+                                        (0, 10 * numel, 1, {"cpu"}),
+                                        (2, 1, 2, {"cuda:0", "cuda:1"})]:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setattr(analyze_module, "available_memory", lambda: memory)
+        seen.update(peak=0, clash=0, devices=[])
+        res = evaluate_all(models, {"t": None}, SimpleNamespace(eval=None),
+                           InProcessExecutor(8))
+        assert list(res) == list(models) and all(r["t"] == 0.5 for r in res.values())
+        assert seen["peak"] == peak and set(seen["devices"]) == devices, (gpus, seen)
+        assert not gpus or seen["clash"] == 0  # a GPU holds one model at a time
+        assert torch.get_num_threads() == before
+    assert eval_slots(models, 3, gpus=0, memory=1 << 50) == ["cpu"] * 3
+    assert eval_slots(models, 8, gpus=8, memory=0) == [f"cuda:{i}" for i in range(4)]
