@@ -130,11 +130,24 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, max_in_flight: int | None = None, max_retries: int = 3,
-                 num_cpus: float = 1, num_gpus: float = 0):
+                 num_cpus: float = 1, num_gpus: float = 0, memory: int | None = None):
         self.max_in_flight = max_in_flight
         self.max_retries = max_retries
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
+        self.memory = memory
+        """Bytes of memory each task holds (Ray's ``memory`` resource: a node runs as many at
+        once as its memory resource covers), capped at the largest live node's, so that a
+        task is never unschedulable; None: not counted."""
+
+    def _memory(self) -> int | None:
+        import ray
+
+        if not self.memory:
+            return None
+        largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]),
+                      default=0)
+        return int(min(self.memory, largest)) or None
 
     def parallelism(self) -> int:
         """Items that run at once: ``max_in_flight``, else the cluster's free CPUs over each
@@ -149,7 +162,8 @@ class RayExecutor:
         import ray
 
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                            max_retries=self.max_retries, retry_exceptions=False)(_dies_once(fn))
+                            memory=self._memory(), max_retries=self.max_retries,
+                            retry_exceptions=False)(_dies_once(fn))
         limit = self.max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
         shared_ref = ray.put(shared)
         todo = iter(enumerate(items))

@@ -451,28 +451,37 @@ def eval_slots(models: dict[str, Path], threads: int, gpus: int | None = None,
     import torch
 
     from cpift_dist.analysis.analyze import available_memory
-    from cpift_dist.io import Checkpoint
 
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if gpus:
         return [f"cuda:{i}" for i in range(min(gpus, len(models)))]
+    memory = available_memory() if memory is None else memory
+    return ["cpu"] * max(1, min(threads, len(models),
+                                int(0.8 * memory) // max(1, eval_memory(models))))
+
+
+def eval_memory(models: dict[str, Path]) -> int:
+    """Host memory one model's evaluation on the CPU holds: its largest model in float32, and
+    a quarter more (activations, the KV cache, the tokenizer)."""
+    from cpift_dist.io import Checkpoint
+
     sizes = [0]
     for p in models.values():
         with contextlib.suppress(CpiftError):  # evaluate_model names what is wrong with it
             sizes.append(sum(t.numel for t in Checkpoint(p).tensors.values()))
-    need = 5 * max(sizes)  # 4 bytes per parameter, and a quarter more
-    memory = available_memory() if memory is None else memory
-    return ["cpu"] * max(1, min(threads, len(models), int(0.8 * memory) // max(1, need)))
+    return 5 * max(sizes)
 
 
 def evaluate_all(models: dict[str, Path], tasks: dict, cfg: RunConfig, executor) -> dict:
-    """Scores every model on every task (one unit of work per model): as Ray tasks (one CPU or
-    GPU each), or on threads of this process, as many at once as :func:`eval_slots` has
-    devices."""
-    from cpift_dist.executor import InProcessExecutor
+    """Scores every model on every task (one unit of work per model): as Ray tasks (one GPU
+    each, or one CPU and :func:`eval_memory` of Ray's memory resource), or on threads of this
+    process, as many at once as :func:`eval_slots` has devices."""
+    from cpift_dist.executor import InProcessExecutor, RayExecutor
 
     items = [(label, str(p)) for label, p in models.items()]
     fn, shared = _eval_one, (tasks, cfg.eval)
+    if isinstance(executor, RayExecutor) and not executor.num_gpus:
+        executor.memory = eval_memory(models)  # a CPU node runs as many as its memory holds
     if isinstance(executor, InProcessExecutor):
         import queue
 

@@ -383,3 +383,26 @@ def test_in_process_eval_holds_as_many_models_at_once_as_memory_or_gpus_allow(tm
         assert torch.get_num_threads() == before
     assert eval_slots(models, 3, gpus=0, memory=1 << 50) == ["cpu"] * 3
     assert eval_slots(models, 8, gpus=8, memory=0) == [f"cuda:{i}" for i in range(4)]
+
+
+@pytest.mark.timeout(120)
+def test_ray_tasks_that_ask_for_memory_run_as_many_at_once_as_a_node_holds(ray_local):
+    """Ray's eval tasks on CPU nodes ask for their model's memory (``RayExecutor(memory=)``):
+    a node runs as many at once as its memory resource covers; a request beyond the largest
+    node's is capped there (the tasks run one at a time rather than never)."""
+    from cpift_dist.executor import RayExecutor
+
+    def held(seconds, i):  # local: pickled by value (the workers cannot import this file)
+        import time
+
+        t0 = time.time()
+        time.sleep(seconds)
+        return t0, time.time()
+
+    node = max(n["Resources"].get("memory", 0) for n in ray_local.nodes() if n["Alive"])
+    assert node > 0
+    for memory, overlap in [(None, True), (int(0.6 * node), False), (10 * node, False)]:
+        spans = [r for _, r in RayExecutor(memory=memory).map(held, 3.0, [(i,) for i in
+                                                                           range(2)])]
+        (a0, a1), (b0, b1) = sorted(spans)
+        assert (b0 < a1) is overlap, (memory, spans)  # 2 CPUs: both at once where it fits
