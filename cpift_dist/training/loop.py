@@ -403,7 +403,7 @@ class SFTLoop:
                     shutil.copy(f, tmp / f.name)
             # each file's digest, hashed once here: later stages' keys then name this model by
             # its content, so a retrained, bit-identical model re-runs nothing downstream
-            write_manifest(tmp, "train", self.cfg.model_dump(mode="json", exclude={"progress"}),
+            write_manifest(tmp, "train", self.cfg.key(),
                            {"init": checkpoint_digest(self.job.model),
                             **{f"data:{t}": sha256_file(p) for t, p in self.job.data.items()}},
                            extra={"steps": self.step})
