@@ -97,8 +97,9 @@ def test_activation_checkpointing_and_zero_offload_keep_the_freeze(train_setup, 
     """The memory options of 7B-70B runs. Activation checkpointing and ZeRO-3's parameter
     offload change no bit of the result (fp32 on CPU); the optimizer's offload (fp32 master and
     AdamW on the host) moves unfrozen elements by rounding only, and keeps every frozen element
-    bit-identical, in ZeRO-3 (bf16) and ZeRO-2. What each engine ran with is read back from it
-    (``deepspeed.json``), not from the config that asked."""
+    bit-identical, in ZeRO-3 (bf16; killed after a checkpoint and resumed) and ZeRO-2. What
+    each engine ran with is read back from it (``deepspeed.json``), not from the config that
+    asked."""
     paths, union = masks
     base = Checkpoint(train_setup / "model")
     runs = {  # name: (overrides, the run without the options, dtype, (rtol, atol) against it)
@@ -113,8 +114,14 @@ def test_activation_checkpointing_and_zero_offload_keep_the_freeze(train_setup, 
     }
     for name, (overrides, plain, want, (rtol, atol)) in runs.items():
         out = tmp_path / name
+        if name == "zero3":  # killed after its step-3 checkpoint: the resume reads host state
+            r = train(train_setup, out, *overrides, freeze=paths,
+                      env={"CPIFT_FAULT_AFTER_STEP": "3"})
+            assert r.returncode != 0 and not (out / "model").exists(), r.stderr[-2000:]
         r = train(train_setup, out, *overrides, freeze=paths)
         assert r.returncode == 0, (name, r.stderr[-4000:])
+        steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4, 5, 6], (name, steps)
         ran = json.loads((out / "deepspeed.json").read_text())
         asked = dict(o.split("=", 1) for o in overrides)
         assert ran["zero_stage"] == int(asked["zero_stage"]) and ran["world"] == 2
