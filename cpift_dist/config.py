@@ -158,7 +158,7 @@ class TrainConfig(_Model):
     offload_optimizer: Literal["none", "cpu"] = "none"
     """ZeRO-Offload: the fp32 master weights and AdamW's moments in host memory (12 of the 16
     bytes per parameter leave the GPUs), the gradients copied there, and the optimizer step
-    (torch's AdamW, the frozen elements restored after it) on the CPU: what a 70B full
+    (torch's fused AdamW, the frozen elements restored after it) on the CPU: what a 70B full
     fine-tune on one node of 8x80 GB needs (docs/training.md)."""
     offload_params: Literal["none", "cpu"] = "none"
     """ZeRO-3 only: the 16-bit parameters in host memory between their uses (ZeRO-Infinity's

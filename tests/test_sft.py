@@ -128,6 +128,8 @@ def test_activation_checkpointing_and_zero_offload_keep_the_freeze(train_setup, 
         assert ran["activation_checkpointing"] is True, name
         assert ran["offload_optimizer"] is ("offload_optimizer" in asked), name
         assert ran["offload_param"] is ("offload_params" in asked), name
+        # the step on the host: torch's fused CPU kernel (bench/adamw_bench.py)
+        assert ran["optimizer"] == "AdamW" and ran["fused_step"] is ran["offload_optimizer"]
         if name == "same":
             assert ran["config"]["zero_optimization"]["overlap_comm"] is False
         facts = json.loads((out / "freeze.json").read_text())
