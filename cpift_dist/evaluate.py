@@ -71,8 +71,10 @@ def evaluate_model(model_dir: str | Path, tasks: dict[str, EvalTask], cfg: EvalC
     Args:
         threads: torch's intra-op threads, set for the whole process (a Ray task's worker);
             leave it unset where other threads of the process run torch too.
-        device: where the model runs (``cuda:1``, ``cpu``); default the first GPU this process
-            sees, else the CPU. bf16 on a GPU, float32 on the CPU.
+        device: where the model runs (``cuda:1``, ``cpu``, or ``auto``: spread over every
+            GPU this process sees by accelerate's ``device_map``, for a model larger than one);
+            default the first GPU this process sees, else the CPU. bf16 on GPUs, float32 on
+            the CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,8 +87,12 @@ def evaluate_model(model_dir: str | Path, tasks: dict[str, EvalTask], cfg: EvalC
     if not tok.chat_template:
         raise CpiftError(f"{model_dir}: the tokenizer has no chat template")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # a GPU it was given
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=eval_dtype(device)).eval().to(device)
+    if device == "auto":
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=eval_dtype(device), device_map="auto").eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=eval_dtype(device)).eval().to(device)
     results = {}
     for name, t in tasks.items():
         rows: list[dict] = []
@@ -104,7 +110,9 @@ def evaluate_model(model_dir: str | Path, tasks: dict[str, EvalTask], cfg: EvalC
 
 
 def eval_dtype(device: str) -> torch.dtype:
-    """What a model is evaluated in: bf16 on a GPU, float32 on the CPU."""
+    """What a model is evaluated in: bf16 on GPUs, float32 on the CPU."""
+    if device == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 

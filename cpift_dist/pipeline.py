@@ -440,11 +440,13 @@ def _eval_in_process(shared, label: str, path: str) -> tuple[str, dict]:
 
 
 def eval_slots(models: dict[str, Path], threads: int, gpus: int | None = None,
-               memory: int | None = None) -> list[str]:
+               memory: int | None = None, gpu_memory: int | None = None) -> list[str]:
     """The devices that evaluate models at once in this process, one model each: every GPU
-    this process sees (a model on each), else the CPU as many times as the largest model
-    fits in 80% of the available memory (:func:`~cpift_dist.analysis.analyze.available_memory`;
-    float32, plus a quarter for generation), at most ``threads`` and one per model.
+    this process sees (a model on each), or ``auto`` alone (one model at a time, spread over
+    every GPU) where the largest model, in bf16 and a quarter more, is more than 90% of the
+    smallest GPU's memory; without GPUs the CPU, as many times as the largest model fits in 80%
+    of the available memory (:func:`~cpift_dist.analysis.analyze.available_memory`; float32,
+    plus a quarter for generation), at most ``threads`` and one per model.
 
     Without the bound every thread loaded its model at once: a 7B model is 28 GB in float32,
     so 16 threads of a SLURM node asked for 450 GB; on a GPU all of them went to the first."""
@@ -454,6 +456,11 @@ def eval_slots(models: dict[str, Path], threads: int, gpus: int | None = None,
 
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if gpus:
+        if gpu_memory is None:
+            gpu_memory = min(torch.cuda.get_device_properties(i).total_memory
+                             for i in range(gpus))
+        if eval_memory(models) // 2 > 0.9 * gpu_memory:  # bf16: half of float32's bytes
+            return ["auto"]
         return [f"cuda:{i}" for i in range(min(gpus, len(models)))]
     memory = available_memory() if memory is None else memory
     return ["cpu"] * max(1, min(threads, len(models),

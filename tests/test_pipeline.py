@@ -369,10 +369,15 @@ def test_in_process_eval_holds_as_many_models_at_once_as_memory_or_gpus_allow(tm
     monkeypatch.setattr(evaluate, "evaluate_model", fake)
     analyze_module = importlib.import_module("cpift_dist.analysis.analyze")  # not the function
     before = torch.get_num_threads()
+    # (GPUs, memory: the host's or each GPU's, models at once, devices): bf16 on a GPU is
+    # 2.5 bytes per parameter with the margin; beyond 90% of a GPU, one at a time on all
     for gpus, memory, peak, devices in [(0, int(2.5 * 5 * numel / 0.8), 2, {"cpu"}),
                                         (0, 10 * numel, 1, {"cpu"}),
-                                        (2, 1, 2, {"cuda:0", "cuda:1"})]:
+                                        (2, 3 * numel, 2, {"cuda:0", "cuda:1"}),
+                                        (2, 2 * numel, 1, {"auto"})]:
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda i: SimpleNamespace(total_memory=memory))
         monkeypatch.setattr(analyze_module, "available_memory", lambda: memory)
         seen.update(peak=0, clash=0, devices=[])
         res = evaluate_all(models, {"t": None}, SimpleNamespace(eval=None),
@@ -382,7 +387,23 @@ def test_in_process_eval_holds_as_many_models_at_once_as_memory_or_gpus_allow(tm
         assert not gpus or seen["clash"] == 0  # a GPU holds one model at a time
         assert torch.get_num_threads() == before
     assert eval_slots(models, 3, gpus=0, memory=1 << 50) == ["cpu"] * 3
-    assert eval_slots(models, 8, gpus=8, memory=0) == [f"cuda:{i}" for i in range(4)]
+    assert eval_slots(models, 8, gpus=8, memory=0, gpu_memory=1 << 40) == [
+        f"cuda:{i}" for i in range(4)]
+
+
+@pytest.mark.timeout(300)
+def test_a_model_spread_by_device_map_scores_as_on_one_device(train_setup):
+    """``device="auto"`` (a model larger than one GPU: accelerate's ``device_map``) runs the
+    same generation; where no GPU is, on the CPU, with the same scores as ``device="cpu"``."""
+    from cpift_dist.config import EvalConfig
+    from cpift_dist.evaluate import EvalTask, evaluate_model
+
+    tasks = {t: EvalTask(train_setup / "suite" / t / "eval.jsonl", scorer=t)
+             for t in ("arithmetic", "format")}
+    cfg = EvalConfig(max_new_tokens=8, limit=4)
+    one = evaluate_model(train_setup / "model", tasks, cfg, device="cpu")
+    spread = evaluate_model(train_setup / "model", tasks, cfg, device="auto")
+    assert spread == one and all(r["n"] == 4 for r in one.values())
 
 
 @pytest.mark.timeout(120)
