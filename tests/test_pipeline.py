@@ -394,14 +394,16 @@ def test_in_process_eval_holds_as_many_models_at_once_as_memory_or_gpus_allow(tm
 @pytest.mark.timeout(300)
 def test_a_model_spread_by_device_map_scores_as_on_one_device(train_setup):
     """``device="auto"`` (a model larger than one GPU: accelerate's ``device_map``) runs the
-    same generation; where no GPU is, on the CPU, with the same scores as ``device="cpu"``."""
+    same generation, with the same scores as on one device: the CPU where no GPU is (CI),
+    else the first GPU (bf16 there, as ``auto`` loads it)."""
     from cpift_dist.config import EvalConfig
     from cpift_dist.evaluate import EvalTask, evaluate_model
 
     tasks = {t: EvalTask(train_setup / "suite" / t / "eval.jsonl", scorer=t)
              for t in ("arithmetic", "format")}
     cfg = EvalConfig(max_new_tokens=8, limit=4)
-    one = evaluate_model(train_setup / "model", tasks, cfg, device="cpu")
+    one = evaluate_model(train_setup / "model", tasks, cfg,
+                         device="cuda:0" if torch.cuda.is_available() else "cpu")
     spread = evaluate_model(train_setup / "model", tasks, cfg, device="auto")
     assert spread == one and all(r["n"] == 4 for r in one.values())
 
