@@ -11,6 +11,7 @@ model's chat template (generation prompt added); the response is what follows, u
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,15 @@ from cpift_dist.config import EvalConfig
 from cpift_dist.data import load_records
 from cpift_dist.data.suite import SCORERS
 from cpift_dist.errors import CpiftError
+
+# transformers 5's from_pretrained swaps process-wide state while it builds a model
+# (PreTrainedModel.tie_weights with a no-op, torch's default dtype, torch.linspace) and puts
+# back what it found on the way in. Two loads on threads at once interleave those swaps: the
+# no-op can be what one of them puts back, and every later load in the process then leaves a
+# tied lm_head out of the checkpoint newly initialised at random ("MISSING" in its report;
+# 158 of 160 tiny tied loads on 4 threads, transformers 5.25; huggingface/transformers#44940
+# is the fix's open PR). Eval threads load one model at a time; generation still overlaps.
+_LOAD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -83,16 +93,19 @@ def evaluate_model(model_dir: str | Path, tasks: dict[str, EvalTask], cfg: EvalC
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise CpiftError(f"{model_dir}: no model to evaluate")
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    with _LOAD_LOCK:
+        tok = AutoTokenizer.from_pretrained(model_dir)
     if not tok.chat_template:
         raise CpiftError(f"{model_dir}: the tokenizer has no chat template")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # a GPU it was given
-    if device == "auto":
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=eval_dtype(device), device_map="auto").eval()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=eval_dtype(device)).eval().to(device)
+    with _LOAD_LOCK:
+        if device == "auto":
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=eval_dtype(device), device_map="auto").eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=eval_dtype(device))
+    if device != "auto":
+        model = model.eval().to(device)  # the copy to a GPU outside the lock
     results = {}
     for name, t in tasks.items():
         rows: list[dict] = []

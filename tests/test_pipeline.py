@@ -392,6 +392,65 @@ def test_in_process_eval_holds_as_many_models_at_once_as_memory_or_gpus_allow(tm
 
 
 @pytest.mark.timeout(300)
+def test_eval_threads_load_one_model_at_a_time_and_keep_tied_heads_tied(train_setup, tmp_path,
+                                                                        monkeypatch):
+    """transformers 5's ``from_pretrained`` swaps process-wide state (weight tying off, the
+    default dtype) while it builds a model: two loads on threads at once left tying off for
+    the process, and later tied models loaded with a random ``lm_head``. The eval threads load
+    one model at a time; each tied model comes out tied and scores as it does alone."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import importlib
+
+    import transformers
+    from transformers.modeling_utils import PreTrainedModel
+
+    from cpift_dist.config import EvalConfig
+    from cpift_dist.evaluate import EvalTask, evaluate_model
+    from cpift_dist.executor import InProcessExecutor
+    from cpift_dist.pipeline import evaluate_all
+    from helpers import make_chat_tokenizer, make_tied
+
+    models = {f"m{i}": make_tied(tmp_path / f"m{i}", store_head=False, seed=i)
+              for i in range(4)}
+    for p in models.values():
+        make_chat_tokenizer(p)
+    tasks = {t: EvalTask(train_setup / "suite" / t / "eval.jsonl", scorer=t)
+             for t in ("arithmetic", "format")}
+    cfg = EvalConfig(max_new_tokens=6, limit=3)
+    alone = {k: evaluate_model(p, tasks, cfg, device="cpu") for k, p in models.items()}
+
+    tie, loaded = PreTrainedModel.tie_weights, transformers.AutoModelForCausalLM.from_pretrained
+    seen, lock = {"now": 0, "peak": 0, "untied": 0, "calls": 0}, threading.Lock()
+
+    def spy(*args, **kwargs):
+        with lock:
+            seen["now"] += 1
+            seen["peak"] = max(seen["peak"], seen["now"])
+        time.sleep(0.2)  # four threads start together: without the lock all four are here
+        try:
+            model = loaded(*args, **kwargs)
+        finally:
+            with lock:
+                seen["now"] -= 1
+        with lock:
+            seen["calls"] += 1
+            seen["untied"] += model.lm_head.weight is not model.model.embed_tokens.weight
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # the CPU's slots, GPU or not
+    monkeypatch.setattr(importlib.import_module("cpift_dist.analysis.analyze"),
+                        "available_memory", lambda: 1 << 40)
+    res = evaluate_all(models, tasks, SimpleNamespace(eval=cfg), InProcessExecutor(4))
+    assert seen["calls"] == 4 and seen["peak"] == 1 and seen["untied"] == 0, seen
+    assert PreTrainedModel.tie_weights is tie and torch.get_default_dtype() == torch.float32
+    assert {k: {t: r[t] for t in tasks} for k, r in res.items()} == {
+        k: {t: r["score"] for t, r in a.items()} for k, a in alone.items()}
+
+
 def test_a_model_spread_by_device_map_scores_as_on_one_device(train_setup):
     """``device="auto"`` (a model larger than one GPU: accelerate's ``device_map``) runs the
     same generation, with the same scores as on one device: the CPU where no GPU is (CI),
