@@ -81,10 +81,10 @@ def evaluate_model(model_dir: str | Path, tasks: dict[str, EvalTask], cfg: EvalC
     Args:
         threads: torch's intra-op threads, set for the whole process (a Ray task's worker);
             leave it unset where other threads of the process run torch too.
-        device: where the model runs (``cuda:1``, ``cpu``, or ``auto``: spread over every
-            GPU this process sees by accelerate's ``device_map``, for a model larger than one);
-            default the first GPU this process sees, else the CPU. bf16 on GPUs, float32 on
-            the CPU.
+        device: where the model runs (``cuda:1``, ``cpu``; ``auto``: spread over every GPU
+            this process sees by accelerate's ``device_map``, for a model larger than one, the
+            CPU holding what they do not; ``auto:2,3``: over those GPUs only); default the
+            first GPU this process sees, else the CPU. bf16 on GPUs, float32 on the CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,12 +99,13 @@ def evaluate_model(model_dir: str | Path, tasks: dict[str, EvalTask], cfg: EvalC
         raise CpiftError(f"{model_dir}: the tokenizer has no chat template")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # a GPU it was given
     with _LOAD_LOCK:
-        if device == "auto":
+        if device.startswith("auto"):
             model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=eval_dtype(device), device_map="auto").eval()
+                model_dir, dtype=eval_dtype(device), device_map="auto",
+                max_memory=_spread_memory(device)).eval()
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=eval_dtype(device))
-    if device != "auto":
+    if not device.startswith("auto"):
         model = model.eval().to(device)  # the copy to a GPU outside the lock
     results = {}
     for name, t in tasks.items():
@@ -122,9 +123,21 @@ def evaluate_model(model_dir: str | Path, tasks: dict[str, EvalTask], cfg: EvalC
     return results
 
 
+def _spread_memory(device: str) -> dict | None:
+    """accelerate's ``max_memory`` for ``auto:2,3``: those GPUs' free memory, nothing on the
+    others, and the host's available memory beyond them (accelerate uses only the devices
+    named); None for ``auto`` (accelerate's default: every GPU, then the host)."""
+    if ":" not in device:
+        return None
+    from cpift_dist.analysis.analyze import available_memory
+
+    gpus = [int(i) for i in device.split(":", 1)[1].split(",")]
+    return {**{i: torch.cuda.mem_get_info(i)[0] for i in gpus}, "cpu": available_memory()}
+
+
 def eval_dtype(device: str) -> torch.dtype:
     """What a model is evaluated in: bf16 on GPUs, float32 on the CPU."""
-    if device == "auto":
+    if device.startswith("auto"):
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 

@@ -422,8 +422,13 @@ def _eval_one(shared, label: str, path: str) -> tuple[str, dict]:
     """One model's scores, as a Ray task (its own process, one CPU or GPU)."""
     from cpift_dist.evaluate import evaluate_model
 
+    import torch
+
     tasks, cfg = shared
-    return label, evaluate_model(path, tasks, cfg, threads=1)
+    # the GPUs Ray gave this task (CUDA_VISIBLE_DEVICES): a model larger than one is spread
+    # over all of them (gpus_per_model)
+    spread = torch.cuda.is_available() and torch.cuda.device_count() > 1
+    return label, evaluate_model(path, tasks, cfg, threads=1, device="auto" if spread else None)
 
 
 def _eval_in_process(shared, label: str, path: str) -> tuple[str, dict]:
@@ -442,9 +447,10 @@ def _eval_in_process(shared, label: str, path: str) -> tuple[str, dict]:
 def eval_slots(models: dict[str, Path], threads: int, gpus: int | None = None,
                memory: int | None = None, gpu_memory: int | None = None) -> list[str]:
     """The devices that evaluate models at once in this process, one model each: every GPU
-    this process sees (a model on each), or ``auto`` alone (one model at a time, spread over
-    every GPU) where the largest model, in bf16 and a quarter more, is more than 90% of the
-    smallest GPU's memory; without GPUs the CPU, as many times as the largest model fits in 80%
+    this process sees (a model on each); where the largest model needs k > 1 GPUs
+    (:func:`gpus_per_model`), groups of k (``auto:0,1``: spread over those by accelerate's
+    ``device_map``), or ``auto`` alone (over every GPU, the CPU beyond) where the GPUs make
+    less than one group; without GPUs the CPU, as many times as the largest model fits in 80%
     of the available memory (:func:`~cpift_dist.analysis.analyze.available_memory`; float32,
     plus a quarter for generation), at most ``threads`` and one per model.
 
@@ -459,12 +465,22 @@ def eval_slots(models: dict[str, Path], threads: int, gpus: int | None = None,
         if gpu_memory is None:
             gpu_memory = min(torch.cuda.get_device_properties(i).total_memory
                              for i in range(gpus))
-        if eval_memory(models) // 2 > 0.9 * gpu_memory:  # bf16: half of float32's bytes
+        k = gpus_per_model(models, gpu_memory)
+        if k >= gpus and k > 1:
             return ["auto"]
+        if k > 1:
+            return ["auto:" + ",".join(str(i) for i in range(g * k, (g + 1) * k))
+                    for g in range(min(gpus // k, len(models)))]
         return [f"cuda:{i}" for i in range(min(gpus, len(models)))]
     memory = available_memory() if memory is None else memory
     return ["cpu"] * max(1, min(threads, len(models),
                                 int(0.8 * memory) // max(1, eval_memory(models))))
+
+
+def gpus_per_model(models: dict[str, Path], gpu_memory: int) -> int:
+    """GPUs one model's evaluation spans: the largest model in bf16 and a quarter more
+    (:func:`eval_memory` halved) over 90% of one GPU's memory, rounded up."""
+    return max(1, -(-eval_memory(models) // 2 // max(1, int(0.9 * gpu_memory))))
 
 
 def eval_memory(models: dict[str, Path]) -> int:
@@ -480,14 +496,20 @@ def eval_memory(models: dict[str, Path]) -> int:
 
 
 def evaluate_all(models: dict[str, Path], tasks: dict, cfg: RunConfig, executor) -> dict:
-    """Scores every model on every task (one unit of work per model): as Ray tasks (one GPU
-    each, or one CPU and :func:`eval_memory` of Ray's memory resource), or on threads of this
-    process, as many at once as :func:`eval_slots` has devices."""
+    """Scores every model on every task (one unit of work per model): as Ray tasks (on GPU
+    nodes as many GPUs each as :func:`gpus_per_model` says, at most a node's; else one CPU
+    and :func:`eval_memory` of Ray's memory resource), or on threads of this process, as many
+    at once as :func:`eval_slots` has devices."""
     from cpift_dist.executor import InProcessExecutor, RayExecutor
 
     items = [(label, str(p)) for label, p in models.items()]
     fn, shared = _eval_one, (tasks, cfg.eval)
-    if isinstance(executor, RayExecutor) and not executor.num_gpus:
+    if isinstance(executor, RayExecutor) and executor.num_gpus:
+        from cpift_dist.ray_utils import ray_gpu_layout
+
+        memory, per_node = ray_gpu_layout()
+        executor.num_gpus = min(gpus_per_model(models, memory), per_node)
+    elif isinstance(executor, RayExecutor):
         executor.memory = eval_memory(models)  # a CPU node runs as many as its memory holds
     if isinstance(executor, InProcessExecutor):
         import queue

@@ -202,6 +202,24 @@ def gpus_available() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _device_memory() -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def ray_gpu_layout() -> tuple[int, int]:
+    """(memory of one GPU in bytes, the most GPUs one live node has) of the connected Ray
+    cluster; the memory read by a task on a GPU node (Ray reports GPUs only by count)."""
+    import ray
+
+    per_node = max((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]),
+                   default=0)
+    if not per_node:
+        raise CpiftError("the Ray cluster has no GPU node")
+    return ray.get(ray.remote(num_gpus=1, num_cpus=0)(_device_memory).remote()), per_node
+
+
 def resolve_use_gpu(use_gpu: bool | None, ranks: int) -> bool:
     """``finetune.use_gpu`` made definite: unset means yes where there is a GPU for every rank."""
     if use_gpu is not None:

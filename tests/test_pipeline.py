@@ -374,7 +374,8 @@ def test_in_process_eval_holds_as_many_models_at_once_as_memory_or_gpus_allow(tm
     for gpus, memory, peak, devices in [(0, int(2.5 * 5 * numel / 0.8), 2, {"cpu"}),
                                         (0, 10 * numel, 1, {"cpu"}),
                                         (2, 3 * numel, 2, {"cuda:0", "cuda:1"}),
-                                        (2, 2 * numel, 1, {"auto"})]:
+                                        (2, 2 * numel, 1, {"auto"}),
+                                        (5, 2 * numel, 2, {"auto:0,1", "auto:2,3"})]:
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda i: SimpleNamespace(total_memory=memory))
@@ -389,6 +390,55 @@ def test_in_process_eval_holds_as_many_models_at_once_as_memory_or_gpus_allow(tm
     assert eval_slots(models, 3, gpus=0, memory=1 << 50) == ["cpu"] * 3
     assert eval_slots(models, 8, gpus=8, memory=0, gpu_memory=1 << 40) == [
         f"cuda:{i}" for i in range(4)]
+    # 2.5 bytes per parameter over 90% of a GPU holding 1.0: 3 GPUs a model, 2 groups of 8
+    assert eval_slots(models, 8, gpus=8, memory=0, gpu_memory=numel) == ["auto:0,1,2",
+                                                                         "auto:3,4,5"]
+
+
+@pytest.mark.timeout(120)
+def test_ray_eval_tasks_ask_for_the_gpus_a_model_spans(tmp_path, monkeypatch, ray_local):
+    """On a Ray cluster with GPUs each eval task asks for as many GPUs as its model needs in
+    bf16 (``gpus_per_model``, at most one node's) and spreads it over them (``device="auto"``
+    where the task sees more than one); ``auto:2,3`` gives accelerate those GPUs' memory only.
+    The GPU figures are faked (CI has none): the session's Ray has no GPU node, which
+    ``ray_gpu_layout`` says."""
+    from types import SimpleNamespace
+
+    from cpift_dist import evaluate, pipeline, ray_utils
+    from cpift_dist.errors import CpiftError
+    from cpift_dist.executor import RayExecutor
+    from cpift_dist.io import Checkpoint
+    from helpers import make_llama
+
+    models = {f"m{i}": make_llama(tmp_path / f"m{i}") for i in range(2)}
+    numel = sum(t.numel for t in Checkpoint(models["m0"]).tensors.values())
+    with pytest.raises(CpiftError, match="no GPU node"):
+        ray_utils.ray_gpu_layout()
+    asked, devices = [], []
+
+    class Recorded(RayExecutor):  # runs the task's function here, as a task with n GPUs would
+        def map(self, fn, shared, items):
+            asked.append(self.num_gpus)
+            monkeypatch.setattr(torch.cuda, "device_count", lambda: int(self.num_gpus))
+            for i, args in enumerate(items):
+                yield i, fn(shared, *args)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda path, tasks, cfg, threads=None,
+                        device=None: devices.append(device) or {"t": {"score": 1.0, "n": 1,
+                                                                      "examples": []}})
+    # (one GPU's memory, GPUs per node): 2.5 bytes per parameter over 90% of a GPU
+    for memory, per_node, gpus, device in [(3 * numel, 8, 1, None), (2 * numel, 8, 2, "auto"),
+                                           (numel // 2, 4, 4, "auto")]:
+        monkeypatch.setattr(ray_utils, "ray_gpu_layout", lambda: (memory, per_node))
+        asked.clear(), devices.clear()
+        res = pipeline.evaluate_all(models, {"t": None}, SimpleNamespace(eval=None),
+                                    Recorded(num_gpus=1))
+        assert asked == [gpus] and devices == [device] * 2 and list(res) == list(models)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (10 + i, 100))
+    spread = evaluate._spread_memory("auto:1,3")
+    assert list(spread) == [1, 3, "cpu"] and spread[1] == 11 and spread[3] == 13
+    assert evaluate._spread_memory("auto") is None
 
 
 @pytest.mark.timeout(300)
