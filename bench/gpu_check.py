@@ -26,6 +26,8 @@ Sections, in order (``--only`` picks some; each runs even if an earlier one fail
   masked     bench/masked_step_bench.py: the freezer's step overhead on NCCL
   memory     the 1.1B base (build) trained 4 steps, ZeRO-3 bf16: plain, with activation
              checkpointing, and with ZeRO-Offload too: rank 0's peak GPU memory, s/step
+  eval       the 1.1B base evaluated on one GPU, spread by device_map (auto, auto:0), and 3
+             models on the eval threads: the same scores each way, seconds
   profile    py-spy profiles (when py-spy is installed) of the analysis and of fusion on every
              core, into --out; fusion with 256 MB output shards
 
@@ -53,7 +55,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
 SECTIONS = ["bandwidth", "build", "analyze", "fuse", "writes", "zero3", "tests", "masked",
-            "memory", "profile"]
+            "memory", "eval", "profile"]
 OUT: Path | None = None
 SHAPE = dict(hidden=2048, layers=22, inter=5632, vocab=32000, heads=32, kv=4)
 # --dry: a small model and "cuda" replaced by the CPU, to check this script where no GPU is
@@ -514,27 +516,71 @@ def s_zero3(work: Path) -> None:
         raise RuntimeError(f"frozen elements moved, or the rest did not train: {failed}")
 
 
-def s_memory(work: Path) -> None:
-    """The memory options on the 1.1B bf16 base (build): a few ZeRO-3 bf16 steps without and
-    with activation checkpointing and ZeRO-Offload, rank 0's peak GPU memory and time per
-    step (the steps after the first)."""
+def _chat_model(work: Path, name: str) -> tuple[Path, Path]:
+    """The 1.1B bf16 base (build) linked into ``work/name/model`` with a chat tokenizer beside
+    it, and the generated task suite in ``work/name/suite``."""
     from cpift_dist.data import make_suite
     from helpers import make_chat_tokenizer
 
     base = build(work / "1b")["base"]
-    d = work / "memory"
+    d = work / name
     shutil.rmtree(d, ignore_errors=True)
     model = d / "model"
     model.mkdir(parents=True)
     for f in base.iterdir():  # the weights linked, a chat tokenizer beside them
         (model / f.name).symlink_to(f.resolve())
     make_chat_tokenizer(model)
-    make_suite(d / "suite", n_train=64, n_eval=8)
+    make_suite(d / "suite", n_train=64, n_eval=16)
+    return model, d / "suite"
+
+
+def s_eval(work: Path) -> None:
+    """Evaluation on the GPU: the 1.1B bf16 base on one GPU, spread by accelerate's
+    ``device_map`` over every GPU (``auto``) and over a group (``auto:0``, as the eval threads
+    run a model larger than one GPU); the same scores each way, and three models at once on
+    the eval threads (one per GPU, then queued)."""
+    from types import SimpleNamespace
+
+    from cpift_dist.config import EvalConfig
+    from cpift_dist.evaluate import EvalTask, evaluate_model
+    from cpift_dist.executor import InProcessExecutor
+    from cpift_dist.pipeline import evaluate_all
+
+    model, suite = _chat_model(work, "eval")
+    tasks = {t: EvalTask(suite / t / "eval.jsonl", scorer=t) for t in ("arithmetic", "format")}
+    cfg = EvalConfig(max_new_tokens=16, limit=16)
+    got, seconds = {}, {}
+    for device in (f"{GPU}:0" if not DRY else "cpu", "auto", *(() if DRY else ("auto:0",))):
+        t0 = time.perf_counter()
+        got[device] = evaluate_model(model, tasks, cfg, device=device)
+        seconds[device] = time.perf_counter() - t0
+    first = next(iter(got.values()))
+    same = all(g == first for g in got.values())
+    row("eval", "1.1B bf16, " + " / ".join(got) + ", 2 tasks x 16",
+        " / ".join(f"{s:.1f} s" for s in seconds.values()) +
+        f"; scores {'the same' if same else 'DIFFER'} each way")
+    t0 = time.perf_counter()
+    res = evaluate_all({f"m{i}": model for i in range(3)}, tasks,
+                       SimpleNamespace(eval=cfg), InProcessExecutor(os.cpu_count() or 1))
+    again = all({t: r[t] for t in tasks} == {t: v["score"] for t, v in first.items()}
+                for r in res.values())
+    row("eval", "3 models on the eval threads", f"{time.perf_counter() - t0:.1f} s; scores "
+        f"{'as above' if again else 'DIFFER'}")
+    if not (same and again):
+        raise RuntimeError(f"eval scores differ: {got}, {res}")
+
+
+def s_memory(work: Path) -> None:
+    """The memory options on the 1.1B bf16 base (build): a few ZeRO-3 bf16 steps without and
+    with activation checkpointing and ZeRO-Offload, rank 0's peak GPU memory and time per
+    step (the steps after the first)."""
+    model, suite = _chat_model(work, "memory")
+    d = model.parent
     steps = 4
     for label, extra in (("plain", ()), ("checkpointing", MEMORY_OPTIONS[:1]),
                          ("checkpointing + offload", MEMORY_OPTIONS)):
         out = d / label.replace(" + ", "-")
-        seconds = _train(model, d / "suite" / "arithmetic" / "train.jsonl", out,
+        seconds = _train(model, suite / "arithmetic" / "train.jsonl", out,
                          "zero_stage=3", "dtype=bf16", f"max_steps={steps}",
                          f"save_every={steps}", "max_length=512", "micro_batch=8", "lr=1e-5",
                          *extra, timeout=420)
