@@ -419,10 +419,11 @@ class Pipeline:
 
 
 def _eval_one(shared, label: str, path: str) -> tuple[str, dict]:
-    """One model's scores, as a Ray task (its own process, one CPU or GPU)."""
-    from cpift_dist.evaluate import evaluate_model
-
+    """One model's scores, as a Ray task (its own process: one CPU, or as many GPUs as
+    :func:`gpus_per_model` asked for)."""
     import torch
+
+    from cpift_dist.evaluate import evaluate_model
 
     tasks, cfg = shared
     # the GPUs Ray gave this task (CUDA_VISIBLE_DEVICES): a model larger than one is spread
