@@ -105,3 +105,54 @@ def test_crash_after_checkpoint_then_resume_equals_uninterrupted(setup, tmp_path
     b = Checkpoint(term / "model")
     for n in a.names():
         assert torch.equal(a.read(n), b.read(n)), n
+
+
+@pytest.mark.parametrize("kind,dtype,shard", [("untied", "fp32", "2GB"),
+                                              ("qwen2", "bf16", "20KB")])
+def test_the_streamed_zero3_export_equals_the_gathered_one(setup, tmp_path, kind, dtype,
+                                                           shard):
+    """ZeRO-3 exports stream (each parameter gathered in turn, rank 0 checking its frozen
+    elements and writing it): against the whole state dict gathered and written by
+    ``save_pretrained`` (the worker exports both), the same tensors bit for bit, the same
+    config files, the same freeze report; a tied model stays tied (its head not written);
+    several shards with an index where ``max_shard_size`` asks. 2 gloo ranks, a core mask."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from helpers import make_chat_tokenizer, make_tied, write_mask
+
+    if kind != "untied":
+        tied = tmp_path / "setup"
+        make_tied(tied / "model", kind, store_head=True)
+        make_chat_tokenizer(tied / "model")
+        (tied / "suite").symlink_to(setup / "suite")
+        setup = tied
+    g = torch.Generator().manual_seed(0)
+    write_mask(tmp_path / "core.safetensors", setup / "model",
+               lambda n, k: torch.rand(k, generator=g) < 0.1)
+    worker = str(Path(__file__).parent / "export_worker.py")
+    r = torchrun_train(setup, tmp_path / "o", ("arithmetic", "logic"), "zero_stage=3",
+                       f"dtype={dtype}", "max_steps=2", "save_every=2", f"max_shard_size={shard}",
+                       freeze=[tmp_path / "core.safetensors"], entry=(worker,), timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    streamed, gathered = tmp_path / "o" / "streamed", tmp_path / "o" / "model"
+    assert [json.loads((d / "manifest.json").read_text())["export"]
+            for d in (streamed, gathered)] == ["streamed", "gathered"]
+    a, b = Checkpoint(streamed), Checkpoint(gathered)
+    assert a.stored_names() == b.stored_names() and a.names() == b.names()
+    assert all(torch.equal(a.read(n).view(torch.uint8), b.read(n).view(torch.uint8))
+               for n in a.stored_names())
+    for f in ("config.json", "generation_config.json"):
+        assert json.loads((streamed / f).read_text()) == json.loads((gathered / f).read_text())
+    facts = [json.loads(p.read_text()) for p in (streamed / "freeze.json",
+                                                 tmp_path / "o" / "freeze.json")]
+    assert facts[0] == facts[1] and facts[0]["checked"] == facts[0]["frozen"] > 0
+    shards = sorted(p.name for p in streamed.glob("*.safetensors"))
+    assert (len(shards) > 1) == (shard == "20KB") and (
+        (streamed / "model.safetensors.index.json").exists() == (len(shards) > 1))
+    model = AutoModelForCausalLM.from_pretrained(streamed)
+    if kind != "untied":
+        assert "lm_head.weight" not in a.stored_names()
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    shutil.rmtree(tmp_path / "o" / "checkpoints", ignore_errors=True)

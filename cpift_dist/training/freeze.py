@@ -244,21 +244,29 @@ def check_frozen(state: dict[str, torch.Tensor], reference, union: CoreUnion,
         mask, so a caller can hold it against :meth:`CoreUnion.popcount`.
     """
     checked, bad = 0, []
-    as_int = torch.int16 if dtype.itemsize == 2 else torch.int32
     for name in union.names():
-        mask = torch.from_numpy(union.bits(name))
-        if not mask.any():
-            continue
-        flat = state[name].detach().cpu().reshape(-1)
-        if flat.numel() != mask.numel():  # not the tensor the mask was made for
+        n, same = check_frozen_tensor(name, state[name], reference, union, dtype)
+        checked += n
+        if not same:
             bad.append(name)
-            continue
-        got = flat[mask].view(as_int)
-        want = reference.read(name).to(dtype).reshape(-1)[mask].view(as_int)
-        if not torch.equal(got, want):
-            bad.append(name)
-        checked += int(got.numel())
     return checked, bad
+
+
+def check_frozen_tensor(name: str, tensor: torch.Tensor, reference, union: CoreUnion,
+                        dtype: torch.dtype) -> tuple[int, bool]:
+    """One tensor of :func:`check_frozen`: (elements compared, whether every one of them is
+    bit-identical to the stage input's); a tensor of another size than its mask is a
+    mismatch with nothing compared."""
+    mask = torch.from_numpy(union.bits(name))
+    if not mask.any():
+        return 0, True
+    flat = tensor.detach().cpu().reshape(-1)
+    if flat.numel() != mask.numel():  # not the tensor the mask was made for
+        return 0, False
+    as_int = torch.int16 if dtype.itemsize == 2 else torch.int32
+    got = flat[mask].view(as_int)
+    want = reference.read(name).to(dtype).reshape(-1)[mask].view(as_int)
+    return int(got.numel()), torch.equal(got, want)
 
 
 def freeze_problem(facts: dict, expected: int | None = None) -> str | None:

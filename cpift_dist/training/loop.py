@@ -17,6 +17,7 @@ a flag per step, so all of them save the same one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from cpift_dist.data import IGNORE_INDEX, Encoded, TaskMixture, encode_all, load
 from cpift_dist.errors import CpiftError
 from cpift_dist.io.manifest import checkpoint_digest, sha256_file, write_manifest
 from cpift_dist.training.freeze import (CoreUnion, ElementFreezer, check_frozen,
-                                        freeze_problem)
+                                        check_frozen_tensor, freeze_problem)
 
 FAULT_ENV = "CPIFT_FAULT_AFTER_STEP"  # tests: die right after this step's checkpoint
 SIGNAL_ENV = "CPIFT_FAULT_SIGTERM_AT_STEP"  # tests: rank 0 gets SIGTERM during this step
@@ -390,20 +391,37 @@ class SFTLoop:
         return int(flag.item())
 
     # ---- save -------------------------------------------------------------------------------
-    def save(self) -> None:
-        """Exports HF sharded safetensors (rank 0 writes; every rank takes part in the gather)."""
-        if self.cfg.zero_stage == 3:
-            sd = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
-            sd = self.engine.module.state_dict()
-        if self.freezer is not None or self.epi is not None:
-            self._verify_frozen(sd)
+    def save(self, stream: bool = True) -> None:
+        """Exports HF sharded safetensors (rank 0 writes; every rank takes part in the gather).
+
+        Under ZeRO-3 the export streams (:meth:`_export_streamed`): each parameter is gathered
+        in turn, and rank 0 checks its frozen elements and writes it, so rank 0 holds one
+        tensor and one shard at a time, not the whole 16-bit model (140 GB for 70B, beside
+        the offloaded optimizer's host memory). Where transformers would convert the keys on
+        save (:meth:`_streamed_keys` is None), and under ZeRO-1/2, the whole state dict is
+        gathered and ``save_pretrained`` writes it (``stream=False``: always)."""
+        out, tmp = self.job.out / "model", self.job.out / ".model.tmp"
         if self.rank == 0:
-            out = self.job.out / "model"
-            tmp = self.job.out / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.engine.module.save_pretrained(tmp, state_dict=sd,
-                                               max_shard_size=self.cfg.max_shard_size)
+        keys = self._streamed_keys() if stream and self.cfg.zero_stage == 3 else None
+        try:
+            if keys is not None:
+                compared = self._export_streamed(tmp, keys)
+                if self.freezer is not None or self.epi is not None:
+                    self._verify_frozen(None, compared)
+            else:
+                sd = (self.engine._zero3_consolidated_16bit_state_dict()
+                      if self.cfg.zero_stage == 3 else self.engine.module.state_dict())
+                if self.freezer is not None or self.epi is not None:
+                    self._verify_frozen(sd)
+                if self.rank == 0:
+                    self.engine.module.save_pretrained(tmp, state_dict=sd,
+                                                       max_shard_size=self.cfg.max_shard_size)
+        except BaseException:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if self.rank == 0:
             for f in Path(self.job.model).iterdir():
                 if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                     shutil.copy(f, tmp / f.name)
@@ -412,22 +430,105 @@ class SFTLoop:
             write_manifest(tmp, "train", self.cfg.key(),
                            {"init": checkpoint_digest(self.job.model),
                             **{f"data:{t}": sha256_file(p) for t, p in self.job.data.items()}},
-                           extra={"steps": self.step})
+                           extra={"steps": self.step,
+                                  "export": "gathered" if keys is None else "streamed"})
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
         torch.distributed.barrier()
 
-    def _verify_frozen(self, sd: dict) -> None:
+    def _streamed_keys(self) -> list[str] | None:
+        """The names ``save_pretrained`` would write for this model (tied copies dropped, as
+        transformers drops them), or None where it would also convert them
+        (``revert_weight_conversion`` changes the keys: fused experts and the like) or this
+        transformers lacks the functions: the export then gathers the whole model. The same
+        answer on every rank (it depends on the model alone)."""
+        module = self.engine.module
+        try:
+            from transformers.core_model_loading import revert_weight_conversion
+            from transformers.modeling_utils import remove_tied_weights_from_state_dict
+        except ImportError:
+            return None
+        meta = {n: torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=t.dtype,
+                               device="meta")
+                for n, t in module.state_dict(keep_vars=True).items()}
+        try:
+            kept = remove_tied_weights_from_state_dict(dict(meta), module)
+            back = revert_weight_conversion(module, dict(kept))  # (sorted by name)
+            if set(back) != set(kept) or any(back[k] is not kept[k] for k in kept):
+                return None
+        except Exception:  # noqa: BLE001 - whatever it cannot do on shapes alone: gather
+            return None
+        ignored = set(getattr(module, "_keys_to_ignore_on_save", None) or ())
+        return [k for k in kept if k not in ignored]
+
+    def _export_streamed(self, tmp: Path, keys: list[str]) -> tuple[int, list[str]] | None:
+        """Gathers each ZeRO-3 parameter in turn (every rank takes part); rank 0 compares the
+        frozen elements of each with the stage input's, bit for bit, and writes the ``keys``
+        among its names into ``tmp`` (safetensors shards of ``max_shard_size``, the HF index,
+        ``config.json`` and ``generation_config.json`` as ``save_pretrained`` writes them).
+        Returns (elements compared, tensors that differ) on rank 0 where cores are frozen and
+        not released (evolving isolation), else None."""
+        import deepspeed
+
+        module = self.engine.module
+        released = self.epi is not None and self.epi.released_at
+        check = self.freezer is not None and not released and self.rank == 0
+        union = set(self.union.names()) if check else set()
+        groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        for name, t in module.state_dict(keep_vars=True).items():
+            groups.setdefault(id(t), (t, []))[1].append(name)  # tied names: one tensor
+        writer, reference, dtype = None, None, None
+        if self.rank == 0:
+            from transformers.utils.hub import convert_file_size_to_int
+
+            from cpift_dist.io import Checkpoint, ShardWriter
+
+            tmp.mkdir(parents=True)
+            writer = ShardWriter(tmp, convert_file_size_to_int(self.cfg.max_shard_size))
+            reference = Checkpoint(self.job.model) if check else None
+            dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
+        wanted, checked, bad, seen = set(keys), 0, [], set()
+        for t, names in groups.values():
+            gather = (deepspeed.zero.GatheredParameters([t]) if hasattr(t, "ds_id")
+                      else contextlib.nullcontext())
+            with gather:
+                if self.rank != 0:
+                    continue
+                full = t.detach().to("cpu", copy=True)
+                for name in names:
+                    if name in union:
+                        n, same = check_frozen_tensor(name, full, reference, self.union, dtype)
+                        checked += n
+                        seen.add(name)
+                        if not same:
+                            bad.append(name)
+                    if name in wanted:
+                        writer.add(name, full)
+        if self.rank != 0:
+            return None
+        writer.close()
+        config = module.config
+        config.dtype = str(module.dtype).split(".")[1]  # as save_pretrained sets them
+        config.architectures = [type(module).__name__]
+        config.save_pretrained(tmp)
+        if module.can_generate() and getattr(module, "generation_config", None) is not None:
+            module.generation_config.save_pretrained(tmp)
+        bad += sorted(union - seen)  # a mask for a tensor the model does not have
+        return (checked, bad) if check else None
+
+    def _verify_frozen(self, sd: dict | None, compared: tuple[int, list[str]] | None = None
+                       ) -> None:
         """Checks every frozen element; fails the stage on a mismatch.
 
         Static cores: each rank checks its own fp32 partitions; rank 0 compares the gathered
-        weights with the stage input's, bit for bit. Evolving isolation: each rank checks that
-        the current set kept its values since the last refresh. Rank 0 writes ``freeze.json``
+        weights with the stage input's, bit for bit (in ``sd``, or already done while
+        streaming the export: ``compared``). Evolving isolation: each rank checks that the
+        current set kept its values since the last refresh. Rank 0 writes ``freeze.json``
         (the counts the manifest records).
         """
         report: dict = {}
         if self.freezer is not None:
-            report = self._static_facts(sd)
+            report = self._static_facts(sd, compared)
         if self.epi is not None:
             report["epi"] = self.epi.facts()
         verdict = [None]
@@ -440,7 +541,7 @@ class SFTLoop:
         if verdict[0]:
             raise CpiftError(verdict[0])
 
-    def _static_facts(self, sd: dict) -> dict:
+    def _static_facts(self, sd: dict | None, compared: tuple[int, list[str]] | None) -> dict:
         released = self.epi.released_at if self.epi is not None else None
         bad_local = torch.tensor([0 if released else self.freezer.check_partitions(),
                                   self.freezer.frozen_here], device=self.engine.device)
@@ -455,8 +556,8 @@ class SFTLoop:
         # three independent counts: the masks' popcount, the elements compared bit for bit
         # in the gathered weights, and the elements the ranks' partitions keep frozen
         frozen = self.union.popcount()
-        checked, bad = (0, []) if released else check_frozen(
-            sd, Checkpoint(self.job.model), self.union, dtype)
+        checked, bad = ((0, []) if released else compared if compared is not None
+                        else check_frozen(sd, Checkpoint(self.job.model), self.union, dtype))
         split = sorted({n for h in held for n in h if sum(n in g for g in held) > 1})
         return {"masks": [str(p) for p in self.job.freeze], "frozen": frozen,
                 "checked": checked, "mismatched_tensors": bad,
