@@ -32,6 +32,11 @@ class ShardWriter:
         self._total = 0
         self.digests: dict[str, str] = {}
 
+    @property
+    def shards_written(self) -> int:
+        """Shards flushed to disk so far."""
+        return len(self._shards)
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
