@@ -156,3 +156,35 @@ def test_the_streamed_zero3_export_equals_the_gathered_one(setup, tmp_path, kind
         assert "lm_head.weight" not in a.stored_names()
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     shutil.rmtree(tmp_path / "o" / "checkpoints", ignore_errors=True)
+
+
+def test_the_export_streams_only_where_transformers_writes_the_names_it_holds(tmp_path):
+    """The streamed export writes the model's own names (a tied head dropped): exactly what
+    ``save_pretrained`` writes for a tied Llama; a Mixtral, whose fused experts transformers 5
+    splits back into per-expert tensors on save, is gathered whole and written by
+    ``save_pretrained`` instead."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from cpift_dist.training.loop import SFTLoop
+    from helpers import make_tied
+
+    def keys(model):
+        return SFTLoop._streamed_keys(SimpleNamespace(engine=SimpleNamespace(module=model)))
+
+    tied = AutoModelForCausalLM.from_pretrained(make_tied(tmp_path / "tied", store_head=False))
+    tied.save_pretrained(tmp_path / "again")
+    with safe_open(str(tmp_path / "again" / "model.safetensors"), "pt") as f:
+        written = set(f.keys())
+    assert "lm_head.weight" not in written and set(keys(tied)) == written
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+        num_experts_per_tok=1))
+    moe.save_pretrained(tmp_path / "moe")
+    with safe_open(str(tmp_path / "moe" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) != set(moe.state_dict())  # the per-expert names on disk
+    assert keys(moe) is None
