@@ -99,7 +99,7 @@ def one(root: Path, model: Path, mode: str, shard: str, threshold: str | None) -
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(Path(__file__).resolve()), "--worker", "--model", str(model), "--out", str(out),
+           "--log-dir", str(root / "torchrun-logs"), str(Path(__file__).resolve()), "--worker", "--model", str(model), "--out", str(out),
            "--data", f"arithmetic={root / 'suite' / 'arithmetic' / 'train.jsonl'}",
            "zero_stage=3", "max_steps=1", "save_every=1", "micro_batch=1", "max_length=320",
            f"max_shard_size={shard}", "progress=false"]
