@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -481,7 +482,7 @@ def eval_slots(models: dict[str, Path], threads: int, gpus: int | None = None,
 def gpus_per_model(models: dict[str, Path], gpu_memory: int) -> int:
     """GPUs one model's evaluation spans: the largest model in bf16 and a quarter more
     (:func:`eval_memory` halved) over 90% of one GPU's memory, rounded up."""
-    return max(1, -(-eval_memory(models) // 2 // max(1, int(0.9 * gpu_memory))))
+    return max(1, math.ceil(eval_memory(models) / 2 / max(1.0, 0.9 * gpu_memory)))
 
 
 def eval_memory(models: dict[str, Path]) -> int:

@@ -577,10 +577,8 @@ def _return_free_heap() -> None:
     Nothing where the C library has no ``malloc_trim`` (musl, macOS)."""
     import ctypes
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # no malloc_trim: nothing to hand back
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def run(job: SFTJob) -> SFTLoop:
